@@ -1,0 +1,98 @@
+//! Command-line flags, each with a `SILO_` environment variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "silo-controller",
+    version,
+    about = "Silo's Kubernetes operator for database-per-tenant PostgreSQL fleets"
+)]
+pub struct Args {
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "SILO_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "SILO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in `tracing` EnvFilter syntax.
+    #[arg(long, env = "SILO_LOG", default_value = "info")]
+    pub log_filter: String,
+
+    /// How often every Tenant and DatabaseServer is re-checked against PostgreSQL to repair drift.
+    #[arg(long, env = "SILO_RESYNC_INTERVAL", value_parser = humantime_secs, default_value = "300")]
+    pub resync_interval: Duration,
+
+    /// Concurrent DDL statements per DatabaseServer.
+    #[arg(long, env = "SILO_DDL_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub ddl_concurrency: u16,
+
+    /// Tenants reconciled in parallel (their DDL is still bounded per server).
+    #[arg(long, env = "SILO_TENANT_CONCURRENCY", default_value_t = 64)]
+    pub tenant_concurrency: u16,
+
+    /// Run leader election, so that only one of several replicas reconciles.
+    #[arg(long, env = "SILO_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "SILO_LEASE_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "SILO_LEASE_NAME", default_value = "silo-controller")]
+    pub lease_name: String,
+
+    /// How long a leader's Lease lasts without renewal, in seconds; a standby takes over after it.
+    #[arg(long, env = "SILO_LEASE_DURATION", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    pub lease_duration: u64,
+
+    /// This replica's identity in the Lease (the pod name in a cluster).
+    #[arg(long, env = "SILO_POD_NAME")]
+    pub identity: Option<String>,
+}
+
+/// Log output format.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !(0.1..=86_400.0).contains(&secs) {
+        return Err(format!("`{s}` must be between 0.1 and 86400 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_parse_with_or_without_unit() {
+        assert_eq!(humantime_secs("30").ok(), Some(Duration::from_secs(30)));
+        assert_eq!(
+            humantime_secs("2.5s").ok(),
+            Some(Duration::from_millis(2500))
+        );
+        assert!(humantime_secs("0").is_err());
+        assert!(humantime_secs("soon").is_err());
+    }
+}

@@ -1,0 +1,60 @@
+//! State shared by every reconcile.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use silo_crds::{DatabaseServer, Tenant};
+use tokio::sync::Mutex;
+
+use crate::metrics::Metrics;
+use crate::sql::ServerPools;
+
+pub struct Context {
+    pub client: Client,
+    pub pools: ServerPools,
+    pub servers: Store<DatabaseServer>,
+    pub tenants: Store<Tenant>,
+    /// Placements made by this process, by `namespace/name`. Held while choosing a server, so two
+    /// tenants reconciled at once never both take the last slot; it also covers placements whose
+    /// status write has not reached the cache yet.
+    pub placements: Mutex<HashMap<String, String>>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    pub resync: Duration,
+    /// Consecutive failures per DatabaseServer, for capped exponential backoff.
+    pub server_failures: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// Tenants placed on each server: those the cache knows, plus this process's recent placements.
+    pub fn tenants_by_server(
+        &self,
+        placements: &HashMap<String, String>,
+    ) -> HashMap<String, usize> {
+        let mut by_tenant: HashMap<String, String> = placements.clone();
+        for tenant in self.tenants.state() {
+            let key = tenant_key(&tenant);
+            if let Some(server) = tenant.status.as_ref().and_then(|s| s.server.clone()) {
+                by_tenant.insert(key, server);
+            }
+        }
+        let mut counts = HashMap::new();
+        for server in by_tenant.into_values() {
+            *counts.entry(server).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+/// `namespace/name` of a tenant.
+pub fn tenant_key(tenant: &Tenant) -> String {
+    format!(
+        "{}/{}",
+        tenant.metadata.namespace.as_deref().unwrap_or_default(),
+        tenant.metadata.name.as_deref().unwrap_or_default()
+    )
+}

@@ -1,0 +1,290 @@
+//! The DatabaseServer reconciler: connects the admin pool, reports readiness, version, tenant count
+//! and retained databases; never crashes on an unreachable server or a wrong password, it reports
+//! them and retries with capped backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use silo_crds::conditions::{self, Desired, READY};
+use silo_crds::{DatabaseServer, DatabaseServerStatus};
+use tracing::{info, warn};
+
+use crate::context::Context;
+use crate::error::{Error, Result, sql_reason};
+use crate::sql::ddl;
+use crate::sql::pools::AdminTarget;
+
+pub const KIND: &str = "databaseserver";
+const FIELD_MANAGER: &str = "silo-controller";
+/// Longest wait between two checks of a failing server.
+const MAX_BACKOFF: Duration = Duration::from_secs(120);
+/// How long a health check may take before the server counts as unreachable.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A health check that failed: the condition reason and the message a person reads.
+struct Problem {
+    reason: &'static str,
+    message: String,
+}
+
+struct Healthy {
+    version: String,
+    retained: Vec<String>,
+    username: String,
+}
+
+pub fn reconcile(
+    server: Arc<DatabaseServer>,
+    ctx: Arc<Context>,
+) -> BoxFuture<'static, Result<Action>> {
+    // Boxed so that Send-ness is checked with concrete lifetimes (see tenant::reconcile).
+    reconcile_server(server, ctx).boxed()
+}
+
+async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let name = server.name_any();
+    ctx.pools
+        .retain(|known| ctx.servers.state().iter().any(|s| s.name_any() == known));
+
+    let check = check(&server, &ctx).await;
+    let placed = {
+        let placements = ctx.placements.lock().await;
+        ctx.tenants_by_server(&placements)
+            .get(&name)
+            .copied()
+            .unwrap_or(0)
+    };
+    let current = server.status.clone().unwrap_or_default();
+    let generation = server.metadata.generation;
+    let now = Time(jiff::Timestamp::now());
+    let (condition, version, retained) = match &check {
+        Ok(h) => (
+            Desired::new(
+                READY,
+                true,
+                "Connected",
+                format!("connected as {} to PostgreSQL {}", h.username, h.version),
+            ),
+            Some(h.version.clone()),
+            h.retained.clone(),
+        ),
+        Err(p) => (
+            Desired::new(READY, false, p.reason, &p.message),
+            current.version.clone(),
+            current.retained.clone(),
+        ),
+    };
+    let status = DatabaseServerStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(&current.conditions, &[condition], generation, now),
+        version,
+        tenants: i32::try_from(placed).unwrap_or(i32::MAX),
+        retained,
+    };
+    if status != current {
+        let api: Api<DatabaseServer> = Api::all(ctx.client.clone());
+        let patch = json!({ "apiVersion": "silo.dev/v1alpha1", "kind": "DatabaseServer", "status": status });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        let was_ready = conditions::is_true(&current.conditions, READY);
+        match (&check, was_ready) {
+            (Ok(h), false) => {
+                info!(server = %name, version = %h.version, "database server ready");
+                publish(
+                    &ctx,
+                    &server,
+                    EventType::Normal,
+                    "Connected",
+                    format!("PostgreSQL {} reachable", h.version),
+                )
+                .await;
+            }
+            (Err(p), _) if current.conditions.iter().all(|c| c.reason != p.reason) => {
+                warn!(server = %name, reason = p.reason, message = %p.message, "database server not ready");
+                publish(
+                    &ctx,
+                    &server,
+                    EventType::Warning,
+                    p.reason,
+                    p.message.clone(),
+                )
+                .await;
+            }
+            _ => {}
+        }
+    }
+
+    let mut failures = ctx
+        .server_failures
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let next = match check {
+        Ok(_) => {
+            failures.remove(&name);
+            ctx.metrics.reconcile_succeeded(KIND);
+            ctx.resync.min(Duration::from_secs(60))
+        }
+        Err(p) => {
+            let n = failures.entry(name).or_insert(0);
+            *n = n.saturating_add(1);
+            ctx.metrics.reconcile_failed(KIND, p.reason);
+            backoff(*n)
+        }
+    };
+    Ok(Action::requeue(next))
+}
+
+pub fn error_policy(server: Arc<DatabaseServer>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(server = %server.name_any(), reason = error.reason(), error = %error, "database server reconcile failed");
+    ctx.metrics.reconcile_failed(KIND, error.reason());
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// 2 s, 4 s, 8 s ... capped at [`MAX_BACKOFF`].
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(16)).min(MAX_BACKOFF)
+}
+
+async fn check(server: &DatabaseServer, ctx: &Context) -> Result<Healthy, Problem> {
+    let name = server.name_any();
+    let target = admin_target(server, ctx).await?;
+    let username = target.username.clone();
+    let port = target.port;
+    let handle = ctx.pools.ensure(&name, target);
+    let query = async {
+        let facts = ddl::server_facts(&handle.pool).await?;
+        let retained = ddl::retained_databases(&handle.pool).await?;
+        Ok::<_, sqlx::Error>((facts, retained))
+    };
+    let (facts, retained) = match tokio::time::timeout(CHECK_TIMEOUT, query).await {
+        Err(_) => {
+            return Err(Problem {
+                reason: "Unreachable",
+                message: format!(
+                    "no answer from {}:{port} within {}s",
+                    server.spec.host,
+                    CHECK_TIMEOUT.as_secs()
+                ),
+            });
+        }
+        Ok(Err(e)) => {
+            return Err(Problem {
+                reason: sql_reason(&e),
+                message: format!(
+                    "connecting to {}:{port} as {username}: {e}",
+                    server.spec.host
+                ),
+            });
+        }
+        Ok(Ok(ok)) => ok,
+    };
+    if !facts.can_provision {
+        return Err(Problem {
+            reason: "InsufficientPrivilege",
+            message: format!(
+                "role {username} needs SUPERUSER, or CREATEDB and CREATEROLE, to provision tenants"
+            ),
+        });
+    }
+    Ok(Healthy {
+        version: facts.version,
+        retained,
+        username,
+    })
+}
+
+async fn admin_target(server: &DatabaseServer, ctx: &Context) -> Result<AdminTarget, Problem> {
+    let secret_ref = &server.spec.admin_secret_ref;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret_ref.namespace);
+    let missing = |what: String| Problem {
+        reason: "AdminSecretInvalid",
+        message: what,
+    };
+    let secret = match api.get_opt(&secret_ref.name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(Problem {
+                reason: "AdminSecretMissing",
+                message: format!(
+                    "Secret {}/{} does not exist",
+                    secret_ref.namespace, secret_ref.name
+                ),
+            });
+        }
+        Err(e) => {
+            return Err(Problem {
+                reason: "AdminSecretUnreadable",
+                message: format!(
+                    "reading Secret {}/{}: {e}",
+                    secret_ref.namespace, secret_ref.name
+                ),
+            });
+        }
+    };
+    let field = |key: &str| -> Result<String, Problem> {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                missing(format!(
+                    "Secret {}/{} has no key `{key}`",
+                    secret_ref.namespace, secret_ref.name
+                ))
+            })
+    };
+    Ok(AdminTarget {
+        host: server.spec.host.clone(),
+        port: u16::try_from(server.spec.port).unwrap_or(5432),
+        username: field("username")?,
+        password: field("password")?,
+        ssl_mode: server.spec.ssl_mode,
+    })
+}
+
+async fn publish(
+    ctx: &Context,
+    server: &DatabaseServer,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Connect".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {
+        warn!(server = %server.name_any(), error = %e, "publishing event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(8));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+}

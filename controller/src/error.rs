@@ -1,0 +1,83 @@
+//! The controller's error type. `reason()` is the PascalCase word used for metric labels, Event
+//! reasons and condition reasons.
+
+#[derive(thiserror::Error, Debug)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+
+    #[error("DatabaseServer {server} is not connected yet")]
+    ServerNotConnected { server: String },
+
+    #[error("{action} on DatabaseServer {server}: {source}")]
+    Sql {
+        action: &'static str,
+        server: String,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error(
+        "database {database} on DatabaseServer {server} already exists and is owned by {owner}, not by this tenant's role"
+    )]
+    NameConflict {
+        database: String,
+        server: String,
+        owner: String,
+    },
+
+    #[error("Secret {namespace}/{name}: {message}")]
+    Secret {
+        namespace: String,
+        name: String,
+        message: String,
+    },
+
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn sql(action: &'static str, server: &str, source: sqlx::Error) -> Error {
+        Error::Sql {
+            action,
+            server: server.to_string(),
+            source,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubernetesApiError",
+            Error::ServerNotConnected { .. } => "ServerNotConnected",
+            Error::Sql { source, .. } => sql_reason(source),
+            Error::NameConflict { .. } => "NameConflict",
+            Error::Secret { .. } => "SecretInvalid",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
+                _ => "FinalizerFailed",
+            },
+        }
+    }
+}
+
+/// A reason for a failed statement, by SQLSTATE class where the server sent one.
+pub fn sql_reason(e: &sqlx::Error) -> &'static str {
+    match e {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("28P01") | Some("28000") => "AuthenticationFailed",
+            Some("42501") => "InsufficientPrivilege",
+            Some(c) if c.starts_with("53") => "ServerOverloaded",
+            Some(c) if c.starts_with("57") => "ServerUnavailable",
+            _ => "SqlFailed",
+        },
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => "Unreachable",
+        _ => "SqlFailed",
+    }
+}

@@ -1,0 +1,621 @@
+//! The Tenant reconciler: placement, credentials, role and database, suspension and deletion,
+//! in the order of DESIGN.md's provisioning steps.
+
+pub mod placement;
+pub mod secret;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use silo_crds::conditions::{self, DATABASE_READY, Desired, READY};
+use silo_crds::{DeletionPolicy, FINALIZER, Tenant, TenantPhase, TenantStatus};
+use tracing::{info, warn};
+
+use crate::context::{Context, tenant_key};
+use crate::error::{Error, Result};
+use crate::sql::ddl::{self, Change, RoleSpec};
+use crate::sql::{ServerHandle, TenantNames, scram};
+use placement::{Candidate, Unplaceable, place_tenant};
+use secret::{Endpoint, build_secret, secret_data, secret_name, stored_password};
+
+pub const KIND: &str = "tenant";
+const FIELD_MANAGER: &str = "silo-controller";
+/// How soon a tenant waiting for a server looks again (server changes also wake it at once).
+const PENDING_RETRY: Duration = Duration::from_secs(30);
+
+pub fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> BoxFuture<'static, Result<Action>> {
+    // Boxed so that the future's Send-ness is checked here, with concrete lifetimes, rather than
+    // inside the controller's higher-ranked bounds.
+    reconcile_tenant(tenant, ctx).boxed()
+}
+
+async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let api: Api<Tenant> =
+        Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
+    let result = finalizer(&api, FINALIZER, tenant, |event| {
+        let ctx = ctx.clone();
+        async move {
+            match event {
+                FinalizerEvent::Apply(tenant) => apply(&tenant, &ctx).boxed().await,
+                FinalizerEvent::Cleanup(tenant) => cleanup(&tenant, &ctx).boxed().await,
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    match &result {
+        Ok(_) => ctx.metrics.reconcile_succeeded(KIND),
+        Err(e) => ctx.metrics.reconcile_failed(KIND, e.reason()),
+    }
+    result
+}
+
+pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(tenant = %tenant_key(&tenant), reason = error.reason(), error = %error, "tenant reconcile failed");
+    Action::requeue(match error.reason() {
+        "ServerNotConnected" => Duration::from_secs(3),
+        _ => Duration::from_secs(10),
+    })
+}
+
+async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
+    let key = tenant_key(tenant);
+    let namespace = tenant.namespace().unwrap_or_default();
+    let name = tenant.name_any();
+    let names = TenantNames::derive(&namespace, &name);
+    let status = tenant.status.clone().unwrap_or_default();
+
+    // 1. Placement, written to status before any SQL and never changed afterwards.
+    let server = match known_server(tenant, ctx).await {
+        Some(server) => server,
+        None => match place(tenant, ctx).boxed().await? {
+            Ok(server) => server,
+            Err(Unplaceable { reason, message }) => {
+                let report = Report::new(TenantPhase::Pending)
+                    .condition(Desired::new(READY, false, reason, &message))
+                    .condition(Desired::new(DATABASE_READY, false, reason, &message));
+                report.write(tenant, ctx).await?;
+                return Ok(Action::requeue(PENDING_RETRY));
+            }
+        },
+    };
+    let placed = Report::placed(status.phase, &server, &names, &name);
+
+    // 2. The server's pool, which the DatabaseServer reconciler connects.
+    let Some(dbs) = ctx.servers.get(&ObjectRef::new(&server)) else {
+        let message = format!(
+            "DatabaseServer {server} does not exist; the tenant stays placed on it until it returns"
+        );
+        placed
+            .failing("ServerGone", &message)
+            .write(tenant, ctx)
+            .await?;
+        return Ok(Action::requeue(PENDING_RETRY));
+    };
+    let Some(handle) = ctx.pools.get(&server) else {
+        let err = Error::ServerNotConnected {
+            server: server.clone(),
+        };
+        placed
+            .failing(err.reason(), &err.to_string())
+            .write(tenant, ctx)
+            .await?;
+        return Err(err);
+    };
+
+    // 3. Credentials: the Secret holds the password before the role has it.
+    let endpoint = Endpoint {
+        host: &dbs.spec.host,
+        port: dbs.spec.port,
+    };
+    let password = match ensure_secret(tenant, ctx, &names, &endpoint).boxed().await {
+        Ok(password) => password,
+        Err(err) => {
+            placed
+                .failing(err.reason(), &err.to_string())
+                .write(tenant, ctx)
+                .await?;
+            return Err(err);
+        }
+    };
+
+    // 4. Role, database, grants; all idempotent, repairing drift.
+    let suspended = tenant.spec.suspended;
+    let sql = provision(&handle, tenant, &names, &password, &server);
+    let changes = match sql.await {
+        Ok(changes) => changes,
+        Err(err) => {
+            let failing = placed.failing(err.reason(), &err.to_string());
+            let failing = if matches!(err, Error::NameConflict { .. }) {
+                failing.phase(TenantPhase::Failed)
+            } else {
+                failing
+            };
+            failing.write(tenant, ctx).await?;
+            return Err(err);
+        }
+    };
+
+    let repairs: Vec<String> = changes
+        .iter()
+        .filter(|c| c.is_repair())
+        .map(|c| c.to_string())
+        .collect();
+    if !repairs.is_empty()
+        && status
+            .phase
+            .is_some_and(|p| p != TenantPhase::Provisioning && p != TenantPhase::Pending)
+    {
+        let note = format!("repaired on {server}: {}", repairs.join(", "));
+        info!(tenant = %key, server = %server, repairs = %repairs.join(", "), "drift repaired");
+        publish(ctx, tenant, EventType::Warning, "DriftRepaired", note).await;
+    }
+    if changes.contains(&Change::DatabaseCreated) {
+        info!(tenant = %key, server = %server, database = %names.database, "database created");
+    }
+
+    let done = if suspended {
+        placed
+            .phase(TenantPhase::Suspended)
+            .condition(Desired::new(
+                DATABASE_READY,
+                true,
+                "Provisioned",
+                "role and database exist as declared",
+            ))
+            .condition(Desired::new(
+                READY,
+                false,
+                "Suspended",
+                "the tenant is suspended: its role cannot log in",
+            ))
+    } else {
+        placed
+            .phase(TenantPhase::Ready)
+            .condition(Desired::new(
+                DATABASE_READY,
+                true,
+                "Provisioned",
+                "role and database exist as declared",
+            ))
+            .condition(Desired::new(
+                READY,
+                true,
+                "Ready",
+                format!(
+                    "database {} on {server} accepts the credentials in Secret {}",
+                    names.database,
+                    secret_name(&name)
+                ),
+            ))
+    };
+    done.write(tenant, ctx).await?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Role, database and grants as declared; sessions ended while suspended. Returns what changed.
+async fn provision(
+    handle: &ServerHandle,
+    tenant: &Tenant,
+    names: &TenantNames,
+    password: &str,
+    server: &str,
+) -> Result<Vec<Change>> {
+    let key = tenant_key(tenant);
+    let suspended = tenant.spec.suspended;
+    let _permit = handle.ddl_permit().await;
+    let pool = &handle.pool;
+    let role = RoleSpec {
+        role: &names.role,
+        password,
+        connection_limit: tenant.spec.connection_limit,
+        login: !suspended,
+    };
+    let mut changes = ddl::ensure_role(pool, &role)
+        .await
+        .map_err(|e| Error::sql("ensuring role", server, e))?;
+    match ddl::ensure_database(pool, &names.database, &names.role, &key)
+        .await
+        .map_err(|e| Error::sql("ensuring database", server, e))?
+    {
+        Ok(more) => changes.extend(more),
+        Err(other) => {
+            return Err(Error::NameConflict {
+                database: names.database.clone(),
+                server: server.to_string(),
+                owner: other.owner,
+            });
+        }
+    }
+    if suspended {
+        let ended = ddl::terminate_sessions(pool, &names.database, &names.role)
+            .await
+            .map_err(|e| Error::sql("ending sessions", server, e))?;
+        if ended > 0 {
+            info!(tenant = %key, sessions = ended, "sessions of suspended tenant ended");
+        }
+    }
+    Ok(changes)
+}
+
+/// The server this tenant is placed on, from its status or from a placement this process made
+/// whose status write the cache has not shown yet.
+async fn known_server(tenant: &Tenant, ctx: &Context) -> Option<String> {
+    if let Some(server) = tenant.status.as_ref().and_then(|s| s.server.clone()) {
+        return Some(server);
+    }
+    ctx.placements
+        .lock()
+        .await
+        .get(&tenant_key(tenant))
+        .cloned()
+}
+
+/// Chooses a server and records the choice in status.
+async fn place(tenant: &Tenant, ctx: &Context) -> Result<Result<String, Unplaceable>> {
+    let key = tenant_key(tenant);
+    let chosen = {
+        let mut placements = ctx.placements.lock().await;
+        if let Some(server) = placements.get(&key) {
+            return Ok(Ok(server.clone()));
+        }
+        let counts = ctx.tenants_by_server(&placements);
+        let candidates: Vec<Candidate> = ctx
+            .servers
+            .state()
+            .iter()
+            .map(|s| Candidate {
+                name: s.name_any(),
+                labels: s.labels().clone(),
+                dedicated: s.spec.dedicated,
+                cordoned: s.spec.cordoned,
+                ready: s
+                    .status
+                    .as_ref()
+                    .is_some_and(|st| conditions::is_true(&st.conditions, READY)),
+                max_tenants: usize::try_from(s.spec.max_tenants).unwrap_or(0),
+                tenants: counts.get(&s.name_any()).copied().unwrap_or(0),
+            })
+            .collect();
+        match place_tenant(
+            tenant.spec.isolation,
+            tenant.spec.server_selector.as_ref(),
+            &candidates,
+        ) {
+            Ok(server) => {
+                placements.insert(key.clone(), server.clone());
+                server
+            }
+            Err(unplaceable) => return Ok(Err(unplaceable)),
+        }
+    };
+    let names = TenantNames::derive(&tenant.namespace().unwrap_or_default(), &tenant.name_any());
+    let report = Report::placed(None, &chosen, &names, &tenant.name_any());
+    if let Err(e) = report.write(tenant, ctx).await {
+        ctx.placements.lock().await.remove(&key);
+        return Err(e);
+    }
+    info!(tenant = %key, server = %chosen, "tenant placed");
+    publish(
+        ctx,
+        tenant,
+        EventType::Normal,
+        "Placed",
+        format!("placed on DatabaseServer {chosen}"),
+    )
+    .await;
+    Ok(Ok(chosen))
+}
+
+/// Creates the credentials Secret, or brings an existing one back to the declared contents.
+/// Returns the password.
+async fn ensure_secret(
+    tenant: &Tenant,
+    ctx: &Context,
+    names: &TenantNames,
+    endpoint: &Endpoint<'_>,
+) -> Result<String> {
+    let namespace = tenant.namespace().unwrap_or_default();
+    let name = secret_name(&tenant.name_any());
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = api.get_opt(&name).await?;
+    let Some(existing) = existing else {
+        let password = scram::generate_password();
+        let secret = build_secret(tenant, secret_data(names, endpoint, &password));
+        api.create(
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &secret,
+        )
+        .await?;
+        return Ok(password);
+    };
+
+    let uid = tenant.uid().unwrap_or_default();
+    let owners = existing
+        .metadata
+        .owner_references
+        .clone()
+        .unwrap_or_default();
+    let owned = owners.iter().any(|o| o.uid == uid);
+    let labels = existing.labels();
+    let ours_unowned = owners.is_empty()
+        && labels
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str)
+            == Some("silo")
+        && labels.get("silo.dev/tenant") == tenant.metadata.name.as_ref();
+    if !owned && !ours_unowned {
+        return Err(Error::Secret {
+            namespace,
+            name,
+            message: "exists but does not belong to this tenant; delete or rename it".into(),
+        });
+    }
+    let password = stored_password(&existing).unwrap_or_else(scram::generate_password);
+    let wanted = build_secret(tenant, secret_data(names, endpoint, &password));
+    let retained_label = labels.contains_key("silo.dev/retained");
+    if !owned || existing.data != wanted.data || retained_label {
+        // A merge patch: `data` replaced as a whole, the retained mark dropped, ownership taken back.
+        let patch = json!({
+            "metadata": {
+                "ownerReferences": wanted.metadata.owner_references,
+                "labels": { "silo.dev/retained": null },
+            },
+            "data": wanted.data,
+        });
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        if !owned {
+            info!(tenant = %tenant_key(tenant), secret = %name, "retained credentials Secret adopted");
+        }
+    }
+    Ok(password)
+}
+
+async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
+    let key = tenant_key(tenant);
+    let Some(server) = known_server(tenant, ctx).await else {
+        // Never placed: there is nothing on any server to clean up.
+        return Ok(Action::await_change());
+    };
+    let names = TenantNames::derive(&tenant.namespace().unwrap_or_default(), &tenant.name_any());
+    let policy = tenant.spec.deletion.policy;
+    let deleting = Report::placed(
+        tenant.status.as_ref().and_then(|s| s.phase),
+        &server,
+        &names,
+        &tenant.name_any(),
+    )
+    .phase(TenantPhase::Deleting)
+    .condition(Desired::new(
+        READY,
+        false,
+        "Deleting",
+        format!("deleting with policy {policy:?}"),
+    ));
+    deleting.write(tenant, ctx).await?;
+
+    let Some(handle) = ctx.pools.get(&server) else {
+        if ctx.servers.get(&ObjectRef::new(&server)).is_none() {
+            let note = format!(
+                "DatabaseServer {server} no longer exists; nothing was changed on any server"
+            );
+            warn!(tenant = %key, server = %server, "tenant deleted while its server is gone");
+            publish(ctx, tenant, EventType::Warning, "ServerGone", note).await;
+            ctx.placements.lock().await.remove(&key);
+            return Ok(Action::await_change());
+        }
+        // Deletion waits for the server: the policy is carried out, never skipped.
+        return Err(Error::ServerNotConnected { server });
+    };
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
+    let secret = secret_name(&tenant.name_any());
+    {
+        let _permit = handle.ddl_permit().await;
+        match policy {
+            DeletionPolicy::Delete => {
+                ddl::drop_tenant(&handle.pool, &names.database, &names.role)
+                    .await
+                    .map_err(|e| Error::sql("dropping tenant", &server, e))?;
+            }
+            DeletionPolicy::Retain => {
+                let at = jiff::Timestamp::now().to_string();
+                ddl::lock_and_retain(&handle.pool, &names.database, &names.role, &key, &at)
+                    .await
+                    .map_err(|e| Error::sql("locking retained tenant", &server, e))?;
+            }
+        }
+    }
+    match policy {
+        DeletionPolicy::Delete => {
+            match secrets.delete(&secret, &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            info!(tenant = %key, server = %server, database = %names.database, "tenant database and role dropped");
+            publish(
+                ctx,
+                tenant,
+                EventType::Normal,
+                "Deleted",
+                format!("database {} dropped from {server}", names.database),
+            )
+            .await;
+        }
+        DeletionPolicy::Retain => {
+            // Keep the credentials with the data: the Secret outlives the Tenant, marked retained.
+            let patch = json!({ "metadata": { "ownerReferences": null, "labels": { "silo.dev/retained": "true" } } });
+            match secrets
+                .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            info!(tenant = %key, server = %server, database = %names.database, "tenant database locked and retained");
+            let note = format!(
+                "database {} locked and retained on {server}",
+                names.database
+            );
+            publish(ctx, tenant, EventType::Normal, "Retained", note).await;
+        }
+    }
+    ctx.placements.lock().await.remove(&key);
+    Ok(Action::await_change())
+}
+
+/// The status a reconcile step wants to show.
+#[derive(Clone)]
+struct Report {
+    phase: TenantPhase,
+    server: Option<String>,
+    database: Option<String>,
+    role: Option<String>,
+    secret_name: Option<String>,
+    conditions: Vec<Desired>,
+}
+
+impl Report {
+    fn new(phase: TenantPhase) -> Self {
+        Report {
+            phase,
+            server: None,
+            database: None,
+            role: None,
+            secret_name: None,
+            conditions: Vec::new(),
+        }
+    }
+
+    /// Placed on `server`; the phase stays what it was once provisioning has completed.
+    fn placed(
+        previous: Option<TenantPhase>,
+        server: &str,
+        names: &TenantNames,
+        tenant_name: &str,
+    ) -> Self {
+        let phase = match previous {
+            None | Some(TenantPhase::Pending) => TenantPhase::Provisioning,
+            Some(phase) => phase,
+        };
+        Report {
+            phase,
+            server: Some(server.to_string()),
+            database: Some(names.database.clone()),
+            role: Some(names.role.clone()),
+            secret_name: Some(secret_name(tenant_name)),
+            conditions: Vec::new(),
+        }
+    }
+
+    fn phase(mut self, phase: TenantPhase) -> Self {
+        self.phase = phase;
+        self
+    }
+
+    fn condition(mut self, condition: Desired) -> Self {
+        self.conditions.retain(|c| c.type_ != condition.type_);
+        self.conditions.push(condition);
+        self
+    }
+
+    fn failing(&self, reason: &str, message: &str) -> Self {
+        self.clone()
+            .condition(Desired::new(DATABASE_READY, false, reason, message))
+            .condition(Desired::new(READY, false, reason, message))
+    }
+
+    /// Writes the status if it differs from the stored one, and publishes an Event when the
+    /// phase changes.
+    async fn write(&self, tenant: &Tenant, ctx: &Context) -> Result<()> {
+        let current = tenant.status.clone().unwrap_or_default();
+        let generation = tenant.metadata.generation;
+        let now = Time(jiff::Timestamp::now());
+        let status = TenantStatus {
+            observed_generation: generation,
+            phase: Some(self.phase),
+            conditions: conditions::merge(&current.conditions, &self.conditions, generation, now),
+            server: self.server.clone().or(current.server.clone()),
+            database: self.database.clone().or(current.database.clone()),
+            role: self.role.clone().or(current.role.clone()),
+            secret_name: self.secret_name.clone().or(current.secret_name.clone()),
+        };
+        if status == current {
+            return Ok(());
+        }
+        let api: Api<Tenant> =
+            Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
+        let patch =
+            json!({ "apiVersion": "silo.dev/v1alpha1", "kind": "Tenant", "status": status });
+        api.patch_status(
+            &tenant.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        if current.phase != Some(self.phase) {
+            let message = self
+                .conditions
+                .iter()
+                .find(|c| c.type_ == READY)
+                .map(|c| c.message.clone());
+            let (type_, reason) = match self.phase {
+                TenantPhase::Pending => (EventType::Warning, "Pending"),
+                TenantPhase::Failed => (EventType::Warning, "Failed"),
+                phase => (EventType::Normal, phase_reason(phase)),
+            };
+            publish(
+                ctx,
+                tenant,
+                type_,
+                reason,
+                message.unwrap_or_else(|| format!("phase {}", self.phase)),
+            )
+            .await;
+        }
+        Ok(())
+    }
+}
+
+fn phase_reason(phase: TenantPhase) -> &'static str {
+    match phase {
+        TenantPhase::Pending => "Pending",
+        TenantPhase::Provisioning => "Provisioning",
+        TenantPhase::Ready => "Ready",
+        TenantPhase::Suspended => "Suspended",
+        TenantPhase::Deleting => "Deleting",
+        TenantPhase::Failed => "Failed",
+    }
+}
+
+/// Publishes an Event; a failure to publish is logged, never fatal.
+async fn publish(ctx: &Context, tenant: &Tenant, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
+        warn!(tenant = %tenant_key(tenant), error = %e, "publishing event failed");
+    }
+}

@@ -1,0 +1,137 @@
+//! `Tenant`: one customer's isolated PostgreSQL database, role and credentials (namespaced).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One customer's isolated PostgreSQL database. Silo places it on a DatabaseServer, creates a role
+/// and a database that only that role can connect to, and writes the credentials to the Secret
+/// `<name>-db`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "silo.dev",
+    version = "v1alpha1",
+    kind = "Tenant",
+    namespaced,
+    shortname = "tn",
+    category = "silo",
+    status = "TenantStatus",
+    doc = "One customer's isolated PostgreSQL database, role and credentials Secret.",
+    validation = Rule::new("self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && self.metadata.name.size() <= 60").message("metadata.name must be a DNS label of at most 60 characters (lowercase letters, digits and '-'), so that its Secret `<name>-db` is a valid name"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
+    printcolumn(name = "Server", type_ = "string", json_path = ".status.server", description = "DatabaseServer the tenant is placed on"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Database reachable with the tenant's credentials"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("has(self.serverSelector) == has(oldSelf.serverSelector) && (!has(self.serverSelector) || self.serverSelector == oldSelf.serverSelector)").message("serverSelector is immutable: a tenant is never moved implicitly"))]
+#[serde(rename_all = "camelCase")]
+pub struct TenantSpec {
+    /// `Shared` places the tenant on the least-loaded matching server of the pool; `Dedicated`
+    /// takes a free server marked `dedicated: true` for this tenant alone.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("isolation is immutable"))]
+    pub isolation: Isolation,
+
+    /// Restricts placement to DatabaseServers whose labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_selector: Option<LabelSelector>,
+
+    /// Most concurrent connections the tenant's role may open (its PostgreSQL CONNECTION LIMIT).
+    #[serde(default = "default_connection_limit")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub connection_limit: i32,
+
+    /// A suspended tenant cannot log in (its role is NOLOGIN) and its sessions are ended; set it
+    /// back to false to restore access. Nothing is deleted.
+    #[serde(default)]
+    pub suspended: bool,
+
+    /// What happens to the database when the Tenant is deleted.
+    #[serde(default)]
+    pub deletion: DeletionSpec,
+}
+
+fn default_connection_limit() -> i32 {
+    20
+}
+
+/// How a tenant is placed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Isolation {
+    /// A database on a shared server, beside other tenants' databases.
+    #[default]
+    Shared,
+    /// A server of its own: a DatabaseServer with `dedicated: true` that admits only this tenant.
+    Dedicated,
+}
+
+/// What happens to the tenant's database when the Tenant is deleted.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletionSpec {
+    /// `Retain` (the default) locks the database and keeps it; `Delete` drops the database and role.
+    #[serde(default)]
+    pub policy: DeletionPolicy,
+}
+
+/// The fate of a deleted tenant's database.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Lock the database (role NOLOGIN, CONNECT revoked) and keep it, recorded on its server as retained.
+    #[default]
+    Retain,
+    /// Terminate sessions, drop the database and the role. The data is gone.
+    Delete,
+}
+
+/// Lifecycle phase of a tenant.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TenantPhase {
+    /// Waiting for a server to place it on; the Ready condition says why.
+    Pending,
+    /// Placed; role, database and Secret are being created.
+    Provisioning,
+    /// The database is ready for use with the Secret's credentials.
+    Ready,
+    /// Access is switched off by `suspended: true`.
+    Suspended,
+    /// The Tenant is being deleted according to its deletion policy.
+    Deleting,
+    /// Provisioning failed in a way that needs attention; the Ready condition says why.
+    Failed,
+}
+
+impl std::fmt::Display for TenantPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Observed state of a Tenant.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantStatus {
+    /// The generation of the spec this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Lifecycle phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TenantPhase>,
+    /// Standard conditions: `Ready` (summary) and `DatabaseReady`.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::conditions::schema")]
+    pub conditions: Vec<Condition>,
+    /// The DatabaseServer the tenant is placed on; set once, before any SQL, and never changed implicitly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Name of the tenant's PostgreSQL database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// Name of the tenant's PostgreSQL role.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Name of the Secret holding the tenant's credentials.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+}
