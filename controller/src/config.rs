@@ -36,6 +36,15 @@ pub struct Args {
     #[arg(long, env = "SILO_TENANT_CONCURRENCY", default_value_t = 64)]
     pub tenant_concurrency: u16,
 
+    /// Only reconcile Tenants in this namespace (default: all namespaces).
+    #[arg(long = "namespace", env = "SILO_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Only use DatabaseServers whose labels match this selector, e.g. `pool=eu` (default: all).
+    /// Lets several controllers share a cluster, each with its own servers.
+    #[arg(long, env = "SILO_SERVER_SELECTOR")]
+    pub server_selector: Option<String>,
+
     /// Run leader election, so that only one of several replicas reconciles.
     #[arg(long, env = "SILO_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,

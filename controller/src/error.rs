@@ -56,6 +56,12 @@ impl Error {
             Error::NameConflict { .. } => "NameConflict",
             Error::Secret { .. } => "SecretInvalid",
             Error::Finalizer(e) => match e.as_ref() {
+                // The cached object was stale (another reconcile added the finalizer): just retry.
+                kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))
+                    if s.code == 409 || s.code == 422 =>
+                {
+                    "Conflict"
+                }
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.reason(),
                 _ => "FinalizerFailed",

@@ -55,6 +55,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         resync_interval,
         ddl_concurrency,
         tenant_concurrency,
+        watch_namespace,
+        server_selector,
         leader_election,
         lease_namespace,
         lease_name,
@@ -68,11 +70,21 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
 
-    let tenant_api: Api<Tenant> = Api::all(client.clone());
+    let (tenant_api, secret_api): (Api<Tenant>, Api<Secret>) = match &watch_namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
     let server_api: Api<DatabaseServer> = Api::all(client.clone());
+    let server_watch = match &server_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
     let tenant_controller = Controller::new(tenant_api.clone(), watcher::Config::default())
         .with_config(ControllerConfig::default().concurrency(tenant_concurrency));
-    let server_controller = Controller::new(server_api.clone(), watcher::Config::default())
+    let server_controller = Controller::new(server_api.clone(), server_watch.clone())
         .with_config(ControllerConfig::default().debounce(std::time::Duration::from_millis(500)));
     let tenants = tenant_controller.store();
     let servers = server_controller.store();
@@ -189,10 +201,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let stop = shutdown.clone();
     let tenant_loop = tenant_controller
         .owns(
-            Api::<Secret>::all(client.clone()),
+            secret_api,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=silo"),
         )
-        .watches(server_api, watcher::Config::default(), tenants_on_server)
+        .watches(server_api, server_watch, tenants_on_server)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(tenant::reconcile, tenant::error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -210,8 +222,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let ready = {
         let health = health.clone();
         async move {
-            let (a, b) = tokio::join!(tenants.wait_until_ready(), servers.wait_until_ready());
-            if a.is_ok() && b.is_ok() {
+            let (a, b) = tokio::join!(store_ready(&tenants), store_ready(&servers));
+            if a && b {
                 health.ready.store(true, Ordering::Relaxed);
                 info!("caches filled; ready");
             }
@@ -248,6 +260,26 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     }
     info!("stopped");
     result
+}
+
+/// Whether the store was filled. `Store::wait_until_ready` wakes only the last task that polled it
+/// (the controller's own runner polls it too), so poll it again on a short timer.
+async fn store_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            store.wait_until_ready(),
+        )
+        .await
+        {
+            Ok(result) => return result.is_ok(),
+            Err(_) => continue,
+        }
+    }
 }
 
 async fn lost_leadership(rx: &mut tokio::sync::watch::Receiver<bool>) {

@@ -31,6 +31,7 @@ pub enum Change {
     DatabaseCreated,
     PublicAccessRevoked,
     ConnectGranted,
+    OwnerRestored,
     Unretained,
 }
 
@@ -51,6 +52,7 @@ impl std::fmt::Display for Change {
             Change::DatabaseCreated => "database created",
             Change::PublicAccessRevoked => "PUBLIC access revoked",
             Change::ConnectGranted => "CONNECT granted to the tenant role",
+            Change::OwnerRestored => "database ownership given back to the tenant role",
             Change::Unretained => "retained database taken back into use",
         })
     }
@@ -167,13 +169,22 @@ pub async fn ensure_database(
         }
         Some(row) => {
             let owner: String = row.try_get("owner")?;
+            let comment: Option<String> = row.try_get("comment")?;
             if owner != role {
-                return Ok(Err(OwnedByOther { owner }));
+                // Ours by its comment (e.g. an admin reassigned it to drop the role): take it back.
+                // Anyone else's database is never touched.
+                if !is_silo_comment_for(comment.as_deref(), tenant) {
+                    return Ok(Err(OwnedByOther { owner }));
+                }
+                sqlx::raw_sql(&format!("ALTER DATABASE {db} OWNER TO {role_q}"))
+                    .execute(pool)
+                    .await?;
+                changes.push(Change::OwnerRestored);
             }
             (
                 row.try_get("public_access")?,
                 row.try_get("role_connect")?,
-                row.try_get::<Option<String>, _>("comment")?,
+                comment,
             )
         }
     };
@@ -212,6 +223,17 @@ pub async fn ensure_database(
         .await?;
     }
     Ok(Ok(changes))
+}
+
+/// Whether a database comment marks the database as this tenant's (active or retained).
+fn is_silo_comment_for(comment: Option<&str>, tenant: &str) -> bool {
+    let Some(comment) = comment else { return false };
+    [COMMENT_ACTIVE, COMMENT_RETAINED].iter().any(|prefix| {
+        comment
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .is_some_and(|rest| rest == tenant || rest.starts_with(&format!("{tenant} ")))
+    })
 }
 
 async fn server_version_num(pool: &PgPool) -> Result<i32, sqlx::Error> {
@@ -363,4 +385,27 @@ pub async fn server_facts(pool: &PgPool) -> Result<ServerFacts, sqlx::Error> {
             .to_string(),
         can_provision: row.try_get("can_provision")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silo_comments_identify_their_tenant_exactly() {
+        assert!(is_silo_comment_for(
+            Some("silo: tenant prod/acme"),
+            "prod/acme"
+        ));
+        assert!(is_silo_comment_for(
+            Some("silo: retained prod/acme deleted 2026-01-01T00:00:00Z"),
+            "prod/acme"
+        ));
+        assert!(!is_silo_comment_for(
+            Some("silo: tenant prod/acme2"),
+            "prod/acme"
+        ));
+        assert!(!is_silo_comment_for(Some("someone else's"), "prod/acme"));
+        assert!(!is_silo_comment_for(None, "prod/acme"));
+    }
 }

@@ -63,6 +63,10 @@ async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Acti
 }
 
 pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if error.reason() == "Conflict" {
+        tracing::debug!(tenant = %tenant_key(&tenant), error = %error, "stale object; retrying");
+        return Action::requeue(Duration::from_millis(200));
+    }
     warn!(tenant = %tenant_key(&tenant), reason = error.reason(), error = %error, "tenant reconcile failed");
     Action::requeue(match error.reason() {
         "ServerNotConnected" => Duration::from_secs(3),

@@ -1,0 +1,105 @@
+//! The controller as a local process, one per test.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::kube_env::{TEST_LABEL, TestNs};
+use crate::postgres::free_port;
+
+/// A running `silo-controller`; killed on drop. Its log is kept for failure reports.
+pub struct ControllerProcess {
+    child: Child,
+    pub log: PathBuf,
+    pub http_port: u16,
+}
+
+impl ControllerProcess {
+    pub fn start(ns: &TestNs, extra: &[&str]) -> anyhow::Result<ControllerProcess> {
+        let http_port = free_port()?;
+        let dir = std::env::var_os("SILO_E2E_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let log = dir.join(format!("silo-controller-{}-{http_port}.log", ns.name));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(&ns.env.controller_bin)
+            .env("KUBECONFIG", &ns.env.kubeconfig)
+            .env("SILO_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("SILO_WATCH_NAMESPACE", &ns.name)
+            .env("SILO_SERVER_SELECTOR", format!("{TEST_LABEL}={}", ns.name))
+            .env("SILO_LEASE_NAMESPACE", &ns.name)
+            .env("SILO_RESYNC_INTERVAL", "5")
+            .env("SILO_LEASE_DURATION", "6")
+            .env("SILO_LOG", "info,silo_controller=debug")
+            .env("NO_COLOR", "1")
+            .args(extra)
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("starting {}", ns.env.controller_bin.display()))?;
+        Ok(ControllerProcess {
+            child,
+            log,
+            http_port,
+        })
+    }
+
+    /// `kill -9`: no chance to clean up, as in a node failure.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn terminate(&mut self) -> anyhow::Result<()> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        for _ in 0..100 {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!("controller did not stop within 10 s of SIGTERM")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path on the controller's HTTP server, returning (status, body).
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

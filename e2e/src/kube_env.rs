@@ -1,0 +1,290 @@
+//! The cluster the tests run against, and a namespace per test.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use silo_crds::{DatabaseServer, Tenant, TenantPhase};
+use tokio::io::AsyncWriteExt;
+
+use crate::controller::ControllerProcess;
+use crate::postgres::{ADMIN_USER, PgServer};
+use crate::wait_for;
+
+/// Label put on every DatabaseServer a test creates; the test's controller selects on it.
+pub const TEST_LABEL: &str = "silo.dev/e2e-ns";
+
+/// Paths the harness needs, from the environment `e2e/run-tests.sh` sets up.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+    pub controller_bin: PathBuf,
+}
+
+impl Env {
+    pub fn from_env() -> anyhow::Result<Env> {
+        let var = |name: &str| {
+            std::env::var_os(name).map(PathBuf::from).with_context(|| {
+                format!("{name} is not set: run the end-to-end tests with `e2e/run-tests.sh` (see README.md)")
+            })
+        };
+        Ok(Env {
+            kubeconfig: var("KUBECONFIG")?,
+            kubectl: var("SILO_KUBECTL")?,
+            controller_bin: var("SILO_CONTROLLER_BIN")?,
+        })
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+}
+
+/// A namespace for one test, with the helpers the scenarios share.
+#[derive(Clone)]
+pub struct TestNs {
+    pub env: Env,
+    pub client: Client,
+    pub name: String,
+}
+
+/// Runs `test` in a fresh namespace; on failure, prints the namespace's Silo objects and events;
+/// afterwards deletes the test's DatabaseServers and the namespace.
+pub async fn with_temp_ns<F, Fut>(prefix: &str, test: F)
+where
+    F: FnOnce(TestNs) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let env = Env::from_env().expect("e2e environment");
+    let client = env.client().await.expect("kubernetes client");
+    let name = format!(
+        "{prefix}-{}",
+        crate::postgres::random_password()[..6].to_lowercase()
+    );
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    let test_ns = TestNs {
+        env,
+        client,
+        name: name.clone(),
+    };
+    let result = test(test_ns.clone()).await;
+    if let Err(e) = &result {
+        eprintln!("--- e2e failure in namespace {name}: {e:#}");
+        for args in [
+            vec!["get", "tenants,secrets", "-n", &name, "-o", "yaml"],
+            vec![
+                "get",
+                "databaseservers",
+                "-l",
+                &format!("{TEST_LABEL}={name}"),
+                "-o",
+                "yaml",
+            ],
+            vec!["get", "events", "-n", &name],
+        ] {
+            if let Ok(out) = test_ns.kubectl(&args).await {
+                eprintln!("$ kubectl {}\n{}{}", args.join(" "), out.stdout, out.stderr);
+            }
+        }
+    }
+    test_ns.cleanup().await;
+    if let Err(e) = result {
+        panic!("{e:?}");
+    }
+}
+
+/// The output of a kubectl run.
+pub struct KubectlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl TestNs {
+    pub fn tenants(&self) -> Api<Tenant> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    pub fn servers(&self) -> Api<DatabaseServer> {
+        Api::all(self.client.clone())
+    }
+
+    /// Runs kubectl against the test cluster.
+    pub async fn kubectl(&self, args: &[&str]) -> anyhow::Result<KubectlOutput> {
+        self.kubectl_stdin(args, None).await
+    }
+
+    pub async fn kubectl_stdin(
+        &self,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> anyhow::Result<KubectlOutput> {
+        let mut child = tokio::process::Command::new(&self.env.kubectl)
+            .env("KUBECONFIG", &self.env.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(input.as_bytes()).await?;
+        }
+        let out = child.wait_with_output().await?;
+        Ok(KubectlOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// `kubectl apply -n <ns> -f -`; the output, successful or not.
+    pub async fn apply(&self, yaml: &str) -> anyhow::Result<KubectlOutput> {
+        self.kubectl_stdin(&["apply", "-n", &self.name, "-f", "-"], Some(yaml))
+            .await
+    }
+
+    /// `kubectl apply`, failing the test if kubectl refuses.
+    pub async fn apply_ok(&self, yaml: &str) -> anyhow::Result<()> {
+        let out = self.apply(yaml).await?;
+        if !out.success {
+            bail!("kubectl apply failed: {}", out.stderr);
+        }
+        Ok(())
+    }
+
+    /// Registers `pg` as a DatabaseServer named `name`, labelled for this test.
+    pub async fn add_server(
+        &self,
+        name: &str,
+        pg: &PgServer,
+        extra_spec: &str,
+    ) -> anyhow::Result<()> {
+        self.add_server_with_password(name, pg, &pg.admin_password, extra_spec)
+            .await
+    }
+
+    pub async fn add_server_with_password(
+        &self,
+        name: &str,
+        pg: &PgServer,
+        password: &str,
+        extra_spec: &str,
+    ) -> anyhow::Result<()> {
+        let yaml = format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: {name}-admin, namespace: {ns}}}
+stringData: {{username: {ADMIN_USER}, password: "{password}"}}
+---
+apiVersion: silo.dev/v1alpha1
+kind: DatabaseServer
+metadata:
+  name: {name}
+  labels: {{{TEST_LABEL}: {ns}}}
+spec:
+  host: 127.0.0.1
+  port: {port}
+  adminSecretRef: {{namespace: {ns}, name: {name}-admin}}
+{extra_spec}"#,
+            ns = self.name,
+            port = pg.port,
+        );
+        self.apply_ok(&yaml).await
+    }
+
+    /// A name for a cluster-scoped DatabaseServer that no other test uses.
+    pub fn server_name(&self, base: &str) -> String {
+        format!("{}-{base}", self.name)
+    }
+
+    /// Starts this test's controller: it sees only this namespace and this test's servers.
+    pub fn start_controller(&self, extra: &[&str]) -> anyhow::Result<ControllerProcess> {
+        ControllerProcess::start(self, extra)
+    }
+
+    /// Waits until the tenant reaches `phase`, returning it.
+    pub async fn wait_phase(
+        &self,
+        tenant: &str,
+        phase: TenantPhase,
+        timeout: Duration,
+    ) -> anyhow::Result<Tenant> {
+        let api = self.tenants();
+        wait_for(
+            &format!("tenant {tenant} to be {phase}"),
+            timeout,
+            || async {
+                let t = api.get_opt(tenant).await.ok().flatten()?;
+                (t.status.as_ref()?.phase? == phase).then_some(t)
+            },
+        )
+        .await
+    }
+
+    /// The value of `key` in the tenant's credentials Secret.
+    pub async fn secret_value(&self, tenant: &str, key: &str) -> anyhow::Result<String> {
+        let secret = self.secrets().get(&format!("{tenant}-db")).await?;
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .with_context(|| format!("secret has no {key}"))?;
+        Ok(String::from_utf8(bytes.0.clone())?)
+    }
+
+    async fn cleanup(&self) {
+        let servers = self.servers();
+        let _ = servers
+            .delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&format!("{TEST_LABEL}={}", self.name)),
+            )
+            .await;
+        // Tenants keep a finalizer while no controller runs; drop it so the namespace can go.
+        if let Ok(list) = self.tenants().list(&ListParams::default()).await {
+            for t in list {
+                if let Some(name) = t.metadata.name {
+                    let patch = serde_json::json!({ "metadata": { "finalizers": null } });
+                    let _ = self
+                        .tenants()
+                        .patch(
+                            &name,
+                            &kube::api::PatchParams::default(),
+                            &kube::api::Patch::Merge(&patch),
+                        )
+                        .await;
+                }
+            }
+        }
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let _ = namespaces
+            .delete(&self.name, &DeleteParams::default())
+            .await;
+    }
+}

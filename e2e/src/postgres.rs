@@ -1,0 +1,215 @@
+//! Real PostgreSQL servers for tests: `initdb` + `pg_ctl` on a free loopback port, stopped on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, bail};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub const ADMIN_USER: &str = "silo_admin";
+
+/// A running PostgreSQL server owned by one test.
+pub struct PgServer {
+    pub port: u16,
+    pub admin_password: String,
+    data: PathBuf,
+    bin: PathBuf,
+    as_postgres_user: bool,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl PgServer {
+    /// Starts a server under the e2e work directory (`SILO_E2E_DIR`, else a temp folder).
+    pub fn start() -> anyhow::Result<PgServer> {
+        let bin = pg_bin_dir()?;
+        let root = std::env::var_os("SILO_E2E_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = root.join(format!(
+            "pg-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // PostgreSQL refuses to run as root; as root, run it as the `postgres` user.
+        let as_postgres_user = is_root();
+        if as_postgres_user {
+            run(Command::new("chown").args(["postgres:", &dir.display().to_string()]))?;
+        }
+        let admin_password = random_password();
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, &admin_password)?;
+        if as_postgres_user {
+            run(Command::new("chown").args(["postgres:", &pwfile.display().to_string()]))?;
+        }
+        let data = dir.join("data");
+        let mut server = PgServer {
+            port: 0,
+            admin_password,
+            data,
+            bin,
+            as_postgres_user,
+        };
+        server.pg(
+            "initdb",
+            &[
+                "-D",
+                &server.data.display().to_string(),
+                "-U",
+                ADMIN_USER,
+                &format!("--pwfile={}", pwfile.display()),
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        )?;
+        for _ in 0..5 {
+            server.port = free_port()?;
+            if server.start_on_port(&dir).is_ok() {
+                return Ok(server);
+            }
+        }
+        bail!(
+            "PostgreSQL did not start; see {}",
+            dir.join("log").display()
+        )
+    }
+
+    fn start_on_port(&self, dir: &Path) -> anyhow::Result<()> {
+        let options = format!(
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB",
+            self.port,
+            dir.display()
+        );
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.display().to_string(),
+                "-l",
+                &dir.join("log").display().to_string(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        )
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let path = self.bin.join(tool);
+        let mut cmd = if self.as_postgres_user {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            Command::new(&path)
+        };
+        cmd.args(args);
+        run(&mut cmd)
+    }
+
+    /// Admin connection options to database `postgres`.
+    pub fn admin_options(&self) -> PgConnectOptions {
+        self.options(ADMIN_USER, &self.admin_password, "postgres")
+    }
+
+    pub fn options(&self, user: &str, password: &str, database: &str) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username(user)
+            .password(password)
+            .database(database)
+            .disable_statement_logging()
+    }
+
+    /// A small admin pool for assertions.
+    pub async fn admin_pool(&self) -> anyhow::Result<PgPool> {
+        Ok(PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(self.admin_options())
+            .await?)
+    }
+
+    /// Stops the server at once (used to simulate an outage as well as on drop).
+    pub fn stop(&self) {
+        let _ = self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.display().to_string(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(dir) = self.data.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn pg_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("SILO_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL server binaries not found in /usr/lib/postgresql (apt-get install postgresql)")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .context("no PostgreSQL version with initdb in /usr/lib/postgresql")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A free loopback port: bound once by the OS, then released for the server to take.
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+pub fn random_password() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..24)
+        .map(|_| char::from(b"abcdefghijkmnopqrstuvwxyz23456789"[rng.random_range(0..33)]))
+        .collect()
+}
