@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need from Debian's packages, only when something is missing.
+# Go and Rust come with the machine; the Kubernetes binaries are built by e2e/tools/build.sh.
+set -euo pipefail
+
+packages=(postgresql postgresql-client openssl iproute2 procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps.sh: installing ${missing[*]}" >&2
+  SUDO=""
+  [[ "$(id -u)" == 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's postgresql package starts a cluster of its own on 5432; the tests never use it.
+for tool in go cargo python3; do
+  command -v "$tool" >/dev/null || { echo "install-deps.sh: $tool is required" >&2; exit 1; }
+done
