@@ -19,7 +19,9 @@ pub struct ControllerProcess {
 impl ControllerProcess {
     pub fn start(ns: &TestNs, extra: &[&str]) -> anyhow::Result<ControllerProcess> {
         let http_port = free_port()?;
-        let dir = std::env::var_os("SILO_E2E_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = std::env::var_os("SILO_E2E_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         let log = dir.join(format!("silo-controller-{}-{http_port}.log", ns.name));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(&ns.env.controller_bin)
@@ -62,6 +64,17 @@ impl ControllerProcess {
             std::thread::sleep(Duration::from_millis(100));
         }
         anyhow::bail!("controller did not stop within 10 s of SIGTERM")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size (VmHWM) in KiB, from /proc.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
     }
 
     pub fn is_running(&mut self) -> bool {

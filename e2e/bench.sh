@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The provisioning benchmark (not a test): a local control plane, two PostgreSQL servers, the
+# release-built controller; prints silo vs. the raw SQL floor. Arguments go to the benchmark,
+# e.g. `e2e/bench.sh --tenants 500`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PATH="$HOME/.cargo/bin:/usr/local/go/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/silo/target}"
+"$ROOT/e2e/scripts/install-deps.sh"
+BIN="$("$ROOT/e2e/tools/build.sh")"
+export SILO_KUBECTL="$BIN/kubectl"
+cargo build --quiet --release -p silo-controller -p silo-e2e --manifest-path "$ROOT/Cargo.toml"
+export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller"
+
+WORK="$(mktemp -d /tmp/silo-bench.XXXXXX)"
+chmod 755 "$WORK"
+export SILO_E2E_DIR="$WORK"
+cleanup() {
+  for pid in "$WORK"/pg-*/data/postmaster.pid; do
+    [[ -f "$pid" ]] && kill -9 "$(head -1 "$pid")" 2>/dev/null || true
+  done
+  "$ROOT/e2e/scripts/cluster.sh" down "$WORK/cluster" || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+"$ROOT/e2e/scripts/cluster.sh" up "$WORK/cluster"
+export KUBECONFIG="$WORK/cluster/kubeconfig"
+"$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
+"$SILO_KUBECTL" wait --for condition=established --timeout=60s crd/tenants.silo.dev >/dev/null
+"$CARGO_TARGET_DIR/release/bench_provision" "$@"

@@ -1,0 +1,249 @@
+//! Provisioning benchmark: N Tenants applied at once across two PostgreSQL servers, against the
+//! raw SQL floor (the same statements sent straight to the same servers with the same per-server
+//! concurrency), in one run. Run through `e2e/bench.sh`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt, stream};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{ListParams, ObjectMeta, PostParams};
+use silo_crds::{Tenant, TenantPhase, TenantSpec};
+use silo_e2e::{Env, PgServer, TestNs, wait_for};
+use sqlx::postgres::PgPoolOptions;
+use tokio::sync::Mutex;
+
+#[derive(Parser)]
+struct Args {
+    /// Tenants to provision.
+    #[arg(long, default_value_t = 500)]
+    tenants: usize,
+    /// Concurrent DDL per server, for the controller and for the raw SQL floor alike.
+    #[arg(long, default_value_t = 4)]
+    ddl_concurrency: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let env = Env::from_env()?;
+    let servers = [PgServer::start()?, PgServer::start()?];
+
+    // 1. The floor: the controller's statements, straight to the servers (after a warm-up, so that
+    //    neither side pays for a cold server).
+    raw_sql_floor(&servers, 20, args.ddl_concurrency).await?;
+    let floor = raw_sql_floor(&servers, args.tenants, args.ddl_concurrency).await?;
+
+    // 2. The controller: N Tenants created at once, until all are Ready.
+    let client = env.client().await?;
+    let ns = TestNs {
+        env,
+        client: client.clone(),
+        name: "bench".into(),
+    };
+    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let meta = ObjectMeta {
+        name: Some(ns.name.clone()),
+        ..Default::default()
+    };
+    namespaces
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: meta,
+                ..Default::default()
+            },
+        )
+        .await?;
+    ns.add_server(&ns.server_name("one"), &servers[0], "  maxTenants: 100000")
+        .await?;
+    ns.add_server(&ns.server_name("two"), &servers[1], "  maxTenants: 100000")
+        .await?;
+    let ddl = args.ddl_concurrency.to_string();
+    let ctl = ns.start_controller(&[
+        "--ddl-concurrency",
+        &ddl,
+        "--resync-interval",
+        "600",
+        "--log-filter",
+        "warn",
+    ])?;
+    for s in ["one", "two"] {
+        let name = ns.server_name(s);
+        wait_for("servers ready", Duration::from_secs(60), || async {
+            let st = ns.servers().get(&name).await.ok()?.status?;
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        })
+        .await?;
+    }
+
+    let api = ns.tenants();
+    let start = Instant::now();
+    stream::iter(0..args.tenants)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let tenant = Tenant::new(
+                    &format!("tenant-{i:05}"),
+                    TenantSpec {
+                        isolation: Default::default(),
+                        server_selector: None,
+                        connection_limit: 20,
+                        suspended: false,
+                        deletion: Default::default(),
+                    },
+                );
+                api.create(&PostParams::default(), &tenant).await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let created = start.elapsed();
+    wait_for("all tenants Ready", Duration::from_secs(1800), || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let ready = list
+            .items
+            .iter()
+            .filter(|t| t.status.as_ref().and_then(|s| s.phase) == Some(TenantPhase::Ready));
+        (ready.count() == args.tenants).then_some(())
+    })
+    .await?;
+    let all_ready = start.elapsed();
+    let rss = ctl
+        .peak_rss_kib()
+        .context("reading the controller's peak RSS")?;
+    let mut databases = 0;
+    for server in &servers {
+        let pool = server.admin_pool().await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 't\\_bench\\_%'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        databases += n;
+    }
+    anyhow::ensure!(
+        databases as usize == args.tenants,
+        "{databases} tenant databases on the servers"
+    );
+
+    let ratio = all_ready.as_secs_f64() / floor.as_secs_f64();
+    println!();
+    println!(
+        "provisioning benchmark: {} tenants on 2 servers, {} concurrent DDL per server",
+        args.tenants, ddl
+    );
+    println!(
+        "  {:<44} {:>10.2} s",
+        "raw SQL floor (same statements, direct)",
+        floor.as_secs_f64()
+    );
+    println!(
+        "  {:<44} {:>10.2} s",
+        "silo: Tenants created (API)",
+        created.as_secs_f64()
+    );
+    println!(
+        "  {:<44} {:>10.2} s",
+        "silo: all Tenants Ready",
+        all_ready.as_secs_f64()
+    );
+    println!(
+        "  {:<44} {:>10.0} /s",
+        "silo: tenants per second",
+        args.tenants as f64 / all_ready.as_secs_f64()
+    );
+    println!(
+        "  {:<44} {:>10.2}   (target <= 1.2)",
+        "ratio silo / raw SQL", ratio
+    );
+    println!(
+        "  {:<44} {:>10.1} MiB",
+        "controller peak RSS",
+        rss as f64 / 1024.0
+    );
+    println!("  ({databases} tenant databases verified on the servers)");
+    Ok(())
+}
+
+/// Sends, per tenant, what the controller sends for a new tenant (role with a SCRAM verifier,
+/// database, REVOKE/GRANT, comment), half the tenants per server, `concurrency` connections per
+/// server. Returns the wall time; the databases are dropped again afterwards, untimed.
+async fn raw_sql_floor(
+    servers: &[PgServer; 2],
+    tenants: usize,
+    concurrency: usize,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (s, server) in servers.iter().enumerate() {
+        let pool = PgPoolOptions::new()
+            .max_connections(concurrency as u32)
+            .connect_with(server.admin_options())
+            .await?;
+        let queue: Arc<Mutex<Vec<usize>>> =
+            Arc::new(Mutex::new((0..tenants).filter(|i| i % 2 == s).collect()));
+        for _ in 0..concurrency {
+            let pool = pool.clone();
+            let queue = queue.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Some(i) = queue.lock().await.pop() else {
+                        return Ok::<_, sqlx::Error>(());
+                    };
+                    let name = format!("raw_{i:05}");
+                    let verifier =
+                        postgres_protocol::password::scram_sha_256(b"benchmark-password");
+                    sqlx::raw_sql(&format!(
+                        "CREATE ROLE \"{name}\" LOGIN CONNECTION LIMIT 20 PASSWORD '{verifier}'"
+                    ))
+                    .execute(&pool)
+                    .await?;
+                    sqlx::raw_sql(&format!("CREATE DATABASE \"{name}\" OWNER \"{name}\""))
+                        .execute(&pool)
+                        .await?;
+                    sqlx::raw_sql(&format!("REVOKE ALL ON DATABASE \"{name}\" FROM PUBLIC"))
+                        .execute(&pool)
+                        .await?;
+                    sqlx::raw_sql(&format!(
+                        "GRANT CONNECT, TEMPORARY ON DATABASE \"{name}\" TO \"{name}\""
+                    ))
+                    .execute(&pool)
+                    .await?;
+                    sqlx::raw_sql(&format!(
+                        "COMMENT ON DATABASE \"{name}\" IS 'silo: tenant bench/{name}'"
+                    ))
+                    .execute(&pool)
+                    .await?;
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = start.elapsed();
+    for server in servers {
+        let pool = server.admin_pool().await?;
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'raw\\_%'",
+        )
+        .fetch_all(&pool)
+        .await?;
+        for name in names {
+            sqlx::raw_sql(&format!("DROP DATABASE \"{name}\""))
+                .execute(&pool)
+                .await?;
+            sqlx::raw_sql(&format!("DROP ROLE \"{name}\""))
+                .execute(&pool)
+                .await?;
+        }
+    }
+    Ok(elapsed)
+}
