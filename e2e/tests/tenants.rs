@@ -116,6 +116,11 @@ async fn a_tenant_becomes_a_database_its_secret_can_use() {
         ensure!(!ctl.log_text().contains(&password), "password in controller log");
         let everything = ns.kubectl(&["get", "tenants,events", "-n", &ns.name, "-o", "yaml"]).await?;
         ensure!(!everything.stdout.contains(&password), "password in status or events");
+
+        // Graceful shutdown on SIGTERM.
+        let mut ctl = ctl;
+        ctl.terminate()?;
+        ensure!(ctl.log_text().contains("stopped"), "no orderly stop in the log");
         Ok(())
     })
     .await;
@@ -258,9 +263,14 @@ async fn c_bad_input_is_rejected_or_explained() {
         let t = ns.wait_phase("second", TenantPhase::Pending, READY_TIMEOUT).await?;
         let c = t.status.context("status")?.conditions.into_iter().find(|c| c.type_ == "Ready").context("Ready")?;
         ensure!(c.reason == "ServersFull", "{} {}", c.reason, c.message);
+        // ... and placed by itself once the server frees up.
+        let out = ns.kubectl(&["delete", "tenant", "gold", "-n", &ns.name, "--timeout=60s"]).await?;
+        ensure!(out.success, "{}", out.stderr);
+        let t = ns.wait_phase("second", TenantPhase::Ready, READY_TIMEOUT).await?;
+        ensure!(t.status.and_then(|s| s.server).as_deref() == Some(gold.as_str()));
 
         // Immutable fields stay put.
-        let out = ns.apply(&tenant_yaml("gold", "  isolation: Dedicated\n  serverSelector: {matchLabels: {tier: gold}}")).await?;
+        let out = ns.apply(&tenant_yaml("second", "  isolation: Dedicated\n  serverSelector: {matchLabels: {tier: gold}}")).await?;
         ensure!(!out.success && out.stderr.contains("isolation is immutable"), "{}", out.stderr);
 
         ensure!(ctl_alive(ctl), "controller crashed on bad input");

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use silo_crds::SslMode;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use sqlx::{ConnectOptions, PgPool};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 /// Where and how to reach a server as its admin.
@@ -47,6 +47,8 @@ impl AdminTarget {
             })
             // The few statements we send are cheap to parse; no need to keep them prepared.
             .statement_cache_capacity(16)
+            // Statements carry password verifiers: never log them.
+            .disable_statement_logging()
     }
 }
 

@@ -34,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     // 1. The floor: the controller's statements, straight to the servers (after a warm-up, so that
     //    neither side pays for a cold server).
     raw_sql_floor(&servers, 20, args.ddl_concurrency).await?;
-    let floor = raw_sql_floor(&servers, args.tenants, args.ddl_concurrency).await?;
+    let floor_before = raw_sql_floor(&servers, args.tenants, args.ddl_concurrency).await?;
 
     // 2. The controller: N Tenants created at once, until all are Ready.
     let client = env.client().await?;
@@ -132,6 +132,10 @@ async fn main() -> anyhow::Result<()> {
         databases as usize == args.tenants,
         "{databases} tenant databases on the servers"
     );
+    drop(ctl);
+    // The floor again, now that the servers hold the tenants too; the faster of the two counts.
+    let floor_after = raw_sql_floor(&servers, args.tenants, args.ddl_concurrency).await?;
+    let floor = floor_before.min(floor_after);
 
     let ratio = all_ready.as_secs_f64() / floor.as_secs_f64();
     println!();
@@ -161,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "  {:<44} {:>10.2}   (target <= 1.2)",
-        "ratio silo / raw SQL", ratio
+        "ratio silo / faster raw SQL floor", ratio
     );
     println!(
         "  {:<44} {:>10.1} MiB",
