@@ -8,7 +8,6 @@ use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use silo_crds::{DatabaseServer, Tenant};
-use tokio::sync::Mutex;
 
 use crate::metrics::Metrics;
 use crate::sql::ServerPools;
@@ -21,7 +20,7 @@ pub struct Context {
     /// Placements made by this process, by `namespace/name`. Held while choosing a server, so two
     /// tenants reconciled at once never both take the last slot; it also covers placements whose
     /// status write has not reached the cache yet.
-    pub placements: Mutex<HashMap<String, String>>,
+    pub placements: Placements,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub resync: Duration,
@@ -48,6 +47,14 @@ impl Context {
         }
         counts
     }
+}
+
+/// Placements made by this process, shared with the watch mappers. A std mutex: it is never held
+/// across an await.
+pub type Placements = Arc<std::sync::Mutex<HashMap<String, String>>>;
+
+pub fn lock_placements(p: &Placements) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+    p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// `namespace/name` of a tenant.

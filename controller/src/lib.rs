@@ -21,7 +21,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube_lease_manager::LeaseManagerBuilder;
 use silo_crds::{DatabaseServer, Tenant};
 use tokio_util::sync::CancellationToken;
@@ -82,7 +82,15 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         Some(selector) => watcher::Config::default().labels(selector),
         None => watcher::Config::default(),
     };
-    let tenant_controller = Controller::new(tenant_api.clone(), watcher::Config::default())
+    // Tenants are reconciled when their spec, finalizers or deletion change, not when the
+    // controller's own status writes come back through the watch (resync covers the rest).
+    let (tenant_reader, tenant_writer) = reflector::store();
+    let tenant_changes = watcher(tenant_api.clone(), watcher::Config::default())
+        .default_backoff()
+        .reflect(tenant_writer)
+        .applied_objects()
+        .predicate_filter(tenant::spec_changed, PredicateConfig::default());
+    let tenant_controller = Controller::for_stream(tenant_changes, tenant_reader)
         .with_config(ControllerConfig::default().concurrency(tenant_concurrency));
     let server_controller = Controller::new(server_api.clone(), server_watch.clone())
         .with_config(ControllerConfig::default().debounce(std::time::Duration::from_millis(500)));
@@ -159,6 +167,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     };
     health.ready.store(false, Ordering::Relaxed);
 
+    let placements: context::Placements = Default::default();
     let ctx = Arc::new(Context {
         client: client.clone(),
         pools: ServerPools::new(PoolLimits {
@@ -167,7 +176,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         }),
         servers: servers.clone(),
         tenants: tenants.clone(),
-        placements: Default::default(),
+        placements: placements.clone(),
         metrics: metrics.clone(),
         recorder: Recorder::new(
             client.clone(),
@@ -180,14 +189,19 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         server_failures: Default::default(),
     });
 
-    // A server change wakes the tenants still waiting for a placement.
+    // A server change wakes the tenants waiting for a placement (phase Pending, not placed by
+    // this process since). Tenants that are placed, or new, have their own triggers.
     let pending_tenants = tenants.clone();
-    let tenants_on_server = move |server: DatabaseServer| {
-        let _ = server;
+    let mapper_placements = placements.clone();
+    let tenants_on_server = move |_server: DatabaseServer| {
+        let placed = context::lock_placements(&mapper_placements);
         pending_tenants
             .state()
             .into_iter()
-            .filter(|t| t.status.as_ref().is_none_or(|s| s.server.is_none()))
+            .filter(|t| {
+                t.status.as_ref().and_then(|s| s.phase) == Some(silo_crds::TenantPhase::Pending)
+            })
+            .filter(|t| !placed.contains_key(&context::tenant_key(t)))
             .map(|t| ObjectRef::from_obj(t.as_ref()))
             .collect::<Vec<_>>()
     };

@@ -18,7 +18,7 @@ use silo_crds::conditions::{self, Desired, READY};
 use silo_crds::{DatabaseServer, DatabaseServerStatus};
 use tracing::{info, warn};
 
-use crate::context::Context;
+use crate::context::{Context, lock_placements};
 use crate::error::{Error, Result, sql_reason};
 use crate::sql::ddl;
 use crate::sql::pools::AdminTarget;
@@ -58,7 +58,7 @@ async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Res
 
     let check = check(&server, &ctx).await;
     let placed = {
-        let placements = ctx.placements.lock().await;
+        let placements = lock_placements(&ctx.placements);
         ctx.tenants_by_server(&placements)
             .get(&name)
             .copied()

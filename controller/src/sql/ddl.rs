@@ -59,7 +59,11 @@ impl std::fmt::Display for Change {
 }
 
 /// Makes the role exist with the declared password, LOGIN and CONNECTION LIMIT.
-pub async fn ensure_role(pool: &PgPool, spec: &RoleSpec<'_>) -> Result<Vec<Change>, sqlx::Error> {
+pub async fn ensure_role(
+    pool: &PgPool,
+    spec: &RoleSpec<'_>,
+    verified: &scram::VerifiedPasswords,
+) -> Result<Vec<Change>, sqlx::Error> {
     let role = quote_ident(spec.role);
     let login = if spec.login { "LOGIN" } else { "NOLOGIN" };
     let existing = sqlx::query("SELECT rolcanlogin, rolconnlimit FROM pg_roles WHERE rolname = $1")
@@ -94,7 +98,7 @@ pub async fn ensure_role(pool: &PgPool, spec: &RoleSpec<'_>) -> Result<Vec<Chang
         .await?;
         changes.push(Change::ConnectionLimitChanged);
     }
-    if !password_matches(pool, spec.role, spec.password).await? {
+    if !password_matches(pool, spec.role, spec.password, verified).await? {
         let verifier = quote_literal(&scram::verifier(spec.password));
         sqlx::raw_sql(&format!("ALTER ROLE {role} PASSWORD {verifier}"))
             .execute(pool)
@@ -106,7 +110,12 @@ pub async fn ensure_role(pool: &PgPool, spec: &RoleSpec<'_>) -> Result<Vec<Chang
 
 /// Whether the role's stored verifier matches `password`. Without the right to read `pg_authid`
 /// (an admin that is not superuser) the answer is "no", so the password is simply set again.
-async fn password_matches(pool: &PgPool, role: &str, password: &str) -> Result<bool, sqlx::Error> {
+async fn password_matches(
+    pool: &PgPool,
+    role: &str,
+    password: &str,
+    verified: &scram::VerifiedPasswords,
+) -> Result<bool, sqlx::Error> {
     let stored = sqlx::query_scalar::<_, Option<String>>(
         "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
     )
@@ -116,7 +125,7 @@ async fn password_matches(pool: &PgPool, role: &str, password: &str) -> Result<b
     match stored {
         Ok(stored) => Ok(stored
             .flatten()
-            .is_some_and(|v| scram::matches(&v, password))),
+            .is_some_and(|v| verified.matches(role, &v, password))),
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => Ok(false),
         Err(e) => Err(e),
     }

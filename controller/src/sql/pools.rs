@@ -57,6 +57,7 @@ pub struct ServerHandle {
     pub name: String,
     pub target: AdminTarget,
     pub pool: PgPool,
+    pub verified: super::scram::VerifiedPasswords,
     ddl: Semaphore,
 }
 
@@ -120,6 +121,7 @@ impl ServerPools {
             name: name.to_string(),
             target,
             pool,
+            verified: Default::default(),
             ddl: Semaphore::new(self.limits.ddl_concurrency),
         });
         if let Some(old) = servers.insert(name.to_string(), handle.clone()) {

@@ -42,6 +42,33 @@ pub fn matches(stored: &str, password: &str) -> bool {
     Sha256::digest(client_key).as_slice() == stored_key.as_slice()
 }
 
+/// Verifiers already checked against a password, so a resync does not pay PBKDF2's 4096 rounds
+/// again for every tenant. Keyed by role; the value is a digest of (verifier, password), so a
+/// changed verifier or password is checked afresh.
+#[derive(Default)]
+pub struct VerifiedPasswords(std::sync::Mutex<std::collections::HashMap<String, [u8; 32]>>);
+
+impl VerifiedPasswords {
+    pub fn matches(&self, role: &str, stored: &str, password: &str) -> bool {
+        let mut digest = Sha256::new();
+        digest.update(stored.as_bytes());
+        digest.update([0]);
+        digest.update(password.as_bytes());
+        let key: [u8; 32] = digest.finalize().into();
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.get(role) == Some(&key) {
+            return true;
+        }
+        let ok = matches(stored, password);
+        if ok {
+            cache.insert(role.to_string(), key);
+        } else {
+            cache.remove(role);
+        }
+        ok
+    }
+}
+
 /// A new random password: 32 characters from an alphabet that needs no escaping in a URI.
 pub fn generate_password() -> String {
     use rand::Rng;
@@ -69,6 +96,22 @@ mod tests {
         assert!(!matches("md5abcdef", "x"));
         assert!(!matches("SCRAM-SHA-256$x:y$z", "x"));
         assert!(!matches("", "x"));
+    }
+
+    #[test]
+    fn cache_remembers_only_matching_pairs() {
+        let cache = VerifiedPasswords::default();
+        let v = verifier("pw");
+        assert!(cache.matches("r", &v, "pw"));
+        assert!(cache.matches("r", &v, "pw"), "second check from the cache");
+        assert!(
+            !cache.matches("r", &v, "other"),
+            "a different password is checked afresh"
+        );
+        assert!(
+            !cache.matches("r", &verifier("new"), "pw"),
+            "a different verifier is checked afresh"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use silo_crds::conditions::{self, DATABASE_READY, Desired, READY};
 use silo_crds::{DeletionPolicy, FINALIZER, Tenant, TenantPhase, TenantStatus};
 use tracing::{info, warn};
 
-use crate::context::{Context, tenant_key};
+use crate::context::{Context, lock_placements, tenant_key};
 use crate::error::{Error, Result};
 use crate::sql::ddl::{self, Change, RoleSpec};
 use crate::sql::{ServerHandle, TenantNames, scram};
@@ -62,6 +62,21 @@ async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Acti
     result
 }
 
+/// What a tenant reconcile reacts to: a new generation (spec or deletion), or changed finalizers.
+pub fn spec_changed(tenant: &Tenant) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    tenant.metadata.generation.hash(&mut hasher);
+    tenant.metadata.finalizers.hash(&mut hasher);
+    tenant
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> Action {
     if error.reason() == "Conflict" {
         tracing::debug!(tenant = %tenant_key(&tenant), error = %error, "stale object; retrying");
@@ -82,7 +97,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     let status = tenant.status.clone().unwrap_or_default();
 
     // 1. Placement, written to status before any SQL and never changed afterwards.
-    let server = match known_server(tenant, ctx).await {
+    let server = match known_server(tenant, ctx) {
         Some(server) => server,
         None => match place(tenant, ctx).boxed().await? {
             Ok(server) => server,
@@ -227,7 +242,7 @@ async fn provision(
         connection_limit: tenant.spec.connection_limit,
         login: !suspended,
     };
-    let mut changes = ddl::ensure_role(pool, &role)
+    let mut changes = ddl::ensure_role(pool, &role, &handle.verified)
         .await
         .map_err(|e| Error::sql("ensuring role", server, e))?;
     match ddl::ensure_database(pool, &names.database, &names.role, &key)
@@ -256,13 +271,11 @@ async fn provision(
 
 /// The server this tenant is placed on, from its status or from a placement this process made
 /// whose status write the cache has not shown yet.
-async fn known_server(tenant: &Tenant, ctx: &Context) -> Option<String> {
+fn known_server(tenant: &Tenant, ctx: &Context) -> Option<String> {
     if let Some(server) = tenant.status.as_ref().and_then(|s| s.server.clone()) {
         return Some(server);
     }
-    ctx.placements
-        .lock()
-        .await
+    lock_placements(&ctx.placements)
         .get(&tenant_key(tenant))
         .cloned()
 }
@@ -271,7 +284,7 @@ async fn known_server(tenant: &Tenant, ctx: &Context) -> Option<String> {
 async fn place(tenant: &Tenant, ctx: &Context) -> Result<Result<String, Unplaceable>> {
     let key = tenant_key(tenant);
     let chosen = {
-        let mut placements = ctx.placements.lock().await;
+        let mut placements = lock_placements(&ctx.placements);
         if let Some(server) = placements.get(&key) {
             return Ok(Ok(server.clone()));
         }
@@ -308,7 +321,7 @@ async fn place(tenant: &Tenant, ctx: &Context) -> Result<Result<String, Unplacea
     let names = TenantNames::derive(&tenant.namespace().unwrap_or_default(), &tenant.name_any());
     let report = Report::placed(None, &chosen, &names, &tenant.name_any());
     if let Err(e) = report.write(tenant, ctx).await {
-        ctx.placements.lock().await.remove(&key);
+        lock_placements(&ctx.placements).remove(&key);
         return Err(e);
     }
     info!(tenant = %key, server = %chosen, "tenant placed");
@@ -393,7 +406,7 @@ async fn ensure_secret(
 
 async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     let key = tenant_key(tenant);
-    let Some(server) = known_server(tenant, ctx).await else {
+    let Some(server) = known_server(tenant, ctx) else {
         // Never placed: there is nothing on any server to clean up.
         return Ok(Action::await_change());
     };
@@ -421,7 +434,7 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
             );
             warn!(tenant = %key, server = %server, "tenant deleted while its server is gone");
             publish(ctx, tenant, EventType::Warning, "ServerGone", note).await;
-            ctx.placements.lock().await.remove(&key);
+            lock_placements(&ctx.placements).remove(&key);
             return Ok(Action::await_change());
         }
         // Deletion waits for the server: the policy is carried out, never skipped.
@@ -482,7 +495,7 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
             publish(ctx, tenant, EventType::Normal, "Retained", note).await;
         }
     }
-    ctx.placements.lock().await.remove(&key);
+    lock_placements(&ctx.placements).remove(&key);
     Ok(Action::await_change())
 }
 
@@ -575,7 +588,8 @@ impl Report {
             &Patch::Apply(&patch),
         )
         .await?;
-        if current.phase != Some(self.phase) {
+        // "Placed" already announced provisioning.
+        if current.phase != Some(self.phase) && self.phase != TenantPhase::Provisioning {
             let message = self
                 .conditions
                 .iter()
