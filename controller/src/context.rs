@@ -21,6 +21,8 @@ pub struct Context {
     /// tenants reconciled at once never both take the last slot; it also covers placements whose
     /// status write has not reached the cache yet.
     pub placements: Placements,
+    /// Asks the DatabaseServer reconciler to refresh a server's status (its tenant count changed).
+    pub server_changed: tokio::sync::mpsc::UnboundedSender<String>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub resync: Duration,

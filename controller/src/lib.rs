@@ -92,7 +92,16 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         .predicate_filter(tenant::spec_changed, PredicateConfig::default());
     let tenant_controller = Controller::for_stream(tenant_changes, tenant_reader)
         .with_config(ControllerConfig::default().concurrency(tenant_concurrency));
-    let server_controller = Controller::new(server_api.clone(), server_watch.clone())
+    // Servers are reconciled when their spec or labels change, on a timer, and when a tenant is
+    // placed on or removed from them (the tenant reconciler says so through `server_changed`).
+    let (server_reader, server_writer) = reflector::store();
+    let server_changes = watcher(server_api.clone(), server_watch.clone())
+        .default_backoff()
+        .reflect(server_writer)
+        .applied_objects()
+        .predicate_filter(database_server::spec_changed, PredicateConfig::default());
+    let (server_changed, server_changed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let server_controller = Controller::for_stream(server_changes, server_reader)
         .with_config(ControllerConfig::default().debounce(std::time::Duration::from_millis(500)));
     let tenants = tenant_controller.store();
     let servers = server_controller.store();
@@ -177,6 +186,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         servers: servers.clone(),
         tenants: tenants.clone(),
         placements: placements.clone(),
+        server_changed,
         metrics: metrics.clone(),
         recorder: Recorder::new(
             client.clone(),
@@ -206,12 +216,6 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             .collect::<Vec<_>>()
     };
     // A tenant placed or removed changes its server's tenant count.
-    let server_of_tenant = |tenant: Tenant| {
-        tenant
-            .status
-            .and_then(|s| s.server)
-            .map(|server| ObjectRef::<DatabaseServer>::new(&server))
-    };
     let stop = shutdown.clone();
     let tenant_loop = tenant_controller
         .owns(
@@ -224,7 +228,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         .for_each(|_| async {});
     let stop = shutdown.clone();
     let server_loop = server_controller
-        .watches(tenant_api, watcher::Config::default(), server_of_tenant)
+        .reconcile_on(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(server_changed_rx)
+                .map(|name| ObjectRef::<DatabaseServer>::new(&name)),
+        )
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(
             database_server::reconcile,

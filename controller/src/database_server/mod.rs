@@ -148,6 +148,15 @@ async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Res
     Ok(Action::requeue(next))
 }
 
+/// What a server reconcile reacts to besides its timer: a new generation or new labels.
+pub fn spec_changed(server: &DatabaseServer) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    server.metadata.generation.hash(&mut hasher);
+    server.metadata.labels.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 pub fn error_policy(server: Arc<DatabaseServer>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(server = %server.name_any(), reason = error.reason(), error = %error, "database server reconcile failed");
     ctx.metrics.reconcile_failed(KIND, error.reason());

@@ -325,6 +325,7 @@ async fn place(tenant: &Tenant, ctx: &Context) -> Result<Result<String, Unplacea
         return Err(e);
     }
     info!(tenant = %key, server = %chosen, "tenant placed");
+    let _ = ctx.server_changed.send(chosen.clone());
     publish(
         ctx,
         tenant,
@@ -496,6 +497,7 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         }
     }
     lock_placements(&ctx.placements).remove(&key);
+    let _ = ctx.server_changed.send(server);
     Ok(Action::await_change())
 }
 
