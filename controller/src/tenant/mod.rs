@@ -348,19 +348,30 @@ async fn ensure_secret(
     let namespace = tenant.namespace().unwrap_or_default();
     let name = secret_name(&tenant.name_any());
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let existing = api.get_opt(&name).await?;
-    let Some(existing) = existing else {
+    let create = || async {
         let password = scram::generate_password();
         let secret = build_secret(tenant, secret_data(names, endpoint, &password));
-        api.create(
-            &PostParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            },
-            &secret,
-        )
-        .await?;
-        return Ok(password);
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        api.create(&params, &secret).await.map(|_| password)
+    };
+    // A tenant still being provisioned most likely has no Secret yet: try to create it first.
+    let fresh = tenant
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_none_or(|p| matches!(p, TenantPhase::Pending | TenantPhase::Provisioning));
+    if fresh {
+        match create().await {
+            Ok(password) => return Ok(password),
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some(existing) = api.get_opt(&name).await? else {
+        return Ok(create().await?);
     };
 
     let uid = tenant.uid().unwrap_or_default();

@@ -9,7 +9,8 @@ use anyhow::Context;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt, stream};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::api::{ObjectMeta, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use silo_crds::{Tenant, TenantPhase, TenantSpec};
 use silo_e2e::{Env, PgServer, TestNs, wait_for};
 use sqlx::postgres::PgPoolOptions;
@@ -83,6 +84,26 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let api = ns.tenants();
+    // Watch (rather than poll) for readiness, so that measuring does not load the API server.
+    let watch_api = api.clone();
+    let expected = args.tenants;
+    let all_ready = tokio::spawn(async move {
+        let mut ready = std::collections::HashSet::new();
+        let mut events =
+            std::pin::pin!(watcher(watch_api, watcher::Config::default()).applied_objects());
+        while let Some(tenant) = events.try_next().await? {
+            let name = tenant.metadata.name.clone().unwrap_or_default();
+            if tenant.status.and_then(|s| s.phase) == Some(TenantPhase::Ready) {
+                ready.insert(name);
+            } else {
+                ready.remove(&name);
+            }
+            if ready.len() == expected {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the tenant watch ended")
+    });
     let start = Instant::now();
     stream::iter(0..args.tenants)
         .map(|i| {
@@ -105,15 +126,9 @@ async fn main() -> anyhow::Result<()> {
         .try_collect::<Vec<_>>()
         .await?;
     let created = start.elapsed();
-    wait_for("all tenants Ready", Duration::from_secs(1800), || async {
-        let list = api.list(&ListParams::default()).await.ok()?;
-        let ready = list
-            .items
-            .iter()
-            .filter(|t| t.status.as_ref().and_then(|s| s.phase) == Some(TenantPhase::Ready));
-        (ready.count() == args.tenants).then_some(())
-    })
-    .await?;
+    tokio::time::timeout(Duration::from_secs(1800), all_ready)
+        .await
+        .context("tenants not all Ready within 30 minutes")???;
     let all_ready = start.elapsed();
     let rss = ctl
         .peak_rss_kib()
