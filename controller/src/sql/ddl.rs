@@ -267,6 +267,21 @@ async fn own_public_schema(pool: &PgPool, database: &str, role: &str) -> Result<
     result.map(|_| ())
 }
 
+/// Whether `catalog` has a row whose `column` is `name`; catalog and column are constants here.
+async fn exists(
+    pool: &PgPool,
+    catalog: &str,
+    column: &str,
+    name: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {catalog} WHERE {column} = $1)"
+    ))
+    .bind(name)
+    .fetch_one(pool)
+    .await
+}
+
 /// Ends every session of the tenant's role or in its database. Returns how many were ended.
 pub async fn terminate_sessions(
     pool: &PgPool,
@@ -294,21 +309,13 @@ pub async fn lock_and_retain(
 ) -> Result<(), sqlx::Error> {
     let db = quote_ident(database);
     let role_q = quote_ident(role);
-    let role_exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-            .bind(role)
-            .fetch_one(pool)
-            .await?;
+    let role_exists = exists(pool, "pg_roles", "rolname", role).await?;
     if role_exists {
         sqlx::raw_sql(&format!("ALTER ROLE {role_q} NOLOGIN"))
             .execute(pool)
             .await?;
     }
-    let db_exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(database)
-            .fetch_one(pool)
-            .await?;
+    let db_exists = exists(pool, "pg_database", "datname", database).await?;
     if db_exists {
         sqlx::raw_sql(&format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"))
             .execute(pool)
@@ -334,11 +341,7 @@ pub async fn lock_and_retain(
 
 /// Policy `Delete`: sessions end, the database and the role are dropped.
 pub async fn drop_tenant(pool: &PgPool, database: &str, role: &str) -> Result<(), sqlx::Error> {
-    let role_exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-            .bind(role)
-            .fetch_one(pool)
-            .await?;
+    let role_exists = exists(pool, "pg_roles", "rolname", role).await?;
     if role_exists {
         // No new sessions while the database goes away.
         sqlx::raw_sql(&format!("ALTER ROLE {} NOLOGIN", quote_ident(role)))

@@ -185,15 +185,16 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         info!(tenant = %key, server = %server, database = %names.database, "database created");
     }
 
+    let provisioned = Desired::new(
+        DATABASE_READY,
+        true,
+        "Provisioned",
+        "role and database exist as declared",
+    );
     let done = if suspended {
         placed
             .phase(TenantPhase::Suspended)
-            .condition(Desired::new(
-                DATABASE_READY,
-                true,
-                "Provisioned",
-                "role and database exist as declared",
-            ))
+            .condition(provisioned)
             .condition(Desired::new(
                 READY,
                 false,
@@ -201,24 +202,15 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
                 "the tenant is suspended: its role cannot log in",
             ))
     } else {
+        let message = format!(
+            "database {} on {server} accepts the credentials in Secret {}",
+            names.database,
+            secret_name(&name)
+        );
         placed
             .phase(TenantPhase::Ready)
-            .condition(Desired::new(
-                DATABASE_READY,
-                true,
-                "Provisioned",
-                "role and database exist as declared",
-            ))
-            .condition(Desired::new(
-                READY,
-                true,
-                "Ready",
-                format!(
-                    "database {} on {server} accepts the credentials in Secret {}",
-                    names.database,
-                    secret_name(&name)
-                ),
-            ))
+            .condition(provisioned)
+            .condition(Desired::new(READY, true, "Ready", message))
     };
     done.write(tenant, ctx).await?;
     Ok(Action::requeue(ctx.resync))
