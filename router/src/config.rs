@@ -1,0 +1,78 @@
+//! Command-line flags, each with a `SILO_ROUTER_` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::frontend::PoolMode;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "silo-router",
+    version,
+    about = "Silo's tenant-aware PostgreSQL router"
+)]
+pub struct Args {
+    /// Address for PostgreSQL clients.
+    #[arg(long, env = "SILO_ROUTER_LISTEN", default_value = "0.0.0.0:6432")]
+    pub listen: SocketAddr,
+
+    /// Static tenant file (YAML), reloaded when it changes.
+    #[arg(long, env = "SILO_ROUTER_CONFIG")]
+    pub config: PathBuf,
+
+    /// When a server connection goes back to the pool.
+    #[arg(long, env = "SILO_ROUTER_POOL_MODE", value_enum, default_value_t = PoolMode::Transaction)]
+    pub pool_mode: PoolMode,
+
+    /// Connection cap for tenants that do not set one.
+    #[arg(long, env = "SILO_ROUTER_DEFAULT_POOL_SIZE", default_value_t = 20)]
+    pub default_pool_size: usize,
+
+    /// How long a client waits for a server connection before 53300, in seconds.
+    #[arg(long, env = "SILO_ROUTER_CHECKOUT_TIMEOUT", default_value_t = 5.0)]
+    pub checkout_timeout: f64,
+
+    /// How long a client may take to start up and log in, in seconds.
+    #[arg(long, env = "SILO_ROUTER_STARTUP_TIMEOUT", default_value_t = 10.0)]
+    pub startup_timeout: f64,
+
+    /// Idle server connections are closed after this many seconds.
+    #[arg(long, env = "SILO_ROUTER_IDLE_TIMEOUT", default_value_t = 300.0)]
+    pub idle_timeout: f64,
+
+    /// Log filter, in `tracing` EnvFilter syntax.
+    #[arg(long, env = "SILO_ROUTER_LOG", default_value = "info")]
+    pub log_filter: String,
+}
+
+/// A positive number of seconds as a Duration.
+pub fn seconds(value: f64, flag: &str) -> Result<Duration, String> {
+    if value.is_finite() && value > 0.0 && value < 86_400.0 {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(format!(
+            "--{flag} must be between 0 and 86400 seconds, not {value}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn seconds_are_checked() {
+        assert!(seconds(0.5, "x").is_ok());
+        assert!(seconds(0.0, "x").is_err());
+        assert!(seconds(f64::NAN, "x").is_err());
+    }
+}

@@ -1,0 +1,464 @@
+//! The client side: accept loop, startup and SCRAM login, then relaying frames between the client
+//! and a pooled server connection (held for the session, or per transaction).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::auth::{ScramKeys, ScramServer};
+use crate::pool::{PoolError, PooledConn, Pools};
+use crate::protocol::backend::{self, parse_sasl_initial_response, ready_status};
+use crate::protocol::startup::{Startup, read_startup};
+use crate::protocol::{Frame, ProtocolError, read_frame, split_frame};
+use crate::routing::{Lookup, RoutingTable, TenantRoute, TenantState, tenant_from_startup};
+
+/// When a server connection goes back to the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PoolMode {
+    /// At the end of the client's session, after `DISCARD ALL`.
+    Session,
+    /// Whenever the server is idle between transactions.
+    Transaction,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub mode: PoolMode,
+    pub checkout_timeout: Duration,
+    pub startup_timeout: Duration,
+}
+
+type CancelTarget = Arc<Mutex<Option<(SocketAddr, i32, i32)>>>;
+
+/// State shared by every client session.
+pub struct Shared {
+    pub table: Arc<ArcSwap<RoutingTable>>,
+    pub pools: Pools,
+    pub settings: Settings,
+    scram_keys: Mutex<HashMap<String, (String, ScramKeys)>>,
+    cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
+}
+
+impl Shared {
+    pub fn new(table: Arc<ArcSwap<RoutingTable>>, settings: Settings) -> Self {
+        Shared {
+            table,
+            pools: Pools::default(),
+            settings,
+            scram_keys: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// SCRAM keys for a tenant's current password, derived once (PBKDF2 is deliberately slow).
+    fn keys(&self, route: &TenantRoute) -> ScramKeys {
+        let mut cache = lock(&self.scram_keys);
+        match cache.get(&route.key()) {
+            Some((password, keys)) if *password == route.password => keys.clone(),
+            _ => {
+                let keys = ScramKeys::derive(&route.password);
+                cache.insert(route.key(), (route.password.clone(), keys.clone()));
+                keys
+            }
+        }
+    }
+}
+
+/// A refusal sent to the client as an ErrorResponse.
+#[derive(Debug)]
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<PoolError> for Refusal {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Exhausted { .. } => Refusal::new("53300", e.to_string()),
+            PoolError::Server(e) => {
+                Refusal::new("08001", format!("cannot reach the tenant's database: {e}"))
+            }
+        }
+    }
+}
+
+/// Accepts clients until `shutdown`, then waits for open sessions to end.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            if let Err(e) = handle_client(stream, &shared, shutdown).await {
+                debug!(%peer, error = %e, "client session ended with an error");
+            }
+        });
+    }
+    tracker.close();
+    info!(
+        sessions = tracker.len(),
+        "no longer accepting; waiting for sessions to end"
+    );
+    tracker.wait().await;
+}
+
+async fn handle_client(
+    stream: TcpStream,
+    shared: &Shared,
+    shutdown: CancellationToken,
+) -> Result<(), ProtocolError> {
+    let (mut reader, mut writer) = stream.into_split();
+    let login = tokio::time::timeout(
+        shared.settings.startup_timeout,
+        login(&mut reader, &mut writer, shared),
+    )
+    .await;
+    let (route, user) = match login {
+        Err(_) => {
+            let refusal = Refusal::new("08P01", "startup took too long");
+            let _ = send(
+                &mut writer,
+                &backend::error_response("FATAL", refusal.code, &refusal.message),
+            )
+            .await;
+            return Ok(());
+        }
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(login))) => login,
+    };
+
+    let pool = shared.pools.get(&route);
+    let mut server: Option<PooledConn> = None;
+    let params = match shared.settings.mode {
+        PoolMode::Session => match pool.checkout(shared.settings.checkout_timeout).await {
+            Ok(mut conn) => {
+                let params = conn.conn().params.clone();
+                server = Some(conn);
+                params
+            }
+            Err(e) => return refuse(&mut writer, e.into()).await,
+        },
+        PoolMode::Transaction => match pool.params() {
+            Some(params) => params,
+            None => match pool.checkout(shared.settings.checkout_timeout).await {
+                Ok(mut conn) => {
+                    let params = conn.conn().params.clone();
+                    conn.release();
+                    params
+                }
+                Err(e) => return refuse(&mut writer, e.into()).await,
+            },
+        },
+    };
+
+    // The client's cancel key is the router's own; it maps to whichever server runs its query.
+    let (pid, key, target) = register_cancel(shared);
+    if let Some(conn) = server.as_mut() {
+        let c = conn.conn();
+        *lock(&target) = Some((c.addr, c.pid, c.key));
+    }
+    let mut hello = BytesMut::new();
+    hello.extend_from_slice(&backend::authentication_ok().bytes);
+    for (name, value) in &params {
+        hello.extend_from_slice(&backend::parameter_status(name, value).bytes);
+    }
+    hello.extend_from_slice(&backend::backend_key_data(pid, key).bytes);
+    hello.extend_from_slice(&backend::ready_for_query(b'I').bytes);
+    writer.write_all(&hello).await?;
+    debug!(tenant = %route.key(), user = %user, "client logged in");
+
+    let result = relay(
+        &mut reader,
+        &mut writer,
+        shared,
+        &pool,
+        &mut server,
+        &target,
+        shutdown,
+    )
+    .await;
+    lock(&shared.cancels).remove(&(pid, key));
+    result
+}
+
+/// Startup, tenant resolution and SCRAM. `None` when the connection was a cancel request or was
+/// refused (the refusal has been sent).
+async fn login(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    shared: &Shared,
+) -> Result<Option<(Arc<TenantRoute>, String)>, ProtocolError> {
+    let params = loop {
+        match read_startup(reader).await? {
+            // TLS is not configured in this build: say so and let the client go on in plaintext.
+            Startup::Ssl | Startup::GssEnc => writer.write_all(b"N").await?,
+            Startup::Cancel { pid, key } => {
+                let target = lock(&shared.cancels)
+                    .get(&(pid, key))
+                    .and_then(|t| *lock(t));
+                if let Some((addr, server_pid, server_key)) = target {
+                    let _ = crate::server::cancel(addr, server_pid, server_key).await;
+                }
+                return Ok(None);
+            }
+            Startup::Params(params) => break params,
+        }
+    };
+    let Some(user) = Startup::param(&params, "user").map(str::to_string) else {
+        refuse(
+            writer,
+            Refusal::new("28000", "no user name in the startup packet"),
+        )
+        .await?;
+        return Ok(None);
+    };
+    let (tenant, _) = tenant_from_startup(&user, Startup::param(&params, "database"));
+    let route = match shared.table.load().lookup(tenant) {
+        Lookup::Found(route) => route,
+        Lookup::Unknown => {
+            refuse(
+                writer,
+                Refusal::new("3D000", format!("tenant \"{tenant}\" does not exist")),
+            )
+            .await?;
+            return Ok(None);
+        }
+        Lookup::Ambiguous(keys) => {
+            let message = format!(
+                "tenant name \"{tenant}\" exists in several namespaces; use one of {}",
+                keys.join(", ")
+            );
+            refuse(writer, Refusal::new("3D000", message)).await?;
+            return Ok(None);
+        }
+    };
+    let refusal = match route.state {
+        TenantState::Ready => None,
+        TenantState::Suspended => Some(format!("tenant \"{tenant}\" is suspended")),
+        TenantState::Deleting => Some(format!("tenant \"{tenant}\" is being deleted")),
+        TenantState::Pending => Some(format!("tenant \"{tenant}\" is not ready yet")),
+    };
+    if let Some(message) = refusal {
+        refuse(writer, Refusal::new("57P03", message)).await?;
+        return Ok(None);
+    }
+
+    // SCRAM-SHA-256 against the tenant's credentials.
+    send(writer, &backend::authentication_sasl()).await?;
+    let (mechanism, client_first) = parse_sasl_initial_response(&read_frame(reader).await?)?;
+    if mechanism != "SCRAM-SHA-256" {
+        refuse(
+            writer,
+            Refusal::new("28000", format!("unsupported SASL mechanism {mechanism}")),
+        )
+        .await?;
+        return Ok(None);
+    }
+    let bad_password = || {
+        Refusal::new(
+            "28P01",
+            format!("password authentication failed for user \"{user}\""),
+        )
+    };
+    let Ok((exchange, server_first)) = ScramServer::start(shared.keys(&route), &client_first)
+    else {
+        refuse(writer, bad_password()).await?;
+        return Ok(None);
+    };
+    send(
+        writer,
+        &backend::authentication(11, server_first.as_bytes()),
+    )
+    .await?;
+    let client_final = read_frame(reader).await?;
+    if client_final.tag != b'p' {
+        return Err(ProtocolError::Unexpected {
+            got: client_final.tag as char,
+            during: "SASL authentication",
+        });
+    }
+    match exchange.finish(client_final.body()) {
+        Ok(server_final) => {
+            send(
+                writer,
+                &backend::authentication(12, server_final.as_bytes()),
+            )
+            .await?
+        }
+        Err(_) => {
+            refuse(writer, bad_password()).await?;
+            return Ok(None);
+        }
+    }
+    Ok(Some((route, user)))
+}
+
+async fn relay(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    shared: &Shared,
+    pool: &Arc<crate::pool::TenantPool>,
+    server: &mut Option<PooledConn>,
+    target: &CancelTarget,
+    shutdown: CancellationToken,
+) -> Result<(), ProtocolError> {
+    let mode = shared.settings.mode;
+    let mut from_client = BytesMut::with_capacity(8 * 1024);
+    let mut from_server = BytesMut::with_capacity(64 * 1024);
+    let mut to_client = BytesMut::with_capacity(64 * 1024);
+    let mut to_server = BytesMut::with_capacity(8 * 1024);
+    let mut server_idle = true;
+    // ReadyForQuery messages still owed by the server: one per Sync, simple Query or FunctionCall
+    // sent. A pipelining client can have several in flight; the server is only free at zero.
+    let mut owed: usize = 0;
+    loop {
+        tokio::select! {
+            read = reader.read_buf(&mut from_client) => {
+                if read? == 0 {
+                    break;
+                }
+                let mut terminate = false;
+                while let Some(frame) = split_frame(&mut from_client)? {
+                    if frame.tag == b'X' {
+                        terminate = true;
+                        break;
+                    }
+                    if matches!(frame.tag, b'S' | b'Q' | b'F') {
+                        owed += 1;
+                    }
+                    to_server.extend_from_slice(&frame.bytes);
+                }
+                if !to_server.is_empty() {
+                    if server.is_none() {
+                        match pool.checkout(shared.settings.checkout_timeout).await {
+                            Ok(mut conn) => {
+                                let c = conn.conn();
+                                *lock(target) = Some((c.addr, c.pid, c.key));
+                                *server = Some(conn);
+                            }
+                            Err(e) => {
+                                let _ = refuse(writer, e.into()).await;
+                                return Ok(());
+                            }
+                        }
+                    }
+                    if let Some(conn) = server.as_mut() {
+                        conn.conn().writer.write_all(&to_server).await?;
+                        server_idle = false;
+                    }
+                    to_server.clear();
+                }
+                if terminate {
+                    break;
+                }
+            }
+            read = read_server(server, &mut from_server) => {
+                if read? == 0 {
+                    *server = None;
+                    let refusal = Refusal::new("08006", "the tenant's database server closed the connection");
+                    let _ = refuse(writer, refusal).await;
+                    return Ok(());
+                }
+                while let Some(frame) = split_frame(&mut from_server)? {
+                    to_client.extend_from_slice(&frame.bytes);
+                    if let Some(status) = ready_status(&frame) {
+                        owed = owed.saturating_sub(1);
+                        server_idle = status == b'I' && owed == 0;
+                    }
+                }
+                writer.write_all(&to_client).await?;
+                to_client.clear();
+                if mode == PoolMode::Transaction && server_idle && from_server.is_empty() {
+                    if let Some(conn) = server.take() {
+                        conn.release();
+                    }
+                    *lock(target) = None;
+                }
+            }
+            _ = shutdown.cancelled(), if server.is_none() || server_idle => break,
+        }
+    }
+    // Session over: an idle server goes back, reset; one mid-transaction is closed.
+    if let Some(mut conn) = server.take()
+        && server_idle
+        && from_server.is_empty()
+        && conn.conn().reset().await
+    {
+        conn.release();
+    }
+    Ok(())
+}
+
+/// Reads from the checked-out server, or waits forever when there is none.
+async fn read_server(
+    server: &mut Option<PooledConn>,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    match server.as_mut() {
+        Some(conn) => conn.conn().reader.read_buf(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn register_cancel(shared: &Shared) -> (i32, i32, CancelTarget) {
+    use rand::Rng;
+    let target: CancelTarget = Arc::new(Mutex::new(None));
+    let mut cancels = lock(&shared.cancels);
+    loop {
+        let (pid, key) = (rand::rng().random_range(1..i32::MAX), rand::rng().random());
+        if let std::collections::hash_map::Entry::Vacant(e) = cancels.entry((pid, key)) {
+            e.insert(target.clone());
+            return (pid, key, target);
+        }
+    }
+}
+
+async fn send(writer: &mut OwnedWriteHalf, frame: &Frame) -> std::io::Result<()> {
+    writer.write_all(&frame.bytes).await
+}
+
+async fn refuse(writer: &mut OwnedWriteHalf, refusal: Refusal) -> Result<(), ProtocolError> {
+    debug!(code = refusal.code, message = %refusal.message, "client refused");
+    send(
+        writer,
+        &backend::error_response("FATAL", refusal.code, &refusal.message),
+    )
+    .await?;
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

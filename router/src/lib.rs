@@ -1,0 +1,107 @@
+//! `silo-router`: one PostgreSQL address for every tenant. Clients name their tenant, log in with
+//! SCRAM-SHA-256 against the tenant's credentials, and get a pooled connection to its database.
+
+pub mod auth;
+pub mod config;
+pub mod frontend;
+pub mod pool;
+pub mod protocol;
+pub mod routing;
+pub mod server;
+pub mod source;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::{Args, seconds};
+use crate::frontend::{Settings, Shared};
+
+#[derive(thiserror::Error, Debug)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    File(#[from] source::file::FileError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Runs until SIGTERM/SIGINT: stops accepting, lets sessions finish, then returns.
+pub async fn run(args: Args) -> Result<(), RunError> {
+    let Args {
+        listen,
+        config,
+        pool_mode,
+        default_pool_size,
+        checkout_timeout,
+        startup_timeout,
+        idle_timeout,
+        log_filter: _,
+    } = args;
+    let settings = Settings {
+        mode: pool_mode,
+        checkout_timeout: seconds(checkout_timeout, "checkout-timeout")
+            .map_err(RunError::Config)?,
+        startup_timeout: seconds(startup_timeout, "startup-timeout").map_err(RunError::Config)?,
+    };
+    let idle_timeout = seconds(idle_timeout, "idle-timeout").map_err(RunError::Config)?;
+    let table = Arc::new(ArcSwap::from_pointee(source::file::load(
+        &config,
+        default_pool_size,
+    )?));
+    info!(tenants = table.load().len(), file = %config.display(), "tenants loaded");
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    tokio::spawn(source::file::watch(
+        config,
+        default_pool_size,
+        table.clone(),
+        shutdown.clone(),
+    ));
+    let shared = Arc::new(Shared::new(table, settings));
+    let evict = shared.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(idle_timeout.min(std::time::Duration::from_secs(10))) => evict.pools.evict(idle_timeout),
+            }
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: listen,
+            source,
+        })?;
+    info!(addr = %listener.local_addr().map_err(|source| RunError::Listen { addr: listen, source })?, mode = ?pool_mode, "accepting PostgreSQL clients");
+    frontend::serve(listener, shared, shutdown).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_on_signal(shutdown: CancellationToken) {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+    info!("shutdown signal received");
+    shutdown.cancel();
+}

@@ -1,0 +1,153 @@
+//! One pool of server connections per tenant: created on first use, capped by the tenant's
+//! connection limit, with a checkout queue that times out; connections come back on release.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::routing::TenantRoute;
+use crate::server::{ServerConn, ServerError};
+
+#[derive(thiserror::Error, Debug)]
+pub enum PoolError {
+    #[error(
+        "all {limit} connections of tenant \"{tenant}\" stayed busy for {waited:?} (its connection limit)"
+    )]
+    Exhausted {
+        tenant: String,
+        limit: usize,
+        waited: Duration,
+    },
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+pub struct TenantPool {
+    pub route: Arc<TenantRoute>,
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+    /// Server parameters reported at login, replayed to clients in transaction mode.
+    params: Mutex<Option<Vec<(String, String)>>>,
+}
+
+impl TenantPool {
+    fn new(route: Arc<TenantRoute>) -> Self {
+        let cap = route.connection_limit.max(1);
+        TenantPool {
+            route,
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(cap)),
+            params: Mutex::new(None),
+        }
+    }
+
+    /// A connection for exclusive use until the guard is released or dropped. Opens a new one when
+    /// none is idle and the cap allows, so a burst on a cold tenant connects in parallel.
+    pub async fn checkout(self: &Arc<Self>, timeout: Duration) -> Result<PooledConn, PoolError> {
+        let started = Instant::now();
+        let permit = match tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await
+        {
+            Ok(Ok(permit)) => permit,
+            _ => {
+                return Err(PoolError::Exhausted {
+                    tenant: self.route.key(),
+                    limit: self.route.connection_limit,
+                    waited: started.elapsed(),
+                });
+            }
+        };
+        let idle = lock(&self.idle).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let conn = ServerConn::connect(&self.route).await?;
+                lock(&self.params).get_or_insert_with(|| conn.params.clone());
+                conn
+            }
+        };
+        Ok(PooledConn {
+            conn: Some(conn),
+            _permit: permit,
+            pool: self.clone(),
+        })
+    }
+
+    pub fn params(&self) -> Option<Vec<(String, String)>> {
+        lock(&self.params).clone()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        lock(&self.idle).len()
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.route.connection_limit.max(1) - self.permits.available_permits()
+    }
+
+    /// Closes idle connections unused for longer than `max_idle`.
+    fn evict_idle(&self, max_idle: Duration) {
+        lock(&self.idle).retain(|c| c.last_used.elapsed() < max_idle);
+    }
+}
+
+/// A checked-out connection. `release` returns it to the pool; dropping it closes it.
+pub struct PooledConn {
+    conn: Option<ServerConn>,
+    _permit: OwnedSemaphorePermit,
+    pool: Arc<TenantPool>,
+}
+
+impl PooledConn {
+    pub fn conn(&mut self) -> &mut ServerConn {
+        // Present until release consumes the guard.
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("connection taken before release"))
+    }
+
+    pub fn release(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.last_used = Instant::now();
+            lock(&self.pool.idle).push(conn);
+        }
+    }
+}
+
+/// Pools by tenant key. A pool whose route changed (password, server, limit) is replaced.
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<String, Arc<TenantPool>>>,
+}
+
+impl Pools {
+    pub fn get(&self, route: &Arc<TenantRoute>) -> Arc<TenantPool> {
+        let mut pools = lock(&self.pools);
+        match pools.get(&route.key()) {
+            Some(pool) if pool.route == *route || *pool.route == **route => pool.clone(),
+            _ => {
+                let pool = Arc::new(TenantPool::new(route.clone()));
+                pools.insert(route.key(), pool.clone());
+                pool
+            }
+        }
+    }
+
+    /// Closes idle connections past `max_idle`, and forgets pools with nothing open.
+    pub fn evict(&self, max_idle: Duration) {
+        let mut pools = lock(&self.pools);
+        for pool in pools.values() {
+            pool.evict_idle(max_idle);
+        }
+        pools.retain(|_, p| p.idle_count() > 0 || p.in_use() > 0 || Arc::strong_count(p) > 1);
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<TenantPool>> {
+        lock(&self.pools).values().cloned().collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

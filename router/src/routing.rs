@@ -1,0 +1,156 @@
+//! The tenant table: which database a tenant name leads to, and whether it may connect (pure).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Whether a tenant's connections are admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+pub enum TenantState {
+    Ready,
+    Suspended,
+    Deleting,
+    /// Known but not provisioned yet.
+    Pending,
+}
+
+/// Everything the router needs to route one tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TenantRoute {
+    pub namespace: String,
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    pub connection_limit: usize,
+    pub state: TenantState,
+}
+
+impl TenantRoute {
+    pub fn key(&self) -> String {
+        format!("{}.{}", self.namespace, self.name)
+    }
+}
+
+/// Why a name does not lead to a routable tenant.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Arc<TenantRoute>),
+    Unknown,
+    /// The bare name exists in several namespaces; `namespace.name` is needed.
+    Ambiguous(Vec<String>),
+}
+
+/// Tenants by `namespace.name`, plus an index of bare names.
+#[derive(Default, Debug)]
+pub struct RoutingTable {
+    by_key: HashMap<String, Arc<TenantRoute>>,
+    by_name: HashMap<String, Vec<String>>,
+}
+
+impl RoutingTable {
+    pub fn new(routes: impl IntoIterator<Item = TenantRoute>) -> Self {
+        let mut table = RoutingTable::default();
+        for route in routes {
+            table
+                .by_name
+                .entry(route.name.clone())
+                .or_default()
+                .push(route.key());
+            table.by_key.insert(route.key(), Arc::new(route));
+        }
+        for keys in table.by_name.values_mut() {
+            keys.sort();
+            keys.dedup();
+        }
+        table
+    }
+
+    /// `name` or `namespace.name`.
+    pub fn lookup(&self, tenant: &str) -> Lookup {
+        if let Some(route) = self.by_key.get(tenant) {
+            return Lookup::Found(route.clone());
+        }
+        match self.by_name.get(tenant).map(Vec::as_slice) {
+            Some([only]) => self
+                .by_key
+                .get(only)
+                .cloned()
+                .map_or(Lookup::Unknown, Lookup::Found),
+            Some(many) if many.len() > 1 => Lookup::Ambiguous(many.to_vec()),
+            _ => Lookup::Unknown,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<TenantRoute>> {
+        self.by_key.values()
+    }
+}
+
+/// The tenant a client names: the startup `database`, or a `user.tenant` suffix when the
+/// database is absent or the user's own name. Returns (tenant, user).
+pub fn tenant_from_startup<'a>(user: &'a str, database: Option<&'a str>) -> (&'a str, &'a str) {
+    match database {
+        Some(db) if !db.is_empty() && db != user => (db, user),
+        _ => match user.rsplit_once('.') {
+            Some((u, tenant)) if !tenant.is_empty() => (tenant, u),
+            _ => (user, user),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(ns: &str, name: &str) -> TenantRoute {
+        TenantRoute {
+            namespace: ns.into(),
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            database: format!("t_{ns}_{name}"),
+            user: format!("t_{ns}_{name}"),
+            password: "pw".into(),
+            connection_limit: 10,
+            state: TenantState::Ready,
+        }
+    }
+
+    #[test]
+    fn bare_names_and_qualified_names() {
+        let t = RoutingTable::new([
+            route("a", "acme"),
+            route("a", "shared"),
+            route("b", "shared"),
+        ]);
+        assert!(matches!(t.lookup("acme"), Lookup::Found(r) if r.namespace == "a"));
+        assert!(matches!(t.lookup("b.shared"), Lookup::Found(r) if r.namespace == "b"));
+        assert_eq!(
+            t.lookup("shared"),
+            Lookup::Ambiguous(vec!["a.shared".into(), "b.shared".into()])
+        );
+        assert_eq!(t.lookup("nope"), Lookup::Unknown);
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn tenant_comes_from_database_or_user_suffix() {
+        assert_eq!(tenant_from_startup("app", Some("acme")), ("acme", "app"));
+        assert_eq!(tenant_from_startup("app.acme", None), ("acme", "app"));
+        assert_eq!(
+            tenant_from_startup("app.acme", Some("app.acme")),
+            ("acme", "app")
+        );
+        assert_eq!(tenant_from_startup("acme", None), ("acme", "acme"));
+    }
+}

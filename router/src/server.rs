@@ -1,0 +1,186 @@
+//! Connections to PostgreSQL servers: startup and SCRAM login as the tenant's role.
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::protocol::backend::error_fields;
+use crate::protocol::{Frame, ProtocolError, read_frame};
+use crate::routing::TenantRoute;
+
+#[derive(thiserror::Error, Debug)]
+pub enum ServerError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("server refused the login ({code}): {message}")]
+    Refused { code: String, message: String },
+    #[error("server asked for an authentication method the router does not speak ({0})")]
+    UnsupportedAuth(i32),
+    #[error("SCRAM with the server: {0}")]
+    Scram(std::io::Error),
+}
+
+/// A logged-in server connection.
+pub struct ServerConn {
+    pub reader: BufReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+    pub params: Vec<(String, String)>,
+    pub pid: i32,
+    pub key: i32,
+    pub addr: std::net::SocketAddr,
+    pub last_used: Instant,
+}
+
+impl ServerConn {
+    pub async fn connect(route: &TenantRoute) -> Result<ServerConn, ServerError> {
+        let addr = format!("{}:{}", route.host, route.port);
+        let stream = TcpStream::connect(&addr)
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let peer = stream
+            .peer_addr()
+            .map_err(|source| ServerError::Connect { addr, source })?;
+        let (r, mut writer) = stream.into_split();
+        let mut reader = BufReader::with_capacity(64 * 1024, r);
+
+        let mut buf = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", route.user.as_str()),
+                ("database", route.database.as_str()),
+                ("application_name", "silo-router"),
+            ],
+            &mut buf,
+        )
+        .map_err(ServerError::Scram)?;
+        writer.write_all(&buf).await.map_err(ProtocolError::from)?;
+
+        let mut scram: Option<ScramSha256> = None;
+        let mut params = Vec::new();
+        let (mut pid, mut key) = (0, 0);
+        loop {
+            let frame = read_frame(&mut reader).await?;
+            match frame.tag {
+                b'R' => {
+                    let body = frame.body();
+                    if body.len() < 4 {
+                        return Err(ProtocolError::Malformed {
+                            what: "authentication request",
+                        }
+                        .into());
+                    }
+                    let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    let data = &body[4..];
+                    buf.clear();
+                    match code {
+                        0 => continue,
+                        10 => {
+                            let s = ScramSha256::new(
+                                route.password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut buf)
+                                .map_err(ServerError::Scram)?;
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or(ProtocolError::Malformed {
+                                what: "SASL continue",
+                            })?;
+                            s.update(data).map_err(ServerError::Scram)?;
+                            frontend::sasl_response(s.message(), &mut buf)
+                                .map_err(ServerError::Scram)?;
+                        }
+                        12 => {
+                            let s = scram
+                                .as_mut()
+                                .ok_or(ProtocolError::Malformed { what: "SASL final" })?;
+                            s.finish(data).map_err(ServerError::Scram)?;
+                            continue;
+                        }
+                        other => return Err(ServerError::UnsupportedAuth(other)),
+                    }
+                    writer.write_all(&buf).await.map_err(ProtocolError::from)?;
+                }
+                b'S' => {
+                    let mut body = frame.body();
+                    let name = crate::protocol::read_cstr(&mut body, "parameter status")?;
+                    let value = crate::protocol::read_cstr(&mut body, "parameter status")?;
+                    params.push((name, value));
+                }
+                b'K' => {
+                    let b = frame.body();
+                    if b.len() >= 8 {
+                        pid = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                        key = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                    }
+                }
+                b'Z' => {
+                    return Ok(ServerConn {
+                        reader,
+                        writer,
+                        params,
+                        pid,
+                        key,
+                        addr: peer,
+                        last_used: Instant::now(),
+                    });
+                }
+                b'E' => {
+                    let (code, message) = error_fields(&frame);
+                    return Err(ServerError::Refused { code, message });
+                }
+                b'N' => {}
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        got: other as char,
+                        during: "server login",
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+
+    /// Resets session state before the connection serves another client (`DISCARD ALL`), and
+    /// waits for the server to be idle again. False when the connection is not reusable.
+    pub async fn reset(&mut self) -> bool {
+        let query = Frame::new(b'Q', b"DISCARD ALL\0");
+        if self.writer.write_all(&query.bytes).await.is_err() {
+            return false;
+        }
+        loop {
+            match read_frame(&mut self.reader).await {
+                Ok(f) if f.tag == b'Z' => return f.body() == b"I",
+                Ok(f) if f.tag == b'E' => return false,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+/// Sends a CancelRequest for (pid, key) to the server at `addr`.
+pub async fn cancel(addr: std::net::SocketAddr, pid: i32, key: i32) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let mut packet = Vec::with_capacity(16);
+    packet.extend_from_slice(&16i32.to_be_bytes());
+    packet.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(&key.to_be_bytes());
+    stream.write_all(&packet).await
+}

@@ -1,0 +1,304 @@
+//! The router against real PostgreSQL: psql, tokio-postgres and sqlx through it, in session and
+//! transaction mode; refusals with the right SQLSTATE; live reload; cancel; half-open clients.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use silo_e2e::PgServer;
+use silo_e2e::postgres::free_port;
+
+/// Two tenants on one real server, and a router process in front of them.
+struct Setup {
+    pg: PgServer,
+    port: u16,
+    file: std::path::PathBuf,
+    router: Child,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.router.kill();
+        let _ = self.router.wait();
+        let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_file(
+            std::env::temp_dir().join(format!("silo-router-{}.log", self.port)),
+        );
+    }
+}
+
+fn tenants_yaml(pg: &PgServer, beta_state: &str) -> String {
+    format!(
+        "tenants:\n\
+         - {{name: acme, host: 127.0.0.1, port: {p}, database: t_acme, user: t_acme, password: pw-acme, connectionLimit: 4}}\n\
+         - {{name: beta, host: 127.0.0.1, port: {p}, database: t_beta, user: t_beta, password: pw-beta, state: {beta_state}}}\n",
+        p = pg.port
+    )
+}
+
+async fn setup(mode: &str) -> anyhow::Result<Setup> {
+    let pg = PgServer::start()?;
+    let admin = pg.admin_pool().await?;
+    for (name, password) in [("t_acme", "pw-acme"), ("t_beta", "pw-beta")] {
+        sqlx::raw_sql(&format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"))
+            .execute(&admin)
+            .await?;
+        sqlx::raw_sql(&format!("CREATE DATABASE {name} OWNER {name}"))
+            .execute(&admin)
+            .await?;
+        sqlx::raw_sql(&format!("REVOKE ALL ON DATABASE {name} FROM PUBLIC"))
+            .execute(&admin)
+            .await?;
+    }
+    let port = free_port()?;
+    let file = std::env::temp_dir().join(format!("silo-router-{port}.yaml"));
+    std::fs::write(&file, tenants_yaml(&pg, "Ready"))?;
+    let router = Command::new(env!("CARGO_BIN_EXE_silo-router"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pool-mode",
+            mode,
+            "--startup-timeout",
+            "2",
+        ])
+        .arg("--config")
+        .arg(&file)
+        .args(["--checkout-timeout", "1"])
+        .args(["--log-filter", "debug"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(
+            std::env::temp_dir().join(format!("silo-router-{port}.log")),
+        )?))
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        ensure!(Instant::now() < deadline, "router did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Setup {
+        pg,
+        port,
+        file,
+        router,
+    })
+}
+
+fn dsn(port: u16, user: &str, password: &str, tenant: &str) -> String {
+    format!("host=127.0.0.1 port={port} user={user} password={password} dbname={tenant}")
+}
+
+async fn pg_connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+async fn exercise_tokio_postgres(port: u16) -> anyhow::Result<()> {
+    let client = pg_connect(&dsn(port, "t_acme", "pw-acme", "acme")).await?;
+    let db: String = client
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
+    ensure!(db == "t_acme", "routed to {db}");
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS items (id int, name text); TRUNCATE items")
+        .await?;
+    for i in 0..20 {
+        client
+            .execute(
+                "INSERT INTO items VALUES ($1, $2)",
+                &[&i, &format!("item {i}")],
+            )
+            .await?;
+    }
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM items WHERE id >= $1", &[&0i32])
+        .await?
+        .get(0);
+    ensure!(n == 20);
+    // A large result is streamed through.
+    let rows = client
+        .query(
+            "SELECT g, repeat('x', 1000) FROM generate_series(1, 20000) g",
+            &[],
+        )
+        .await?;
+    ensure!(rows.len() == 20000);
+    // Errors pass through, and the session goes on.
+    let err = client
+        .batch_execute("SELECT * FROM no_such_table")
+        .await
+        .err()
+        .context("expected an error")?;
+    ensure!(sqlstate(&err) == "42P01");
+    let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
+    ensure!(one == 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn session_mode_serves_psql_tokio_postgres_and_sqlx() -> anyhow::Result<()> {
+    let s = setup("session").await?;
+    exercise_tokio_postgres(s.port).await?;
+
+    // sqlx, which prepares named statements.
+    let url = format!("postgres://t_acme:pw-acme@127.0.0.1:{}/acme", s.port);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await?;
+    for i in 0..5 {
+        let v: i32 = sqlx::query_scalar("SELECT $1::int + 1")
+            .bind(i)
+            .fetch_one(&pool)
+            .await?;
+        ensure!(v == i + 1);
+    }
+    pool.close().await;
+
+    // psql, with the URI form the README shows.
+    let out = Command::new("psql")
+        .arg(format!(
+            "postgres://t_beta:pw-beta@127.0.0.1:{}/beta",
+            s.port
+        ))
+        .args(["-XAtc", "SELECT current_user || '@' || current_database()"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).trim() == "t_beta@t_beta");
+    Ok(())
+}
+
+#[tokio::test]
+async fn transaction_mode_shares_server_connections() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    exercise_tokio_postgres(s.port).await?;
+    // 12 clients on a tenant capped at 4 server connections, each running transactions.
+    let mut tasks = Vec::new();
+    for c in 0..12 {
+        let dsn = dsn(s.port, "t_acme", "pw-acme", "acme");
+        tasks.push(tokio::spawn(async move {
+            let client = pg_connect(&dsn).await?;
+            for _ in 0..10 {
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO items VALUES ({c}, 'tx'); COMMIT"
+                    ))
+                    .await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let admin = s.pg.admin_pool().await?;
+    let backends: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename = 't_acme'")
+            .fetch_one(&admin)
+            .await?;
+    ensure!(
+        backends <= 4,
+        "{backends} server connections for a cap of 4"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn refusals_carry_the_right_sqlstate() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    let cases = [
+        (dsn(s.port, "t_acme", "wrong", "acme"), "28P01"),
+        (dsn(s.port, "t_acme", "pw-acme", "beta"), "28P01"), // acme's password naming beta
+        (dsn(s.port, "t_acme", "pw-acme", "nosuch"), "3D000"),
+    ];
+    for (dsn, code) in cases {
+        let err = pg_connect(&dsn).await.err().context("expected a refusal")?;
+        ensure!(
+            sqlstate(&err) == code,
+            "{dsn}: got {} ({err})",
+            sqlstate(&err)
+        );
+    }
+    // `user.tenant` names the tenant too.
+    let client = pg_connect(&format!(
+        "host=127.0.0.1 port={} user=t_beta.beta password=pw-beta",
+        s.port
+    ))
+    .await?;
+    let db: String = client
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
+    ensure!(db == "t_beta");
+
+    // Suspending in the file refuses new logins within a second or so.
+    std::fs::write(&s.file, tenants_yaml(&s.pg, "Suspended"))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta")).await {
+            Err(e) if sqlstate(&e) == "57P03" => {
+                ensure!(
+                    e.to_string().contains("suspended") || format!("{e:?}").contains("suspended")
+                );
+                break;
+            }
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => anyhow::bail!("still admitted after the reload: {:?}", other.err()),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_running_query() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    let client = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    let token = client.cancel_token();
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    let result = sleeper.await?;
+    let err = result
+        .err()
+        .context("the query should have been cancelled")?;
+    ensure!(sqlstate(&err) == "57014", "{err}");
+    ensure!(started.elapsed() < Duration::from_secs(10));
+    Ok(())
+}
+
+#[tokio::test]
+async fn half_open_connections_do_not_stop_other_clients() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await?);
+    }
+    let started = Instant::now();
+    let client = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
+    ensure!(one == 1 && started.elapsed() < Duration::from_secs(2));
+    // The startup timeout (2 s here) closes them.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut buf = [0u8; 64];
+    use tokio::io::AsyncReadExt;
+    let n = tokio::time::timeout(Duration::from_secs(1), idle[0].read(&mut buf)).await??;
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    ensure!(
+        reply.contains("08P01") && reply.contains("startup took too long"),
+        "half-open client got {reply:?}"
+    );
+    Ok(())
+}
