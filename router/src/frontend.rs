@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{ScramKeys, ScramServer};
 use crate::pool::{PoolError, PooledConn, Pools};
+use crate::prepared::ClientStatements;
 use crate::protocol::backend::{self, parse_sasl_initial_response, ready_status};
 use crate::protocol::startup::{Startup, read_startup};
 use crate::protocol::{Frame, ProtocolError, read_frame, split_frame};
@@ -343,24 +344,23 @@ async fn relay(
     // ReadyForQuery messages still owed by the server: one per Sync, simple Query or FunctionCall
     // sent. A pipelining client can have several in flight; the server is only free at zero.
     let mut owed: usize = 0;
+    let mut statements = ClientStatements::default();
     loop {
         tokio::select! {
             read = reader.read_buf(&mut from_client) => {
                 if read? == 0 {
                     break;
                 }
+                let mut frames = Vec::new();
                 let mut terminate = false;
                 while let Some(frame) = split_frame(&mut from_client)? {
                     if frame.tag == b'X' {
                         terminate = true;
                         break;
                     }
-                    if matches!(frame.tag, b'S' | b'Q' | b'F') {
-                        owed += 1;
-                    }
-                    to_server.extend_from_slice(&frame.bytes);
+                    frames.push(frame);
                 }
-                if !to_server.is_empty() {
+                if !frames.is_empty() {
                     if server.is_none() {
                         match pool.checkout(shared.settings.checkout_timeout).await {
                             Ok(mut conn) => {
@@ -375,7 +375,17 @@ async fn relay(
                         }
                     }
                     if let Some(conn) = server.as_mut() {
-                        conn.conn().writer.write_all(&to_server).await?;
+                        let conn = conn.conn();
+                        for frame in &frames {
+                            if matches!(frame.tag, b'S' | b'Q' | b'F') {
+                                owed += 1;
+                            }
+                            match mode {
+                                PoolMode::Transaction => statements.rewrite(frame, &mut conn.prepared, &mut to_server)?,
+                                PoolMode::Session => to_server.extend_from_slice(&frame.bytes),
+                            }
+                        }
+                        conn.writer.write_all(&to_server).await?;
                         server_idle = false;
                     }
                     to_server.clear();
@@ -392,6 +402,9 @@ async fn relay(
                     return Ok(());
                 }
                 while let Some(frame) = split_frame(&mut from_server)? {
+                    if mode == PoolMode::Transaction && !statements.forward(&frame) {
+                        continue;
+                    }
                     to_client.extend_from_slice(&frame.bytes);
                     if let Some(status) = ready_status(&frame) {
                         owed = owed.saturating_sub(1);

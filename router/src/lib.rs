@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod frontend;
 pub mod pool;
+pub mod prepared;
 pub mod protocol;
 pub mod routing;
 pub mod server;

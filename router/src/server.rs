@@ -39,6 +39,8 @@ pub struct ServerConn {
     pub key: i32,
     pub addr: std::net::SocketAddr,
     pub last_used: Instant,
+    /// Statements the router prepared here (transaction mode), by server-side name.
+    pub prepared: std::collections::HashSet<String>,
 }
 
 impl ServerConn {
@@ -138,6 +140,7 @@ impl ServerConn {
                         key,
                         addr: peer,
                         last_used: Instant::now(),
+                        prepared: Default::default(),
                     });
                 }
                 b'E' => {
@@ -159,6 +162,7 @@ impl ServerConn {
     /// Resets session state before the connection serves another client (`DISCARD ALL`), and
     /// waits for the server to be idle again. False when the connection is not reusable.
     pub async fn reset(&mut self) -> bool {
+        self.prepared.clear();
         let query = Frame::new(b'Q', b"DISCARD ALL\0");
         if self.writer.write_all(&query.bytes).await.is_err() {
             return false;

@@ -21,9 +21,11 @@ impl Drop for Setup {
         let _ = self.router.kill();
         let _ = self.router.wait();
         let _ = std::fs::remove_file(&self.file);
-        let _ = std::fs::remove_file(
-            std::env::temp_dir().join(format!("silo-router-{}.log", self.port)),
-        );
+        if std::env::var_os("SILO_KEEP_ROUTER_LOG").is_none() {
+            let _ = std::fs::remove_file(
+                std::env::temp_dir().join(format!("silo-router-{}.log", self.port)),
+            );
+        }
     }
 }
 
@@ -53,6 +55,7 @@ async fn setup(mode: &str) -> anyhow::Result<Setup> {
     let port = free_port()?;
     let file = std::env::temp_dir().join(format!("silo-router-{port}.yaml"));
     std::fs::write(&file, tenants_yaml(&pg, "Ready"))?;
+    let log = std::fs::File::create(std::env::temp_dir().join(format!("silo-router-{port}.log")))?;
     let router = Command::new(env!("CARGO_BIN_EXE_silo-router"))
         .args([
             "--listen",
@@ -66,10 +69,8 @@ async fn setup(mode: &str) -> anyhow::Result<Setup> {
         .arg(&file)
         .args(["--checkout-timeout", "1"])
         .args(["--log-filter", "debug"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(
-            std::env::temp_dir().join(format!("silo-router-{port}.log")),
-        )?))
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -300,5 +301,55 @@ async fn half_open_connections_do_not_stop_other_clients() -> anyhow::Result<()>
         reply.contains("08P01") && reply.contains("startup took too long"),
         "half-open client got {reply:?}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn prepared_statements_survive_server_switches_in_transaction_mode() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    // 8 clients over 4 server connections: statements prepared on one server are used on others.
+    let mut tasks = Vec::new();
+    for c in 0..8i32 {
+        let dsn = dsn(s.port, "t_acme", "pw-acme", "acme");
+        tasks.push(tokio::spawn(async move {
+            let client = pg_connect(&dsn).await?;
+            let add = client.prepare("SELECT $1::int + $2::int").await?;
+            for i in 0..30i32 {
+                let sum: i32 = client.query_one(&add, &[&c, &i]).await?.get(0);
+                assert_eq!(sum, c + i);
+                // tokio-postgres prepares (and later closes) a named statement for each of these too.
+                let echoed: String = client
+                    .query_one("SELECT $1::text", &[&format!("{c}-{i}")])
+                    .await?
+                    .get(0);
+                assert_eq!(echoed, format!("{c}-{i}"));
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    // sqlx caches named statements per connection.
+    let url = format!("postgres://t_acme:pw-acme@127.0.0.1:{}/acme", s.port);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await?;
+    let mut tasks = Vec::new();
+    for i in 0..64i64 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let v: i64 = sqlx::query_scalar("SELECT $1::bigint * 2")
+                .bind(i)
+                .fetch_one(&pool)
+                .await?;
+            Ok::<_, sqlx::Error>(v == i * 2)
+        }));
+    }
+    for t in tasks {
+        ensure!(t.await??, "wrong result through a re-prepared statement");
+    }
+    pool.close().await;
     Ok(())
 }
