@@ -19,9 +19,10 @@ pub struct Args {
     #[arg(long, env = "SILO_ROUTER_LISTEN", default_value = "0.0.0.0:6432")]
     pub listen: SocketAddr,
 
-    /// Static tenant file (YAML), reloaded when it changes.
+    /// Static tenant file (YAML), reloaded when it changes. Without it, tenants come from
+    /// Kubernetes (Tenants and their Secrets, watched live).
     #[arg(long, env = "SILO_ROUTER_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
 
     /// When a server connection goes back to the pool.
     #[arg(long, env = "SILO_ROUTER_POOL_MODE", value_enum, default_value_t = PoolMode::Transaction)]

@@ -48,6 +48,8 @@ pub struct Shared {
     pub settings: Settings,
     scram_keys: Mutex<HashMap<String, (String, ScramKeys)>>,
     cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
+    /// Per tenant, a token its sessions watch: cancelled when the tenant stops being Ready.
+    tenant_sessions: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl Shared {
@@ -58,7 +60,30 @@ impl Shared {
             settings,
             scram_keys: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
+            tenant_sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Puts a new routing table in force, and ends the sessions of tenants that were Ready and
+    /// no longer are (suspended, being deleted, gone).
+    pub fn set_table(&self, table: RoutingTable) {
+        let old = self.table.swap(Arc::new(table));
+        let new = self.table.load();
+        let mut sessions = lock(&self.tenant_sessions);
+        for route in old.routes().filter(|r| r.state == TenantState::Ready) {
+            let still_ready = matches!(new.lookup(&route.key()), Lookup::Found(r) if r.state == TenantState::Ready);
+            if !still_ready && let Some(token) = sessions.remove(&route.key()) {
+                info!(tenant = %route.key(), "tenant no longer ready; ending its sessions");
+                token.cancel();
+            }
+        }
+    }
+
+    fn sessions_of(&self, route: &TenantRoute) -> CancellationToken {
+        lock(&self.tenant_sessions)
+            .entry(route.key())
+            .or_default()
+            .child_token()
     }
 
     /// SCRAM keys for a tenant's current password, derived once (PBKDF2 is deliberately slow).
@@ -200,16 +225,14 @@ async fn handle_client(
     writer.write_all(&hello).await?;
     debug!(tenant = %route.key(), user = %user, "client logged in");
 
-    let result = relay(
-        &mut reader,
-        &mut writer,
+    let session = Session {
         shared,
-        &pool,
-        &mut server,
-        &target,
+        pool: &pool,
+        target: &target,
         shutdown,
-    )
-    .await;
+        ended: shared.sessions_of(&route),
+    };
+    let result = relay(&mut reader, &mut writer, &mut server, session).await;
     lock(&shared.cancels).remove(&(pid, key));
     result
 }
@@ -326,15 +349,30 @@ async fn login(
     Ok(Some((route, user)))
 }
 
+/// What a logged-in session relays with.
+struct Session<'a> {
+    shared: &'a Shared,
+    pool: &'a Arc<crate::pool::TenantPool>,
+    /// Where this client's cancel requests go: the server running its query, if any.
+    target: &'a CancelTarget,
+    shutdown: CancellationToken,
+    /// Cancelled when the tenant stops being Ready.
+    ended: CancellationToken,
+}
+
 async fn relay(
     reader: &mut tokio::net::tcp::OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
-    shared: &Shared,
-    pool: &Arc<crate::pool::TenantPool>,
     server: &mut Option<PooledConn>,
-    target: &CancelTarget,
-    shutdown: CancellationToken,
+    session: Session<'_>,
 ) -> Result<(), ProtocolError> {
+    let Session {
+        shared,
+        pool,
+        target,
+        shutdown,
+        ended,
+    } = session;
     let mode = shared.settings.mode;
     let mut from_client = BytesMut::with_capacity(8 * 1024);
     let mut from_server = BytesMut::with_capacity(64 * 1024);
@@ -421,6 +459,17 @@ async fn relay(
                 }
             }
             _ = shutdown.cancelled(), if server.is_none() || server_idle => break,
+            _ = ended.cancelled() => {
+                let state = match shared.table.load().lookup(&pool.route.key()) {
+                    Lookup::Found(r) => format!("{:?}", r.state).to_lowercase(),
+                    _ => "deleted".to_string(),
+                };
+                let message = format!("terminating connection: tenant \"{}\" is {state}", pool.route.name);
+                let _ = send(writer, &backend::error_response("FATAL", "57P01", &message)).await;
+                // The server may be mid-transaction: close it rather than reuse it.
+                *server = None;
+                return Ok(());
+            }
         }
     }
     // Session over: an idle server goes back, reset; one mid-transaction is closed.

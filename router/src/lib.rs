@@ -26,6 +26,8 @@ pub enum RunError {
     Config(String),
     #[error(transparent)]
     File(#[from] source::file::FileError),
+    #[error("connecting to Kubernetes: {0}")]
+    Kube(#[from] kube::Error),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -52,21 +54,39 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         startup_timeout: seconds(startup_timeout, "startup-timeout").map_err(RunError::Config)?,
     };
     let idle_timeout = seconds(idle_timeout, "idle-timeout").map_err(RunError::Config)?;
-    let table = Arc::new(ArcSwap::from_pointee(source::file::load(
-        &config,
-        default_pool_size,
-    )?));
-    info!(tenants = table.load().len(), file = %config.display(), "tenants loaded");
-
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    tokio::spawn(source::file::watch(
-        config,
-        default_pool_size,
-        table.clone(),
-        shutdown.clone(),
-    ));
+    let table = Arc::new(ArcSwap::from_pointee(routing::RoutingTable::default()));
     let shared = Arc::new(Shared::new(table, settings));
+    match config {
+        Some(path) => {
+            let loaded = source::file::load(&path, default_pool_size)?;
+            info!(tenants = loaded.len(), file = %path.display(), "tenants loaded");
+            shared.set_table(loaded);
+            tokio::spawn(source::file::watch(
+                path,
+                default_pool_size,
+                shared.clone(),
+                shutdown.clone(),
+            ));
+        }
+        None => {
+            let client = kube::Client::try_default().await?;
+            let ready = CancellationToken::new();
+            tokio::spawn(source::kube::run(
+                client,
+                default_pool_size,
+                shared.clone(),
+                ready.clone(),
+                shutdown.clone(),
+            ));
+            // Accept clients only once every tenant is known, so that none is refused as unknown.
+            tokio::select! {
+                _ = ready.cancelled() => {}
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+        }
+    }
     let evict = shared.clone();
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -244,7 +244,9 @@ async fn refusals_carry_the_right_sqlstate() -> anyhow::Result<()> {
         .get(0);
     ensure!(db == "t_beta");
 
-    // Suspending in the file refuses new logins within a second or so.
+    // Suspending in the file refuses new logins within a second or so, and ends open sessions.
+    let open = pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta")).await?;
+    open.batch_execute("SELECT 1").await?;
     std::fs::write(&s.file, tenants_yaml(&s.pg, "Suspended"))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -259,6 +261,8 @@ async fn refusals_carry_the_right_sqlstate() -> anyhow::Result<()> {
             other => anyhow::bail!("still admitted after the reload: {:?}", other.err()),
         }
     }
+    let ended = open.batch_execute("SELECT 1").await.err().context("the open session should have ended")?;
+    ensure!(sqlstate(&ended) == "57P01" || ended.is_closed(), "{ended}");
     Ok(())
 }
 

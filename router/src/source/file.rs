@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -104,7 +103,7 @@ pub fn load(path: &Path, default_limit: usize) -> Result<RoutingTable, FileError
 pub async fn watch(
     path: PathBuf,
     default_limit: usize,
-    table: Arc<ArcSwap<RoutingTable>>,
+    shared: Arc<crate::frontend::Shared>,
     shutdown: CancellationToken,
 ) {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -122,7 +121,7 @@ pub async fn watch(
         match load(&path, default_limit) {
             Ok(new) => {
                 tracing::info!(path = %path.display(), tenants = new.len(), "tenant file reloaded");
-                table.store(Arc::new(new));
+                shared.set_table(new);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "tenant file not reloaded; keeping the previous tenants")

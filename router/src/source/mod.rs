@@ -1,3 +1,4 @@
-//! Where tenants come from. This slice has the static YAML file; the Kubernetes watch comes next.
+//! Where tenants come from: Kubernetes, or a static YAML file.
 
 pub mod file;
+pub mod kube;
