@@ -9,8 +9,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/silo/target}"
 "$ROOT/e2e/scripts/install-deps.sh"
 BIN="$("$ROOT/e2e/tools/build.sh")"
 export SILO_KUBECTL="$BIN/kubectl"
-cargo build --quiet --release -p silo-controller -p silo-e2e --manifest-path "$ROOT/Cargo.toml"
+cargo build --quiet --release -p silo-controller -p silo-router -p silo-e2e --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller"
+export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/release/silo-router"
 
 # PostgreSQL data on tmpfs when there is room: CREATE DATABASE copies the 7 MB template each time,
 # and a VM's disk makes that the noisiest part of the run; in memory, what remains is the work the

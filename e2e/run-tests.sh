@@ -37,6 +37,7 @@ fi
 "$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
 "$SILO_KUBECTL" wait --for condition=established --timeout=60s crd/tenants.silo.dev crd/databaseservers.silo.dev >/dev/null
 
-cargo build --quiet -p silo-controller --manifest-path "$ROOT/Cargo.toml"
+cargo build --quiet -p silo-controller -p silo-router --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/debug/silo-controller"
+export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/debug/silo-router"
 cargo test --manifest-path "$ROOT/Cargo.toml" -p silo-e2e -- "$@"

@@ -45,6 +45,10 @@ pub struct Args {
     #[arg(long, env = "SILO_SERVER_SELECTOR")]
     pub server_selector: Option<String>,
 
+    /// The router's `host:port` as applications reach it; adds `router-uri` to every tenant Secret.
+    #[arg(long, env = "SILO_ROUTER_ADDRESS")]
+    pub router_address: Option<String>,
+
     /// Run leader election, so that only one of several replicas reconciles.
     #[arg(long, env = "SILO_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,

@@ -26,6 +26,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub resync: Duration,
+    /// The router's `host:port` for the Secrets' `router-uri`, when a router is deployed.
+    pub router_address: Option<String>,
     /// Consecutive failures per DatabaseServer, for capped exponential backoff.
     pub server_failures: std::sync::Mutex<HashMap<String, u32>>,
 }

@@ -57,6 +57,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         tenant_concurrency,
         watch_namespace,
         server_selector,
+        router_address,
         leader_election,
         lease_namespace,
         lease_name,
@@ -196,6 +197,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             },
         ),
         resync: resync_interval,
+        router_address,
         server_failures: Default::default(),
     });
 

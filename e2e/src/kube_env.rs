@@ -26,6 +26,7 @@ pub struct Env {
     pub kubeconfig: PathBuf,
     pub kubectl: PathBuf,
     pub controller_bin: PathBuf,
+    pub router_bin: PathBuf,
 }
 
 impl Env {
@@ -39,6 +40,7 @@ impl Env {
             kubeconfig: var("KUBECONFIG")?,
             kubectl: var("SILO_KUBECTL")?,
             controller_bin: var("SILO_CONTROLLER_BIN")?,
+            router_bin: var("SILO_ROUTER_BIN")?,
         })
     }
 

@@ -5,9 +5,11 @@
 pub mod controller;
 pub mod kube_env;
 pub mod postgres;
+pub mod router;
 pub mod wait;
 
 pub use controller::ControllerProcess;
 pub use kube_env::{Env, TestNs};
 pub use postgres::PgServer;
+pub use router::RouterProcess;
 pub use wait::wait_for;

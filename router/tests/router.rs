@@ -261,7 +261,11 @@ async fn refusals_carry_the_right_sqlstate() -> anyhow::Result<()> {
             other => anyhow::bail!("still admitted after the reload: {:?}", other.err()),
         }
     }
-    let ended = open.batch_execute("SELECT 1").await.err().context("the open session should have ended")?;
+    let ended = open
+        .batch_execute("SELECT 1")
+        .await
+        .err()
+        .context("the open session should have ended")?;
     ensure!(sqlstate(&ended) == "57P01" || ended.is_closed(), "{ended}");
     Ok(())
 }

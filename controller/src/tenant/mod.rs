@@ -138,6 +138,10 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     let endpoint = Endpoint {
         host: &dbs.spec.host,
         port: dbs.spec.port,
+        router: ctx
+            .router_address
+            .as_deref()
+            .map(|address| (address, format!("{namespace}.{name}"))),
     };
     let password = match ensure_secret(tenant, ctx, &names, &endpoint).boxed().await {
         Ok(password) => password,

@@ -17,13 +17,16 @@ pub fn secret_name(tenant_name: &str) -> String {
     format!("{tenant_name}-db")
 }
 
-/// Where a tenant's clients reach its database.
+/// Where a tenant's clients reach its database: directly, and through the router if there is one.
 pub struct Endpoint<'a> {
     pub host: &'a str,
     pub port: i32,
+    /// The router's `host:port`, and the name the tenant has there (`namespace.name`).
+    pub router: Option<(&'a str, String)>,
 }
 
-/// The Secret's data: `host`, `port`, `dbname`, `user`, `password` and `uri` (a `DATABASE_URL`).
+/// The Secret's data: `host`, `port`, `dbname`, `user`, `password`, `uri` (a `DATABASE_URL`) and,
+/// with a router, `router-uri` (the same through the router).
 pub fn secret_data(
     names: &TenantNames,
     endpoint: &Endpoint<'_>,
@@ -39,6 +42,9 @@ pub fn secret_data(
         "postgresql://{}:{password}@{host}:{}/{}",
         names.role, endpoint.port, names.database
     );
+    let router_uri = endpoint.router.as_ref().map(|(address, tenant)| {
+        format!("postgresql://{}:{password}@{address}/{tenant}", names.role)
+    });
     [
         ("host", endpoint.host.to_string()),
         ("port", endpoint.port.to_string()),
@@ -48,6 +54,7 @@ pub fn secret_data(
         ("uri", uri),
     ]
     .into_iter()
+    .chain(router_uri.map(|u| ("router-uri", u)))
     .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
     .collect()
 }
@@ -105,11 +112,27 @@ mod tests {
             &Endpoint {
                 host: "127.0.0.1",
                 port: 5433,
+                router: Some(("router.silo:6432", "prod.acme".into())),
             },
             "pw",
         );
         let keys: Vec<&str> = data.keys().map(String::as_str).collect();
-        assert_eq!(keys, ["dbname", "host", "password", "port", "uri", "user"]);
+        assert_eq!(
+            keys,
+            [
+                "dbname",
+                "host",
+                "password",
+                "port",
+                "router-uri",
+                "uri",
+                "user"
+            ]
+        );
+        assert_eq!(
+            text(&data, "router-uri"),
+            "postgresql://t_prod_acme:pw@router.silo:6432/prod.acme"
+        );
         assert_eq!(
             text(&data, "uri"),
             "postgresql://t_prod_acme:pw@127.0.0.1:5433/t_prod_acme"
@@ -124,10 +147,12 @@ mod tests {
             &Endpoint {
                 host: "::1",
                 port: 5432,
+                router: None,
             },
             "pw",
         );
         assert_eq!(text(&data, "uri"), "postgresql://t_a_b:pw@[::1]:5432/t_a_b");
         assert_eq!(text(&data, "host"), "::1");
+        assert!(!data.contains_key("router-uri"));
     }
 }

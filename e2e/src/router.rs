@@ -1,0 +1,62 @@
+//! The router as a local process, reading tenants from the test cluster; killed on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::kube_env::TestNs;
+use crate::postgres::free_port;
+
+pub struct RouterProcess {
+    child: Child,
+    pub port: u16,
+    pub log: std::path::PathBuf,
+}
+
+impl RouterProcess {
+    /// Starts `silo-router` against the test cluster and waits until it accepts clients (which it
+    /// does only once it knows every tenant).
+    pub fn start(ns: &TestNs, mode: &str) -> anyhow::Result<RouterProcess> {
+        let port = free_port()?;
+        let dir = std::env::var_os("SILO_E2E_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let log = dir.join(format!("silo-router-{}-{port}.log", ns.name));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(&ns.env.router_bin)
+            .env("KUBECONFIG", &ns.env.kubeconfig)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--pool-mode",
+                mode,
+                "--log-filter",
+                "info",
+            ])
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("starting {}", ns.env.router_bin.display()))?;
+        let mut router = RouterProcess { child, port, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline || !matches!(router.child.try_wait(), Ok(None)) {
+                bail!(
+                    "router did not start: {}",
+                    std::fs::read_to_string(&router.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        router.port = port;
+        Ok(router)
+    }
+}
+
+impl Drop for RouterProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
