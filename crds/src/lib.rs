@@ -9,7 +9,8 @@ pub use database_server::{
     DatabaseServer, DatabaseServerSpec, DatabaseServerStatus, SecretRef, SslMode,
 };
 pub use tenant::{
-    DeletionPolicy, DeletionSpec, Isolation, Tenant, TenantPhase, TenantSpec, TenantStatus,
+    DeletionPolicy, DeletionSpec, Isolation, RoutingSpec, Tenant, TenantPhase, TenantSpec,
+    TenantStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

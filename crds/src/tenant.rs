@@ -50,6 +50,30 @@ pub struct TenantSpec {
     /// What happens to the database when the Tenant is deleted.
     #[serde(default)]
     pub deletion: DeletionSpec,
+
+    /// How the router's HTTP resolve API (`GET /v1/resolve?host=&path=`) recognises this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingSpec>,
+}
+
+/// Requests the router's resolve API attributes to a tenant.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingSpec {
+    /// Host names of the tenant, e.g. `acme.example.com`.
+    #[serde(default)]
+    #[schemars(
+        length(max = 32),
+        inner(
+            regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"),
+            length(max = 253)
+        )
+    )]
+    pub hosts: Vec<String>,
+    /// URL path prefixes of the tenant, e.g. `/t/acme`.
+    #[serde(default)]
+    #[schemars(length(max = 32), inner(regex(pattern = r"^/"), length(max = 1024)))]
+    pub path_prefixes: Vec<String>,
 }
 
 fn default_connection_limit() -> i32 {

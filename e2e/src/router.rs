@@ -19,6 +19,7 @@ impl RouterProcess {
     /// does only once it knows every tenant).
     pub fn start(ns: &TestNs, mode: &str) -> anyhow::Result<RouterProcess> {
         let port = free_port()?;
+        let http = free_port()?;
         let dir = std::env::var_os("SILO_E2E_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);

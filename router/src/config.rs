@@ -19,6 +19,10 @@ pub struct Args {
     #[arg(long, env = "SILO_ROUTER_LISTEN", default_value = "0.0.0.0:6432")]
     pub listen: SocketAddr,
 
+    /// Address of the HTTP API (/v1/resolve, /v1/tenants, /metrics, /healthz, /readyz).
+    #[arg(long, env = "SILO_ROUTER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
     /// Static tenant file (YAML), reloaded when it changes. Without it, tenants come from
     /// Kubernetes (Tenants and their Secrets, watched live).
     #[arg(long, env = "SILO_ROUTER_CONFIG")]

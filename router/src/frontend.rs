@@ -46,6 +46,7 @@ pub struct Shared {
     pub table: Arc<ArcSwap<RoutingTable>>,
     pub pools: Pools,
     pub settings: Settings,
+    pub metrics: crate::metrics::Metrics,
     scram_keys: Mutex<HashMap<String, (String, ScramKeys)>>,
     cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
     /// Per tenant, a token its sessions watch: cancelled when the tenant stops being Ready.
@@ -58,6 +59,7 @@ impl Shared {
             table,
             pools: Pools::default(),
             settings,
+            metrics: Default::default(),
             scram_keys: Mutex::new(HashMap::new()),
             cancels: Mutex::new(HashMap::new()),
             tenant_sessions: Mutex::new(HashMap::new()),
@@ -188,23 +190,23 @@ async fn handle_client(
     let pool = shared.pools.get(&route);
     let mut server: Option<PooledConn> = None;
     let params = match shared.settings.mode {
-        PoolMode::Session => match pool.checkout(shared.settings.checkout_timeout).await {
+        PoolMode::Session => match checkout(shared, &pool).await {
             Ok(mut conn) => {
                 let params = conn.conn().params.clone();
                 server = Some(conn);
                 params
             }
-            Err(e) => return refuse(&mut writer, e.into()).await,
+            Err(e) => return refuse(shared, &mut writer, e.into()).await,
         },
         PoolMode::Transaction => match pool.params() {
             Some(params) => params,
-            None => match pool.checkout(shared.settings.checkout_timeout).await {
+            None => match checkout(shared, &pool).await {
                 Ok(mut conn) => {
                     let params = conn.conn().params.clone();
                     conn.release();
                     params
                 }
-                Err(e) => return refuse(&mut writer, e.into()).await,
+                Err(e) => return refuse(shared, &mut writer, e.into()).await,
             },
         },
     };
@@ -224,6 +226,12 @@ async fn handle_client(
     hello.extend_from_slice(&backend::ready_for_query(b'I').bytes);
     writer.write_all(&hello).await?;
     debug!(tenant = %route.key(), user = %user, "client logged in");
+    shared
+        .metrics
+        .logins
+        .get_or_create(&crate::metrics::Outcome { result: "ok" })
+        .inc();
+    shared.metrics.sessions.inc();
 
     let session = Session {
         shared,
@@ -234,6 +242,7 @@ async fn handle_client(
     };
     let result = relay(&mut reader, &mut writer, &mut server, session).await;
     lock(&shared.cancels).remove(&(pid, key));
+    shared.metrics.sessions.dec();
     result
 }
 
@@ -262,6 +271,7 @@ async fn login(
     };
     let Some(user) = Startup::param(&params, "user").map(str::to_string) else {
         refuse(
+            shared,
             writer,
             Refusal::new("28000", "no user name in the startup packet"),
         )
@@ -273,6 +283,7 @@ async fn login(
         Lookup::Found(route) => route,
         Lookup::Unknown => {
             refuse(
+                shared,
                 writer,
                 Refusal::new("3D000", format!("tenant \"{tenant}\" does not exist")),
             )
@@ -284,7 +295,7 @@ async fn login(
                 "tenant name \"{tenant}\" exists in several namespaces; use one of {}",
                 keys.join(", ")
             );
-            refuse(writer, Refusal::new("3D000", message)).await?;
+            refuse(shared, writer, Refusal::new("3D000", message)).await?;
             return Ok(None);
         }
     };
@@ -295,7 +306,7 @@ async fn login(
         TenantState::Pending => Some(format!("tenant \"{tenant}\" is not ready yet")),
     };
     if let Some(message) = refusal {
-        refuse(writer, Refusal::new("57P03", message)).await?;
+        refuse(shared, writer, Refusal::new("57P03", message)).await?;
         return Ok(None);
     }
 
@@ -304,6 +315,7 @@ async fn login(
     let (mechanism, client_first) = parse_sasl_initial_response(&read_frame(reader).await?)?;
     if mechanism != "SCRAM-SHA-256" {
         refuse(
+            shared,
             writer,
             Refusal::new("28000", format!("unsupported SASL mechanism {mechanism}")),
         )
@@ -318,7 +330,7 @@ async fn login(
     };
     let Ok((exchange, server_first)) = ScramServer::start(shared.keys(&route), &client_first)
     else {
-        refuse(writer, bad_password()).await?;
+        refuse(shared, writer, bad_password()).await?;
         return Ok(None);
     };
     send(
@@ -342,7 +354,7 @@ async fn login(
             .await?
         }
         Err(_) => {
-            refuse(writer, bad_password()).await?;
+            refuse(shared, writer, bad_password()).await?;
             return Ok(None);
         }
     }
@@ -400,14 +412,14 @@ async fn relay(
                 }
                 if !frames.is_empty() {
                     if server.is_none() {
-                        match pool.checkout(shared.settings.checkout_timeout).await {
+                        match checkout(shared, pool).await {
                             Ok(mut conn) => {
                                 let c = conn.conn();
                                 *lock(target) = Some((c.addr, c.pid, c.key));
                                 *server = Some(conn);
                             }
                             Err(e) => {
-                                let _ = refuse(writer, e.into()).await;
+                                let _ = refuse(shared, writer, e.into()).await;
                                 return Ok(());
                             }
                         }
@@ -436,7 +448,7 @@ async fn relay(
                 if read? == 0 {
                     *server = None;
                     let refusal = Refusal::new("08006", "the tenant's database server closed the connection");
-                    let _ = refuse(writer, refusal).await;
+                    let _ = refuse(shared, writer, refusal).await;
                     return Ok(());
                 }
                 while let Some(frame) = split_frame(&mut from_server)? {
@@ -494,6 +506,20 @@ async fn read_server(
     }
 }
 
+/// A server connection from `pool`, timing the wait.
+async fn checkout(
+    shared: &Shared,
+    pool: &Arc<crate::pool::TenantPool>,
+) -> Result<PooledConn, PoolError> {
+    let started = std::time::Instant::now();
+    let result = pool.checkout(shared.settings.checkout_timeout).await;
+    shared
+        .metrics
+        .checkout_wait
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
 fn register_cancel(shared: &Shared) -> (i32, i32, CancelTarget) {
     use rand::Rng;
     let target: CancelTarget = Arc::new(Mutex::new(None));
@@ -511,7 +537,18 @@ async fn send(writer: &mut OwnedWriteHalf, frame: &Frame) -> std::io::Result<()>
     writer.write_all(&frame.bytes).await
 }
 
-async fn refuse(writer: &mut OwnedWriteHalf, refusal: Refusal) -> Result<(), ProtocolError> {
+async fn refuse(
+    shared: &Shared,
+    writer: &mut OwnedWriteHalf,
+    refusal: Refusal,
+) -> Result<(), ProtocolError> {
+    shared
+        .metrics
+        .logins
+        .get_or_create(&crate::metrics::Outcome {
+            result: refusal.code,
+        })
+        .inc();
     debug!(code = refusal.code, message = %refusal.message, "client refused");
     send(
         writer,

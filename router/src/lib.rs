@@ -1,9 +1,11 @@
 //! `silo-router`: one PostgreSQL address for every tenant. Clients name their tenant, log in with
 //! SCRAM-SHA-256 against the tenant's credentials, and get a pooled connection to its database.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod frontend;
+pub mod metrics;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
@@ -39,6 +41,7 @@ pub enum RunError {
 pub async fn run(args: Args) -> Result<(), RunError> {
     let Args {
         listen,
+        http_addr,
         config,
         pool_mode,
         default_pool_size,
@@ -58,11 +61,19 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     let table = Arc::new(ArcSwap::from_pointee(routing::RoutingTable::default()));
     let shared = Arc::new(Shared::new(table, settings));
+    let ready = CancellationToken::new();
+    let http = tokio::spawn(api::serve(
+        http_addr,
+        shared.clone(),
+        ready.clone(),
+        shutdown.clone(),
+    ));
     match config {
         Some(path) => {
             let loaded = source::file::load(&path, default_pool_size)?;
             info!(tenants = loaded.len(), file = %path.display(), "tenants loaded");
             shared.set_table(loaded);
+            ready.cancel();
             tokio::spawn(source::file::watch(
                 path,
                 default_pool_size,
@@ -72,7 +83,6 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         }
         None => {
             let client = kube::Client::try_default().await?;
-            let ready = CancellationToken::new();
             tokio::spawn(source::kube::run(
                 client,
                 default_pool_size,
@@ -106,6 +116,9 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         })?;
     info!(addr = %listener.local_addr().map_err(|source| RunError::Listen { addr: listen, source })?, mode = ?pool_mode, "accepting PostgreSQL clients");
     frontend::serve(listener, shared, shutdown).await;
+    if let Ok(Err(e)) = http.await {
+        tracing::warn!(error = %e, "http api stopped with an error");
+    }
     info!("stopped");
     Ok(())
 }

@@ -25,6 +25,9 @@ pub struct TenantRoute {
     pub password: String,
     pub connection_limit: usize,
     pub state: TenantState,
+    /// Host names and path prefixes the HTTP resolve API matches.
+    pub hosts: Vec<String>,
+    pub path_prefixes: Vec<String>,
 }
 
 impl TenantRoute {
@@ -94,6 +97,38 @@ impl RoutingTable {
     pub fn routes(&self) -> impl Iterator<Item = &Arc<TenantRoute>> {
         self.by_key.values()
     }
+
+    /// The tenant an HTTP request belongs to: among tenants whose hosts (if any) include `host`
+    /// and whose path prefixes (if any) match `path`, the most specific one (a host match, then
+    /// the longest prefix). Tenants with neither hosts nor prefixes never match.
+    pub fn resolve(&self, host: Option<&str>, path: Option<&str>) -> Option<Arc<TenantRoute>> {
+        let host = host.map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
+        self.by_key
+            .values()
+            .filter(|r| !r.hosts.is_empty() || !r.path_prefixes.is_empty())
+            .filter_map(|r| {
+                let host_ok = r.hosts.is_empty()
+                    || host
+                        .as_ref()
+                        .is_some_and(|h| r.hosts.iter().any(|x| x == h));
+                let prefix = if r.path_prefixes.is_empty() {
+                    Some(0)
+                } else {
+                    let path = path?;
+                    r.path_prefixes
+                        .iter()
+                        .filter(|p| path.starts_with(p.as_str()))
+                        .map(|p| p.len())
+                        .max()
+                };
+                match (host_ok, prefix) {
+                    (true, Some(len)) => Some(((!r.hosts.is_empty(), len), r)),
+                    _ => None,
+                }
+            })
+            .max_by(|(a, ra), (b, rb)| a.cmp(b).then_with(|| rb.key().cmp(&ra.key())))
+            .map(|(_, r)| r.clone())
+    }
 }
 
 /// The tenant a client names: the startup `database`, or a `user.tenant` suffix when the
@@ -123,7 +158,32 @@ mod tests {
             password: "pw".into(),
             connection_limit: 10,
             state: TenantState::Ready,
+            hosts: vec![],
+            path_prefixes: vec![],
         }
+    }
+
+    #[test]
+    fn resolve_prefers_host_then_longest_prefix() {
+        let mut a = route("p", "acme");
+        a.hosts = vec!["acme.example.com".into()];
+        let mut b = route("p", "beta");
+        b.path_prefixes = vec!["/t/beta".into()];
+        let mut c = route("p", "beta-eu");
+        c.path_prefixes = vec!["/t/beta/eu".into()];
+        let t = RoutingTable::new([a, b, c, route("p", "plain")]);
+        let name = |h: Option<&str>, p: Option<&str>| t.resolve(h, p).map(|r| r.name.clone());
+        assert_eq!(
+            name(Some("ACME.example.com:443"), Some("/t/beta")),
+            Some("acme".into())
+        );
+        assert_eq!(
+            name(Some("other"), Some("/t/beta/eu/x")),
+            Some("beta-eu".into())
+        );
+        assert_eq!(name(None, Some("/t/beta/x")), Some("beta".into()));
+        assert_eq!(name(Some("other"), Some("/nothing")), None);
+        assert_eq!(name(None, None), None);
     }
 
     #[test]

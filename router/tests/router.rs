@@ -12,6 +12,7 @@ use silo_e2e::postgres::free_port;
 struct Setup {
     pg: PgServer,
     port: u16,
+    http: u16,
     file: std::path::PathBuf,
     router: Child,
 }
@@ -32,7 +33,7 @@ impl Drop for Setup {
 fn tenants_yaml(pg: &PgServer, beta_state: &str) -> String {
     format!(
         "tenants:\n\
-         - {{name: acme, host: 127.0.0.1, port: {p}, database: t_acme, user: t_acme, password: pw-acme, connectionLimit: 4}}\n\
+         - {{name: acme, host: 127.0.0.1, port: {p}, database: t_acme, user: t_acme, password: pw-acme, connectionLimit: 4, hosts: [acme.example.com]}}\n\
          - {{name: beta, host: 127.0.0.1, port: {p}, database: t_beta, user: t_beta, password: pw-beta, state: {beta_state}}}\n",
         p = pg.port
     )
@@ -53,6 +54,7 @@ async fn setup(mode: &str) -> anyhow::Result<Setup> {
             .await?;
     }
     let port = free_port()?;
+    let http = free_port()?;
     let file = std::env::temp_dir().join(format!("silo-router-{port}.yaml"));
     std::fs::write(&file, tenants_yaml(&pg, "Ready"))?;
     let log = std::fs::File::create(std::env::temp_dir().join(format!("silo-router-{port}.log")))?;
@@ -67,7 +69,12 @@ async fn setup(mode: &str) -> anyhow::Result<Setup> {
         ])
         .arg("--config")
         .arg(&file)
-        .args(["--checkout-timeout", "1"])
+        .args([
+            "--checkout-timeout",
+            "1",
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ])
         .args(["--log-filter", "debug"])
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
@@ -80,6 +87,7 @@ async fn setup(mode: &str) -> anyhow::Result<Setup> {
     Ok(Setup {
         pg,
         port,
+        http,
         file,
         router,
     })
@@ -359,5 +367,47 @@ async fn prepared_statements_survive_server_switches_in_transaction_mode() -> an
         ensure!(t.await??, "wrong result through a re-prepared statement");
     }
     pool.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_api_resolves_and_reports() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    let base = format!("http://127.0.0.1:{}", s.http);
+    let client = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    client.batch_execute("SELECT 1").await?;
+    let _ = pg_connect(&dsn(s.port, "t_acme", "nope", "acme")).await;
+
+    let get = |path: &str| reqwest::get(format!("{base}{path}"));
+    ensure!(get("/healthz").await?.status() == 200);
+    ensure!(get("/readyz").await?.status() == 200);
+    let resolved: serde_json::Value = get("/v1/resolve?host=acme.example.com&path=/x")
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        resolved["tenant"] == "acme" && resolved["database"] == "t_acme",
+        "{resolved}"
+    );
+    ensure!(get("/v1/resolve?host=unknown.example.com").await?.status() == 404);
+    let tenants: serde_json::Value = get("/v1/tenants").await?.json().await?;
+    let acme = tenants["tenants"]
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["tenant"] == "default.acme").cloned());
+    let acme = acme.context("acme in /v1/tenants")?;
+    ensure!(
+        acme["poolSize"] == 4 && acme["idle"].as_u64().unwrap_or(0) >= 1,
+        "{acme}"
+    );
+    let metrics = get("/metrics").await?.text().await?;
+    for needle in [
+        "silo_router_logins_total{result=\"ok\"}",
+        "silo_router_logins_total{result=\"28P01\"} 1",
+        "silo_router_sessions 1",
+        "silo_router_tenants{state=\"ready\"} 2",
+        "silo_router_checkout_wait_seconds_bucket",
+    ] {
+        ensure!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
     Ok(())
 }

@@ -117,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
                         connection_limit: 20,
                         suspended: false,
                         deletion: Default::default(),
+                        routing: None,
                     },
                 );
                 api.create(&PostParams::default(), &tenant).await

@@ -43,6 +43,10 @@ struct FileTenant {
     connection_limit: Option<usize>,
     #[serde(default = "default_state")]
     state: TenantState,
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    path_prefixes: Vec<String>,
 }
 
 fn default_namespace() -> String {
@@ -83,6 +87,8 @@ pub fn parse(yaml: &str, default_limit: usize) -> Result<RoutingTable, serde_yam
             password: t.password,
             connection_limit: t.connection_limit.unwrap_or(default_limit),
             state: t.state,
+            hosts: t.hosts,
+            path_prefixes: t.path_prefixes,
         }
     })))
 }

@@ -152,6 +152,18 @@ pub fn route_for(
             .unwrap_or(default_limit)
             .max(1),
         state,
+        hosts: tenant
+            .spec
+            .routing
+            .as_ref()
+            .map(|r| r.hosts.clone())
+            .unwrap_or_default(),
+        path_prefixes: tenant
+            .spec
+            .routing
+            .as_ref()
+            .map(|r| r.path_prefixes.clone())
+            .unwrap_or_default(),
     })
 }
 
@@ -170,6 +182,7 @@ mod tests {
                 connection_limit: 7,
                 suspended,
                 deletion: Default::default(),
+                routing: None,
             },
         );
         t.metadata.namespace = Some("prod".into());
