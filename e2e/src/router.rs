@@ -30,6 +30,8 @@ impl RouterProcess {
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
+                "--http-addr",
+                &format!("127.0.0.1:{http}"),
                 "--pool-mode",
                 mode,
                 "--log-filter",
