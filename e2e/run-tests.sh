@@ -40,4 +40,5 @@ fi
 cargo build --quiet -p silo-controller -p silo-router --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/debug/silo-controller"
 export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/debug/silo-router"
+export SILO_PYTHON="${SILO_PYTHON:-$HOME/.cache/silo/venv/bin/python}"
 cargo test --manifest-path "$ROOT/Cargo.toml" -p silo-e2e -- "$@"

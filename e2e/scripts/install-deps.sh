@@ -16,6 +16,12 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian's postgresql package starts a cluster of its own on 5432; the tests never use it.
+# Django and psycopg 3 for the router's driver tests, in a virtualenv of their own.
+VENV="${SILO_CACHE:-$HOME/.cache/silo}/venv"
+if ! "$VENV/bin/python" -c "import django, psycopg" 2>/dev/null; then
+  python3 -m venv "$VENV" || { apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$VENV"; }
+  "$VENV/bin/pip" install -q "django>=5.2,<6" "psycopg[binary]>=3.2,<4"
+fi
 for tool in go cargo python3; do
   command -v "$tool" >/dev/null || { echo "install-deps.sh: $tool is required" >&2; exit 1; }
 done

@@ -151,3 +151,60 @@ async fn router_follows_tenants_live() {
     })
     .await;
 }
+
+/// Django (psycopg 3) runs `migrate` and prepared queries for two tenants through the router, in
+/// session and in transaction mode.
+#[tokio::test]
+async fn django_migrates_two_tenants_through_the_router() {
+    with_temp_ns("django", |ns| async move {
+        let python = std::env::var("SILO_PYTHON")
+            .context("SILO_PYTHON: a Python with Django and psycopg (e2e/run-tests.sh sets it)")?;
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("django/check_tenant.py");
+        let pg = PgServer::start()?;
+        ns.add_server(&ns.server_name("pg"), &pg, "").await?;
+        let _ctl = ns.start_controller(&[])?;
+        ns.apply_ok(&[tenant_yaml("dj1", "  {}"), tenant_yaml("dj2", "  {}")].join("---\n"))
+            .await?;
+        for t in ["dj1", "dj2"] {
+            ns.wait_phase(t, TenantPhase::Ready, READY_TIMEOUT).await?;
+        }
+        for mode in ["session", "transaction"] {
+            let router = RouterProcess::start(&ns, mode)?;
+            for t in ["dj1", "dj2"] {
+                let out = tokio::process::Command::new(&python)
+                    .arg(&script)
+                    .env("PGHOST", "127.0.0.1")
+                    .env("PGPORT", router.port.to_string())
+                    .env("PGDATABASE", format!("{}.{t}", ns.name))
+                    .env("PGUSER", ns.secret_value(t, "user").await?)
+                    .env("PGPASSWORD", ns.secret_value(t, "password").await?)
+                    .output()
+                    .await?;
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                ensure!(
+                    out.status.success(),
+                    "django on {t} ({mode}): {}{stdout}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let seen: serde_json::Value = serde_json::from_str(stdout.trim())?;
+                ensure!(
+                    seen["database"] == ns.secret_value(t, "dbname").await?.as_str(),
+                    "{t} ({mode}): {seen}"
+                );
+                ensure!(
+                    seen["migrations"].as_i64().unwrap_or(0) > 10,
+                    "{t} ({mode}): {seen}"
+                );
+                ensure!(
+                    seen["counts"]
+                        .as_array()
+                        .is_some_and(|c| c.len() == 20 && c.iter().all(|n| n == 1)),
+                    "{seen}"
+                );
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
