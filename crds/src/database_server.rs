@@ -48,6 +48,12 @@ pub struct DatabaseServerSpec {
     #[schemars(range(min = 1, max = 100000))]
     pub max_tenants: i32,
 
+    /// Connections the router may open to this server in all, shared fairly among its tenants: a
+    /// busy tenant cannot starve the others.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_connections: i32,
+
     /// A dedicated server admits exactly one tenant, of isolation `Dedicated`; shared tenants are never placed on it.
     #[serde(default)]
     #[x_kube(validation = Rule::new("self == oldSelf").message("dedicated is immutable"))]
@@ -60,6 +66,10 @@ pub struct DatabaseServerSpec {
 
 fn default_port() -> i32 {
     5432
+}
+
+fn default_max_connections() -> i32 {
+    100
 }
 
 fn default_max_tenants() -> i32 {

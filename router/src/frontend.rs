@@ -121,7 +121,9 @@ impl Refusal {
 impl From<PoolError> for Refusal {
     fn from(e: PoolError) -> Self {
         match e {
-            PoolError::Exhausted { .. } => Refusal::new("53300", e.to_string()),
+            PoolError::Exhausted { .. } | PoolError::ServerBudget { .. } => {
+                Refusal::new("53300", e.to_string())
+            }
             PoolError::Server(e) => {
                 Refusal::new("08001", format!("cannot reach the tenant's database: {e}"))
             }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::budget::{ServerBudget, Slot};
 use crate::routing::TenantRoute;
 use crate::server::{ServerConn, ServerError};
 
@@ -20,12 +21,21 @@ pub enum PoolError {
         limit: usize,
         waited: Duration,
     },
+    #[error(
+        "DatabaseServer \"{server}\" has used its budget of {budget} connections (maxConnections), shared with its other tenants; waited {waited:?}"
+    )]
+    ServerBudget {
+        server: String,
+        budget: usize,
+        waited: Duration,
+    },
     #[error(transparent)]
     Server(#[from] ServerError),
 }
 
 pub struct TenantPool {
     pub route: Arc<TenantRoute>,
+    budget: Option<Arc<ServerBudget>>,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     /// Server parameters reported at login, replayed to clients in transaction mode.
@@ -33,10 +43,11 @@ pub struct TenantPool {
 }
 
 impl TenantPool {
-    fn new(route: Arc<TenantRoute>) -> Self {
+    fn new(route: Arc<TenantRoute>, budget: Option<Arc<ServerBudget>>) -> Self {
         let cap = route.connection_limit.max(1);
         TenantPool {
             route,
+            budget,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(cap)),
             params: Mutex::new(None),
@@ -58,6 +69,28 @@ impl TenantPool {
                 });
             }
         };
+        // Then a slot of the server's budget, fairly shared with the server's other tenants.
+        let slot = match &self.budget {
+            Some(budget) => {
+                let left = timeout.saturating_sub(started.elapsed());
+                match budget.take(&self.route.key(), left).await {
+                    Some(slot) => Some(slot),
+                    None => {
+                        return Err(PoolError::ServerBudget {
+                            server: self
+                                .route
+                                .server
+                                .as_ref()
+                                .map(|(s, _)| s.clone())
+                                .unwrap_or_default(),
+                            budget: budget.budget,
+                            waited: started.elapsed(),
+                        });
+                    }
+                }
+            }
+            None => None,
+        };
         let idle = lock(&self.idle).pop();
         let conn = match idle {
             Some(conn) => conn,
@@ -70,6 +103,7 @@ impl TenantPool {
         Ok(PooledConn {
             conn: Some(conn),
             _permit: permit,
+            _slot: slot,
             pool: self.clone(),
         })
     }
@@ -96,6 +130,7 @@ impl TenantPool {
 pub struct PooledConn {
     conn: Option<ServerConn>,
     _permit: OwnedSemaphorePermit,
+    _slot: Option<Slot>,
     pool: Arc<TenantPool>,
 }
 
@@ -119,6 +154,7 @@ impl PooledConn {
 #[derive(Default)]
 pub struct Pools {
     pools: Mutex<HashMap<String, Arc<TenantPool>>>,
+    budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
 }
 
 impl Pools {
@@ -127,7 +163,18 @@ impl Pools {
         match pools.get(&route.key()) {
             Some(pool) if pool.route == *route || *pool.route == **route => pool.clone(),
             _ => {
-                let pool = Arc::new(TenantPool::new(route.clone()));
+                let budget = route.server.as_ref().map(|(server, size)| {
+                    let mut budgets = lock(&self.budgets);
+                    match budgets.get(server) {
+                        Some(b) if b.budget == *size => b.clone(),
+                        _ => {
+                            let b = Arc::new(ServerBudget::new(*size));
+                            budgets.insert(server.clone(), b.clone());
+                            b
+                        }
+                    }
+                });
+                let pool = Arc::new(TenantPool::new(route.clone(), budget));
                 pools.insert(route.key(), pool.clone());
                 pool
             }

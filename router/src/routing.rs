@@ -25,6 +25,8 @@ pub struct TenantRoute {
     pub password: String,
     pub connection_limit: usize,
     pub state: TenantState,
+    /// The DatabaseServer the tenant is on, and that server's connection budget, if known.
+    pub server: Option<(String, usize)>,
     /// Host names and path prefixes the HTTP resolve API matches.
     pub hosts: Vec<String>,
     pub path_prefixes: Vec<String>,
@@ -158,6 +160,7 @@ mod tests {
             password: "pw".into(),
             connection_limit: 10,
             state: TenantState::Ready,
+            server: None,
             hosts: vec![],
             path_prefixes: vec![],
         }

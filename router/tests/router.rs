@@ -411,3 +411,33 @@ async fn http_api_resolves_and_reports() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn server_budget_is_shared_and_named_when_spent() -> anyhow::Result<()> {
+    let s = setup("session").await?;
+    // Both tenants on one server with a budget of 2 connections.
+    let yaml = tenants_yaml(&s.pg, "Ready").replace("}\n", ", server: pg}\n");
+    std::fs::write(
+        &s.file,
+        format!("servers: {{pg: {{maxConnections: 2}}}}\n{yaml}"),
+    )?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let a1 = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    let a2 = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    let err = pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta"))
+        .await
+        .err()
+        .context("budget spent")?;
+    ensure!(sqlstate(&err) == "53300", "{err}");
+    let text = format!("{err:?}");
+    ensure!(
+        text.contains("maxConnections") && text.contains("\\\"pg\\\""),
+        "{text}"
+    );
+    drop(a1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta")).await?;
+    b.batch_execute("SELECT 1").await?;
+    a2.batch_execute("SELECT 1").await?;
+    Ok(())
+}

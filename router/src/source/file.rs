@@ -25,7 +25,16 @@ use crate::routing::{RoutingTable, TenantRoute, TenantState};
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    /// Connection budgets of servers, by name (optional).
+    #[serde(default)]
+    servers: std::collections::HashMap<String, FileServer>,
     tenants: Vec<FileTenant>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FileServer {
+    max_connections: usize,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +52,8 @@ struct FileTenant {
     connection_limit: Option<usize>,
     #[serde(default = "default_state")]
     state: TenantState,
+    /// A key of `servers`.
+    server: Option<String>,
     #[serde(default)]
     hosts: Vec<String>,
     #[serde(default)]
@@ -76,6 +87,7 @@ pub enum FileError {
 /// Parses the file's YAML into a table; tenants without a connection limit get `default_limit`.
 pub fn parse(yaml: &str, default_limit: usize) -> Result<RoutingTable, serde_yaml::Error> {
     let config: FileConfig = serde_yaml::from_str(yaml)?;
+    let servers = config.servers;
     Ok(RoutingTable::new(config.tenants.into_iter().map(|t| {
         TenantRoute {
             namespace: t.namespace,
@@ -87,6 +99,12 @@ pub fn parse(yaml: &str, default_limit: usize) -> Result<RoutingTable, serde_yam
             password: t.password,
             connection_limit: t.connection_limit.unwrap_or(default_limit),
             state: t.state,
+            server: t.server.map(|s| {
+                let budget = servers
+                    .get(&s)
+                    .map_or(usize::MAX / 2, |c| c.max_connections);
+                (s, budget)
+            }),
             hosts: t.hosts,
             path_prefixes: t.path_prefixes,
         }

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use silo_crds::{Tenant, TenantPhase};
+use silo_crds::{DatabaseServer, Tenant, TenantPhase};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -40,8 +40,16 @@ pub async fn run(
     .default_backoff()
     .reflect(secret_writer)
     .map(|e| e.map(|_| ()));
-    let mut events =
-        std::pin::pin!(stream::select(tenant_events, secret_events).ready_chunks(4096));
+    let (servers, server_writer) = reflector::store::<DatabaseServer>();
+    let server_events = watcher(
+        Api::<DatabaseServer>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(server_writer)
+    .map(|e| e.map(|_| ()));
+    let all = stream::select(stream::select(tenant_events, secret_events), server_events);
+    let mut events = std::pin::pin!(all.ready_chunks(4096));
     let mut announced = false;
     loop {
         let batch = tokio::select! {
@@ -56,8 +64,9 @@ pub async fn run(
         }
         if tenants.wait_until_ready().now_or_never_ready()
             && secrets.wait_until_ready().now_or_never_ready()
+            && servers.wait_until_ready().now_or_never_ready()
         {
-            let table = build_table(&tenants, &secrets, default_limit);
+            let table = build_table(&tenants, &secrets, &servers, default_limit);
             if !announced {
                 info!(tenants = table.len(), "tenants loaded from kubernetes");
                 announced = true;
@@ -85,13 +94,25 @@ impl<F: std::future::Future<Output = Result<(), reflector::store::WriterDropped>
 pub fn build_table(
     tenants: &Store<Tenant>,
     secrets: &Store<Secret>,
+    servers: &Store<DatabaseServer>,
     default_limit: usize,
 ) -> RoutingTable {
     RoutingTable::new(tenants.state().iter().filter_map(|tenant| {
         let namespace = tenant.namespace()?;
         let name = tenant.name_any();
         let secret = secrets.get(&ObjectRef::new(&format!("{name}-db")).within(&namespace));
-        route_for(tenant, secret.as_deref(), default_limit)
+        let mut route = route_for(tenant, secret.as_deref(), default_limit)?;
+        let server = tenant.status.as_ref().and_then(|s| s.server.clone());
+        route.server = server.and_then(|name| {
+            let dbs = servers.get(&ObjectRef::new(&name))?;
+            Some((
+                name,
+                usize::try_from(dbs.spec.max_connections)
+                    .unwrap_or(1)
+                    .max(1),
+            ))
+        });
+        Some(route)
     }))
 }
 
@@ -152,6 +173,7 @@ pub fn route_for(
             .unwrap_or(default_limit)
             .max(1),
         state,
+        server: None,
         hosts: tenant
             .spec
             .routing

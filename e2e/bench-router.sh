@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Router benchmark (not a test), one run on loopback: pgbench against (a) PostgreSQL directly,
+# (b) Debian's PgBouncer configured the same way (transaction pooling, 20 server connections per
+# tenant, SCRAM), (c) silo-router. Cases: select-only with 50 clients on one tenant; 200 tenants x 2
+# clients (a custom script per tenant); connection churn (-C). Then the router's RSS with 10,000
+# idle tenants configured. SILO_BENCH_SECONDS sets each run's length (default 10).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/silo/target}"
+SECONDS_PER_RUN="${SILO_BENCH_SECONDS:-10}"
+TENANTS=200
+
+"$ROOT/e2e/scripts/install-deps.sh"
+if ! command -v pgbouncer >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null
+fi
+cargo build --quiet --release -p silo-router --manifest-path "$ROOT/Cargo.toml"
+ROUTER_BIN="$CARGO_TARGET_DIR/release/silo-router"
+PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+
+WORK="$(mktemp -d /tmp/silo-bench-router.XXXXXX)"
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [[ -f "$WORK/pgbouncer.pid" ]] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
+  "$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg"
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+PG_PORT="$(free_port)"; BOUNCER_PORT="$(free_port)"; ROUTER_PORT="$(free_port)"; ROUTER_HTTP="$(free_port)"
+ADMIN_PW="$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+"$ROOT/e2e/scripts/postgres.sh" start "$WORK/pg" "$PG_PORT" "$ADMIN_PW"
+# Room for the direct runs (50 and 400 clients) and both poolers' server connections.
+"$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg"
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w start \
+  -o "-c port=$PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK/pg -c fsync=off -c max_connections=1000 -c shared_buffers=128MB" >/dev/null
+export PGPASSWORD="$ADMIN_PW"
+psql_admin() { psql -qAtX -h 127.0.0.1 -p "$PG_PORT" -U silo_admin -d postgres "$@"; }
+
+echo "bench-router.sh: creating $TENANTS tenants" >&2
+{
+  for i in $(seq 0 "$TENANTS"); do
+    echo "CREATE ROLE t_$i LOGIN PASSWORD 'pw_$i';"
+    echo "CREATE DATABASE t_$i OWNER t_$i;"
+  done
+} | psql_admin >/dev/null
+PGPASSWORD=pw_0 "$PGBIN/pgbench" -q -i -s 1 -h 127.0.0.1 -p "$PG_PORT" -U t_0 t_0 >/dev/null 2>&1
+
+# The same tenants for PgBouncer and the router.
+{
+  echo "[databases]"
+  for i in $(seq 0 "$TENANTS"); do echo "t_$i = host=127.0.0.1 port=$PG_PORT dbname=t_$i"; done
+  echo "[pgbouncer]"
+  echo "listen_addr = 127.0.0.1"
+  echo "listen_port = $BOUNCER_PORT"
+  echo "unix_socket_dir ="
+  echo "auth_type = scram-sha-256"
+  echo "auth_file = $WORK/userlist.txt"
+  echo "pool_mode = transaction"
+  echo "default_pool_size = 20"
+  echo "max_client_conn = 5000"
+  echo "pidfile = $WORK/pgbouncer.pid"
+  echo "logfile = $WORK/pgbouncer.log"
+} >"$WORK/pgbouncer.ini"
+for i in $(seq 0 "$TENANTS"); do echo "\"t_$i\" \"pw_$i\""; done >"$WORK/userlist.txt"
+{
+  echo "tenants:"
+  for i in $(seq 0 "$TENANTS"); do
+    echo "- {name: t$i, host: 127.0.0.1, port: $PG_PORT, database: t_$i, user: t_$i, password: pw_$i, connectionLimit: 20}"
+  done
+} >"$WORK/tenants.yaml"
+chown -R postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+chmod 777 "$WORK"
+runuser -u postgres -- pgbouncer -d "$WORK/pgbouncer.ini"
+"$ROUTER_BIN" --config "$WORK/tenants.yaml" --listen "127.0.0.1:$ROUTER_PORT" --http-addr "127.0.0.1:$ROUTER_HTTP" \
+  --pool-mode transaction --log-filter warn >"$WORK/router.log" 2>&1 &
+PIDS+=($!)
+wait_port "$BOUNCER_PORT"; wait_port "$ROUTER_PORT"
+
+# target -> port and the database name a client gives for tenant i
+port_of() { case "$1" in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; router) echo "$ROUTER_PORT";; esac; }
+db_of() { if [[ "$1" == router ]]; then echo "t$2"; else echo "t_$2"; fi; }
+printf 'SELECT 1;\n' >"$WORK/select1.sql"
+
+# Prints "tps latency_ms" for one pgbench run.
+run_pgbench() {
+  local out
+  out="$("$PGBIN/pgbench" -n "$@" 2>&1)" || { echo "pgbench failed: $out" >&2; return 1; }
+  local tps lat
+  tps="$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -1)"
+  lat="$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -1)"
+  echo "$tps ${lat:-0}"
+}
+
+declare -A RESULT
+for target in direct pgbouncer router; do
+  port="$(port_of "$target")"
+  echo "bench-router.sh: $target: select-only, 50 clients" >&2
+  RESULT[$target,select]="$(PGPASSWORD=pw_0 run_pgbench -S -c 50 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U t_0 "$(db_of "$target" 0)")"
+  echo "bench-router.sh: $target: $TENANTS tenants x 2 clients" >&2
+  jobs_pids=()
+  for i in $(seq 1 "$TENANTS"); do
+    PGPASSWORD="pw_$i" run_pgbench -f "$WORK/select1.sql" -c 2 -j 1 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U "t_$i" "$(db_of "$target" "$i")" >"$WORK/multi-$target-$i.txt" &
+    jobs_pids+=($!)
+  done
+  wait "${jobs_pids[@]}"
+  RESULT[$target,multi]="$(cat "$WORK"/multi-"$target"-*.txt | awk '{t+=$1; l+=$2; n++} END {printf "%.1f %.3f", t, l/n}')"
+  echo "bench-router.sh: $target: connection churn (-C), 10 clients" >&2
+  RESULT[$target,churn]="$(PGPASSWORD=pw_0 run_pgbench -S -C -c 10 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U t_0 "$(db_of "$target" 0)")"
+done
+
+# RSS with 10,000 idle tenants configured.
+{
+  echo "tenants:"
+  for i in $(seq 1 10000); do
+    echo "- {name: idle$i, host: 127.0.0.1, port: $PG_PORT, database: t_$i, user: t_$i, password: pw_$i}"
+  done
+} >"$WORK/idle.yaml"
+IDLE_PORT="$(free_port)"; IDLE_HTTP="$(free_port)"
+"$ROUTER_BIN" --config "$WORK/idle.yaml" --listen "127.0.0.1:$IDLE_PORT" --http-addr "127.0.0.1:$IDLE_HTTP" --log-filter warn >/dev/null 2>&1 &
+IDLE_PID=$!
+PIDS+=("$IDLE_PID")
+wait_port "$IDLE_PORT"
+sleep 1
+IDLE_RSS_KB="$(awk '/^VmRSS:/ {print $2}' "/proc/$IDLE_PID/status")"
+
+echo
+echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run, transaction pooling, 20 server connections per tenant"
+printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
+for c in select multi churn; do
+  read -r d_tps d_lat <<<"${RESULT[direct,$c]}"
+  read -r b_tps b_lat <<<"${RESULT[pgbouncer,$c]}"
+  read -r r_tps r_lat <<<"${RESULT[router,$c]}"
+  name="$(case $c in select) echo "select-only, 50 clients";; multi) echo "$TENANTS tenants x 2 clients";; churn) echo "connection churn (-C), 10 clients";; esac)"
+  printf '  %-32s %12.0f %12.0f %12.0f %10.2f\n' "$name" "$d_tps" "$b_tps" "$r_tps" "$(python3 -c "print($r_tps/$b_tps)")"
+  printf '  %-32s %12s %12s %12s\n' "  mean latency (ms)" "$d_lat" "$b_lat" "$r_lat"
+done
+echo "  router RSS with 10,000 idle tenants configured: $((IDLE_RSS_KB / 1024)) MiB (target <= 100 MiB)"
