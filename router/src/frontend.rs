@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{ScramKeys, ScramServer};
 use crate::pool::{PoolError, PooledConn, Pools};
 use crate::prepared::ClientStatements;
-use crate::protocol::backend::{self, parse_sasl_initial_response, ready_status};
+use crate::protocol::backend::{self, parse_sasl_initial_response};
 use crate::protocol::startup::{Startup, read_startup};
 use crate::protocol::{Frame, ProtocolError, read_frame, split_frame};
 use crate::routing::{Lookup, RoutingTable, TenantRoute, TenantState, tenant_from_startup};
@@ -390,7 +390,6 @@ async fn relay(
     let mode = shared.settings.mode;
     let mut from_client = BytesMut::with_capacity(8 * 1024);
     let mut from_server = BytesMut::with_capacity(64 * 1024);
-    let mut to_client = BytesMut::with_capacity(64 * 1024);
     let mut to_server = BytesMut::with_capacity(8 * 1024);
     let mut server_idle = true;
     // ReadyForQuery messages still owed by the server: one per Sync, simple Query or FunctionCall
@@ -402,6 +401,45 @@ async fn relay(
             read = reader.read_buf(&mut from_client) => {
                 if read? == 0 {
                     break;
+                }
+                // A server for the next transaction, unless the client is leaving.
+                if server.is_none() && matches!(frame_at(&from_client, 0)?, Some((tag, _)) if tag != b'X') {
+                    match checkout(shared, pool).await {
+                        Ok(mut conn) => {
+                            let c = conn.conn();
+                            *lock(target) = Some((c.addr, c.pid, c.key));
+                            *server = Some(conn);
+                        }
+                        Err(e) => {
+                            let _ = refuse(shared, writer, e.into()).await;
+                            return Ok(());
+                        }
+                    }
+                }
+                // Fast path: nothing to rewrite or intercept, so forward the buffer as it is.
+                if server.is_some() {
+                    let mut end = 0;
+                    let mut plain = true;
+                    let mut syncs = 0;
+                    while let Some((tag, len)) = frame_at(&from_client, end)? {
+                        match tag {
+                            b'X' => plain = false,
+                            b'P' | b'B' | b'D' | b'C' if mode == PoolMode::Transaction => plain = false,
+                            b'S' | b'Q' | b'F' => syncs += 1,
+                            _ => {}
+                        }
+                        if !plain {
+                            break;
+                        }
+                        end += len;
+                    }
+                    if plain && end > 0 && let Some(conn) = server.as_mut() {
+                        conn.conn().writer.write_all(&from_client[..end]).await?;
+                        from_client.advance(end);
+                        owed += syncs;
+                        server_idle = false;
+                        continue;
+                    }
                 }
                 let mut frames = Vec::new();
                 let mut terminate = false;
@@ -453,18 +491,24 @@ async fn relay(
                     let _ = refuse(shared, writer, refusal).await;
                     return Ok(());
                 }
-                while let Some(frame) = split_frame(&mut from_server)? {
-                    if mode == PoolMode::Transaction && !statements.forward(&frame) {
+                // Forward whole frames straight from the read buffer; only the completions of
+                // messages the router injected are cut out.
+                let mut end = 0;
+                while let Some((tag, len)) = frame_at(&from_server, end)? {
+                    if tag == b'Z' {
+                        owed = owed.saturating_sub(1);
+                        server_idle = from_server.get(end + 5) == Some(&b'I') && owed == 0;
+                    }
+                    if mode == PoolMode::Transaction && !statements.forward_tag(tag) {
+                        writer.write_all(&from_server[..end]).await?;
+                        from_server.advance(end + len);
+                        end = 0;
                         continue;
                     }
-                    to_client.extend_from_slice(&frame.bytes);
-                    if let Some(status) = ready_status(&frame) {
-                        owed = owed.saturating_sub(1);
-                        server_idle = status == b'I' && owed == 0;
-                    }
+                    end += len;
                 }
-                writer.write_all(&to_client).await?;
-                to_client.clear();
+                writer.write_all(&from_server[..end]).await?;
+                from_server.advance(end);
                 if mode == PoolMode::Transaction && server_idle && from_server.is_empty() {
                     if let Some(conn) = server.take() {
                         conn.release();
@@ -495,6 +539,19 @@ async fn relay(
         conn.release();
     }
     Ok(())
+}
+
+/// The tag and total length of the complete frame starting at `at`, if the buffer holds one.
+fn frame_at(buf: &[u8], at: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
+    let Some(header) = buf.get(at..at + 5) else {
+        return Ok(None);
+    };
+    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as i64;
+    if len < 4 || len as usize > crate::protocol::MAX_FRAME {
+        return Err(ProtocolError::BadLength(len));
+    }
+    let total = len as usize + 1;
+    Ok((buf.len() - at >= total).then_some((header[0], total)))
 }
 
 /// Reads from the checked-out server, or waits forever when there is none.

@@ -144,7 +144,12 @@ impl ClientStatements {
     /// Whether a server frame is to be forwarded to the client (false for completions of
     /// injected messages).
     pub fn forward(&mut self, frame: &Frame) -> bool {
-        match frame.tag {
+        self.forward_tag(frame.tag)
+    }
+
+    /// [`Self::forward`] by the frame's tag alone.
+    pub fn forward_tag(&mut self, tag: u8) -> bool {
+        match tag {
             b'1' | b'3' => match self.expected.front() {
                 Some(Expect::Completion { injected }) => {
                     let injected = *injected;
