@@ -450,20 +450,8 @@ async fn relay(
                     }
                     frames.push(frame);
                 }
+                // The server was checked out above when the first frame was not a Terminate.
                 if !frames.is_empty() {
-                    if server.is_none() {
-                        match checkout(shared, pool).await {
-                            Ok(mut conn) => {
-                                let c = conn.conn();
-                                *lock(target) = Some((c.addr, c.pid, c.key));
-                                *server = Some(conn);
-                            }
-                            Err(e) => {
-                                let _ = refuse(shared, writer, e.into()).await;
-                                return Ok(());
-                            }
-                        }
-                    }
                     if let Some(conn) = server.as_mut() {
                         let conn = conn.conn();
                         for frame in &frames {
