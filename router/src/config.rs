@@ -48,6 +48,18 @@ pub struct Args {
     #[arg(long, env = "SILO_ROUTER_IDLE_TIMEOUT", default_value_t = 300.0)]
     pub idle_timeout: f64,
 
+    /// PEM certificate chain for TLS toward clients; with `--tls-key`, SSLRequest is answered `S`.
+    #[arg(long, env = "SILO_ROUTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "SILO_ROUTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// With TLS, a client's SNI host name `tenant.<this domain>` names its tenant.
+    #[arg(long, env = "SILO_ROUTER_SNI_DOMAIN")]
+    pub sni_domain: Option<String>,
+
     /// Log filter, in `tracing` EnvFilter syntax.
     #[arg(long, env = "SILO_ROUTER_LOG", default_value = "info")]
     pub log_filter: String,

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,7 +20,9 @@ use crate::prepared::ClientStatements;
 use crate::protocol::backend::{self, parse_sasl_initial_response};
 use crate::protocol::startup::{Startup, read_startup};
 use crate::protocol::{Frame, ProtocolError, read_frame, split_frame};
-use crate::routing::{Lookup, RoutingTable, TenantRoute, TenantState, tenant_from_startup};
+use crate::routing::{
+    Lookup, RoutingTable, TenantRoute, TenantState, tenant_from_sni, tenant_from_startup,
+};
 
 /// When a server connection goes back to the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -32,11 +33,15 @@ pub enum PoolMode {
     Transaction,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     pub mode: PoolMode,
     pub checkout_timeout: Duration,
     pub startup_timeout: Duration,
+    /// TLS toward clients, when a certificate is configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// With TLS, SNI `tenant.<domain>` names the tenant.
+    pub sni_domain: Option<String>,
 }
 
 type CancelTarget = Arc<Mutex<Option<(SocketAddr, i32, i32)>>>;
@@ -163,15 +168,115 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
     tracker.wait().await;
 }
 
+/// What the first packets of a connection asked for.
+enum Negotiated {
+    /// A startup packet in plaintext.
+    Plain(Vec<(String, String)>),
+    /// TLS was requested and agreed to (`S` sent); the handshake comes next.
+    Tls,
+    /// A cancel request, handled; nothing more to do.
+    Done,
+}
+
+async fn negotiate(stream: &mut TcpStream, shared: &Shared) -> Result<Negotiated, ProtocolError> {
+    loop {
+        match read_startup(stream).await? {
+            Startup::Ssl if shared.settings.tls.is_some() => {
+                stream.write_all(b"S").await?;
+                return Ok(Negotiated::Tls);
+            }
+            // No certificate configured, or GSSAPI: say no and let the client go on in plaintext
+            // (its password never crosses the wire: SCRAM proves it without sending it).
+            Startup::Ssl | Startup::GssEnc => stream.write_all(b"N").await?,
+            Startup::Cancel { pid, key } => {
+                let target = lock(&shared.cancels)
+                    .get(&(pid, key))
+                    .and_then(|t| *lock(t));
+                if let Some((addr, server_pid, server_key)) = target {
+                    let _ = crate::server::cancel(addr, server_pid, server_key).await;
+                }
+                return Ok(Negotiated::Done);
+            }
+            Startup::Params(params) => return Ok(Negotiated::Plain(params)),
+        }
+    }
+}
+
 async fn handle_client(
-    stream: TcpStream,
+    mut stream: TcpStream,
     shared: &Shared,
     shutdown: CancellationToken,
 ) -> Result<(), ProtocolError> {
-    let (mut reader, mut writer) = stream.into_split();
-    let login = tokio::time::timeout(
-        shared.settings.startup_timeout,
-        login(&mut reader, &mut writer, shared),
+    let deadline = tokio::time::Instant::now() + shared.settings.startup_timeout;
+    let too_slow = Refusal::new("08P01", "startup took too long");
+    let negotiated = match tokio::time::timeout_at(deadline, negotiate(&mut stream, shared)).await {
+        Err(_) => {
+            let _ = stream
+                .write_all(
+                    &backend::error_response("FATAL", too_slow.code, &too_slow.message).bytes,
+                )
+                .await;
+            return Ok(());
+        }
+        Ok(result) => result?,
+    };
+    match negotiated {
+        Negotiated::Done => Ok(()),
+        Negotiated::Plain(params) => {
+            let (reader, writer) = stream.into_split();
+            session(reader, writer, params, None, deadline, shared, shutdown).await
+        }
+        Negotiated::Tls => {
+            let Some(acceptor) = shared.settings.tls.clone() else {
+                return Ok(());
+            };
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Ok(()),
+            };
+            let sni = tls.get_ref().1.server_name().map(str::to_string);
+            let (mut reader, mut writer) = tokio::io::split(tls);
+            let params = match tokio::time::timeout_at(deadline, read_startup(&mut reader)).await {
+                Ok(Ok(Startup::Params(params))) => params,
+                Ok(Ok(_)) => {
+                    return Err(ProtocolError::Malformed {
+                        what: "startup packet after TLS",
+                    });
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    let _ = send(
+                        &mut writer,
+                        &backend::error_response("FATAL", too_slow.code, &too_slow.message),
+                    )
+                    .await;
+                    return Ok(());
+                }
+            };
+            session(reader, writer, params, sni, deadline, shared, shutdown).await
+        }
+    }
+}
+
+/// Login and relay for one client, over plain TCP or TLS.
+#[allow(clippy::too_many_arguments)]
+async fn session<R, W>(
+    mut reader: R,
+    mut writer: W,
+    params: Vec<(String, String)>,
+    sni: Option<String>,
+    deadline: tokio::time::Instant,
+    shared: &Shared,
+    shutdown: CancellationToken,
+) -> Result<(), ProtocolError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let login = tokio::time::timeout_at(
+        deadline,
+        login(&mut reader, &mut writer, shared, params, sni),
     )
     .await;
     let (route, user) = match login {
@@ -250,27 +355,17 @@ async fn handle_client(
 
 /// Startup, tenant resolution and SCRAM. `None` when the connection was a cancel request or was
 /// refused (the refusal has been sent).
-async fn login(
-    reader: &mut tokio::net::tcp::OwnedReadHalf,
-    writer: &mut OwnedWriteHalf,
+async fn login<R, W>(
+    reader: &mut R,
+    writer: &mut W,
     shared: &Shared,
-) -> Result<Option<(Arc<TenantRoute>, String)>, ProtocolError> {
-    let params = loop {
-        match read_startup(reader).await? {
-            // TLS is not configured in this build: say so and let the client go on in plaintext.
-            Startup::Ssl | Startup::GssEnc => writer.write_all(b"N").await?,
-            Startup::Cancel { pid, key } => {
-                let target = lock(&shared.cancels)
-                    .get(&(pid, key))
-                    .and_then(|t| *lock(t));
-                if let Some((addr, server_pid, server_key)) = target {
-                    let _ = crate::server::cancel(addr, server_pid, server_key).await;
-                }
-                return Ok(None);
-            }
-            Startup::Params(params) => break params,
-        }
-    };
+    params: Vec<(String, String)>,
+    sni: Option<String>,
+) -> Result<Option<(Arc<TenantRoute>, String)>, ProtocolError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let Some(user) = Startup::param(&params, "user").map(str::to_string) else {
         refuse(
             shared,
@@ -280,7 +375,10 @@ async fn login(
         .await?;
         return Ok(None);
     };
-    let (tenant, _) = tenant_from_startup(&user, Startup::param(&params, "database"));
+    let sni_tenant = sni
+        .as_deref()
+        .and_then(|name| tenant_from_sni(name, shared.settings.sni_domain.as_deref()));
+    let (tenant, _) = tenant_from_startup(&user, Startup::param(&params, "database"), sni_tenant);
     let route = match shared.table.load().lookup(tenant) {
         Lookup::Found(route) => route,
         Lookup::Unknown => {
@@ -374,12 +472,16 @@ struct Session<'a> {
     ended: CancellationToken,
 }
 
-async fn relay(
-    reader: &mut tokio::net::tcp::OwnedReadHalf,
-    writer: &mut OwnedWriteHalf,
+async fn relay<R, W>(
+    reader: &mut R,
+    writer: &mut W,
     server: &mut Option<PooledConn>,
     session: Session<'_>,
-) -> Result<(), ProtocolError> {
+) -> Result<(), ProtocolError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let Session {
         shared,
         pool,
@@ -580,13 +682,13 @@ fn register_cancel(shared: &Shared) -> (i32, i32, CancelTarget) {
     }
 }
 
-async fn send(writer: &mut OwnedWriteHalf, frame: &Frame) -> std::io::Result<()> {
+async fn send<W: AsyncWrite + Unpin>(writer: &mut W, frame: &Frame) -> std::io::Result<()> {
     writer.write_all(&frame.bytes).await
 }
 
-async fn refuse(
+async fn refuse<W: AsyncWrite + Unpin>(
     shared: &Shared,
-    writer: &mut OwnedWriteHalf,
+    writer: &mut W,
     refusal: Refusal,
 ) -> Result<(), ProtocolError> {
     shared

@@ -31,6 +31,8 @@ pub enum RunError {
     File(#[from] source::file::FileError),
     #[error("connecting to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -49,13 +51,22 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         checkout_timeout,
         startup_timeout,
         idle_timeout,
+        tls_cert,
+        tls_key,
+        sni_domain,
         log_filter: _,
     } = args;
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(&cert, &key)?),
+        _ => None,
+    };
     let settings = Settings {
         mode: pool_mode,
         checkout_timeout: seconds(checkout_timeout, "checkout-timeout")
             .map_err(RunError::Config)?,
         startup_timeout: seconds(startup_timeout, "startup-timeout").map_err(RunError::Config)?,
+        tls,
+        sni_domain,
     };
     let idle_timeout = seconds(idle_timeout, "idle-timeout").map_err(RunError::Config)?;
     let shutdown = CancellationToken::new();
@@ -122,6 +133,27 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// A TLS acceptor from PEM files.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, RunError> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| RunError::Tls(format!("reading {}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| RunError::Tls(format!("reading {}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| RunError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 async fn shutdown_on_signal(shutdown: CancellationToken) {

@@ -135,14 +135,26 @@ impl RoutingTable {
 
 /// The tenant a client names: the startup `database`, or a `user.tenant` suffix when the
 /// database is absent or the user's own name. Returns (tenant, user).
-pub fn tenant_from_startup<'a>(user: &'a str, database: Option<&'a str>) -> (&'a str, &'a str) {
+/// An explicit `database` wins; then a `user.tenant` suffix; then the TLS SNI name; then the user.
+pub fn tenant_from_startup<'a>(
+    user: &'a str,
+    database: Option<&'a str>,
+    sni: Option<&'a str>,
+) -> (&'a str, &'a str) {
     match database {
         Some(db) if !db.is_empty() && db != user => (db, user),
-        _ => match user.rsplit_once('.') {
-            Some((u, tenant)) if !tenant.is_empty() => (tenant, u),
+        _ => match (user.rsplit_once('.'), sni) {
+            (Some((u, tenant)), _) if !tenant.is_empty() => (tenant, u),
+            (_, Some(tenant)) => (tenant, user),
             _ => (user, user),
         },
     }
+}
+
+/// The tenant named by an SNI host name `tenant.<domain>`.
+pub fn tenant_from_sni<'a>(server_name: &'a str, domain: Option<&str>) -> Option<&'a str> {
+    let tenant = server_name.strip_suffix(domain?)?.strip_suffix('.')?;
+    (!tenant.is_empty() && !tenant.contains('.')).then_some(tenant)
 }
 
 #[cfg(test)]
@@ -208,12 +220,44 @@ mod tests {
 
     #[test]
     fn tenant_comes_from_database_or_user_suffix() {
-        assert_eq!(tenant_from_startup("app", Some("acme")), ("acme", "app"));
-        assert_eq!(tenant_from_startup("app.acme", None), ("acme", "app"));
         assert_eq!(
-            tenant_from_startup("app.acme", Some("app.acme")),
+            tenant_from_startup("app", Some("acme"), None),
             ("acme", "app")
         );
-        assert_eq!(tenant_from_startup("acme", None), ("acme", "acme"));
+        assert_eq!(tenant_from_startup("app.acme", None, None), ("acme", "app"));
+        assert_eq!(
+            tenant_from_startup("app.acme", Some("app.acme"), None),
+            ("acme", "app")
+        );
+        assert_eq!(tenant_from_startup("acme", None, None), ("acme", "acme"));
+        assert_eq!(
+            tenant_from_startup("app", Some("app"), Some("beta")),
+            ("beta", "app")
+        );
+        assert_eq!(
+            tenant_from_startup("app", Some("acme"), Some("beta")),
+            ("acme", "app")
+        );
+    }
+
+    #[test]
+    fn sni_names_a_tenant_under_the_domain() {
+        assert_eq!(
+            tenant_from_sni("acme.db.example.com", Some("db.example.com")),
+            Some("acme")
+        );
+        assert_eq!(
+            tenant_from_sni("a.b.db.example.com", Some("db.example.com")),
+            None
+        );
+        assert_eq!(
+            tenant_from_sni("db.example.com", Some("db.example.com")),
+            None
+        );
+        assert_eq!(
+            tenant_from_sni("acme.other.com", Some("db.example.com")),
+            None
+        );
+        assert_eq!(tenant_from_sni("acme.db.example.com", None), None);
     }
 }

@@ -40,6 +40,10 @@ fn tenants_yaml(pg: &PgServer, beta_state: &str) -> String {
 }
 
 async fn setup(mode: &str) -> anyhow::Result<Setup> {
+    setup_with(mode, &[]).await
+}
+
+async fn setup_with(mode: &str, extra: &[&str]) -> anyhow::Result<Setup> {
     let pg = PgServer::start()?;
     let admin = pg.admin_pool().await?;
     for (name, password) in [("t_acme", "pw-acme"), ("t_beta", "pw-beta")] {
@@ -75,6 +79,7 @@ async fn setup(mode: &str) -> anyhow::Result<Setup> {
             "--http-addr",
             &format!("127.0.0.1:{http}"),
         ])
+        .args(extra)
         .args(["--log-filter", "debug"])
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
@@ -439,5 +444,82 @@ async fn server_budget_is_shared_and_named_when_spent() -> anyhow::Result<()> {
     let b = pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta")).await?;
     b.batch_execute("SELECT 1").await?;
     a2.batch_execute("SELECT 1").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tls_with_sni_names_the_tenant() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("silo-router-tls-{}", free_port()?));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=silo-router",
+        ])
+        .args(["-addext", "subjectAltName=DNS:*.tenants.test,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(status.success(), "openssl could not make a certificate");
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let s = setup_with(
+        "transaction",
+        &[
+            "--tls-cert",
+            &cert_s,
+            "--tls-key",
+            &key_s,
+            "--sni-domain",
+            "tenants.test",
+        ],
+    )
+    .await?;
+
+    let psql = |conninfo: String, sql: &str| {
+        Command::new("psql")
+            .arg(conninfo)
+            .args(["-XAtc", sql])
+            .env("PGSSLMODE", "require")
+            .output()
+    };
+    // TLS on the client side.
+    let out = psql(
+        format!(
+            "host=127.0.0.1 port={} user=t_acme password=pw-acme dbname=acme",
+            s.port
+        ),
+        "\\conninfo",
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("SSL connection"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The SNI host name names the tenant when the startup packet does not.
+    let out = psql(
+        format!(
+            "host=beta.tenants.test hostaddr=127.0.0.1 port={} user=t_beta password=pw-beta",
+            s.port
+        ),
+        "SELECT current_database()",
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&out.stdout).trim() == "t_beta",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
