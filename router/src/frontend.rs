@@ -498,6 +498,10 @@ where
     // sent. A pipelining client can have several in flight; the server is only free at zero.
     let mut owed: usize = 0;
     let mut statements = ClientStatements::default();
+    // Registered once, not on every turn of the loop.
+    let shutting_down = shutdown.cancelled();
+    let tenant_gone = ended.cancelled();
+    tokio::pin!(shutting_down, tenant_gone);
     loop {
         tokio::select! {
             read = reader.read_buf(&mut from_client) => {
@@ -606,8 +610,8 @@ where
                     *lock(target) = None;
                 }
             }
-            _ = shutdown.cancelled(), if server.is_none() || server_idle => break,
-            _ = ended.cancelled() => {
+            _ = &mut shutting_down, if server.is_none() || server_idle => break,
+            _ = &mut tenant_gone => {
                 let state = match shared.table.load().lookup(&pool.route.key()) {
                     Lookup::Found(r) => format!("{:?}", r.state).to_lowercase(),
                     _ => "deleted".to_string(),
