@@ -78,7 +78,7 @@ chown -R postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
 chmod 777 "$WORK"
 runuser -u postgres -- pgbouncer -d "$WORK/pgbouncer.ini"
 "$ROUTER_BIN" --config "$WORK/tenants.yaml" --listen "127.0.0.1:$ROUTER_PORT" --http-addr "127.0.0.1:$ROUTER_HTTP" \
-  --pool-mode transaction --log-filter warn >"$WORK/router.log" 2>&1 &
+  --pool-mode transaction --log-filter warn ${SILO_ROUTER_WORKER_THREADS:+--worker-threads "$SILO_ROUTER_WORKER_THREADS"} >"$WORK/router.log" 2>&1 &
 PIDS+=($!)
 wait_port "$BOUNCER_PORT"; wait_port "$ROUTER_PORT"
 

@@ -60,6 +60,10 @@ pub struct Args {
     #[arg(long, env = "SILO_ROUTER_SNI_DOMAIN")]
     pub sni_domain: Option<String>,
 
+    /// Threads serving clients (default: one per core).
+    #[arg(long, env = "SILO_ROUTER_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// Log filter, in `tracing` EnvFilter syntax.
     #[arg(long, env = "SILO_ROUTER_LOG", default_value = "info")]
     pub log_filter: String,

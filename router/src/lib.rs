@@ -54,6 +54,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         tls_cert,
         tls_key,
         sni_domain,
+        worker_threads: _,
         log_filter: _,
     } = args;
     let tls = match (tls_cert, tls_key) {
