@@ -593,6 +593,46 @@ async fn g_delete_with_delete_and_with_retain() {
                 == Some("true")
         );
 
+        // A database that merely has a tenant's name is never touched: the tenant fails to
+        // provision (NameConflict), and deleting it with policy Delete leaves the database alone.
+        let squatted = format!("t_{}_squatter", ns.name);
+        sqlx::raw_sql(&format!("CREATE DATABASE \"{squatted}\""))
+            .execute(&admin)
+            .await?;
+        ns.apply_ok(&tenant_yaml("squatter", "  deletion: {policy: Delete}"))
+            .await?;
+        let t = ns
+            .wait_phase("squatter", TenantPhase::Failed, READY_TIMEOUT)
+            .await?;
+        let ready = t
+            .status
+            .context("status")?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .context("Ready")?;
+        ensure!(
+            ready.reason == "NameConflict",
+            "{} {}",
+            ready.reason,
+            ready.message
+        );
+        let out = ns
+            .kubectl(&[
+                "delete",
+                "tenant",
+                "squatter",
+                "-n",
+                &ns.name,
+                "--timeout=60s",
+            ])
+            .await?;
+        ensure!(out.success, "{}", out.stderr);
+        ensure!(
+            exists(squatted.clone(), "pg_database").await?,
+            "a foreign database was dropped"
+        );
+
         // Applying the same Tenant again takes the retained database back, data included.
         ns.apply_ok(&tenant_yaml("kept", "  {}")).await?;
         ns.wait_phase("kept", TenantPhase::Ready, READY_TIMEOUT)

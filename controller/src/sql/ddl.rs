@@ -298,6 +298,40 @@ pub async fn terminate_sessions(
     .await
 }
 
+/// Whether the database is this tenant's: owned by its role, or marked with its comment.
+/// `None` when there is no such database.
+async fn database_is_ours(
+    pool: &PgPool,
+    database: &str,
+    role: &str,
+    tenant: &str,
+) -> Result<Option<(bool, String)>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT pg_get_userbyid(datdba) AS owner, shobj_description(oid, 'pg_database') AS comment
+           FROM pg_database WHERE datname = $1",
+    )
+    .bind(database)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let owner: String = row.try_get("owner")?;
+    let comment: Option<String> = row.try_get("comment")?;
+    Ok(Some((
+        owner == role || is_silo_comment_for(comment.as_deref(), tenant),
+        owner,
+    )))
+}
+
+/// The outcome of a deletion policy on the server.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cleanup {
+    Done,
+    /// The database of that name belongs to someone else (`owner`): nothing was touched.
+    NotOurs {
+        owner: String,
+    },
+}
+
 /// Policy `Retain`: the role can no longer log in, CONNECT is revoked, sessions end, and the
 /// database is marked as retained (with the tenant and time) for the DatabaseServer's status.
 pub async fn lock_and_retain(
@@ -306,7 +340,10 @@ pub async fn lock_and_retain(
     role: &str,
     tenant: &str,
     at: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<Cleanup, sqlx::Error> {
+    if let Some((false, owner)) = database_is_ours(pool, database, role, tenant).await? {
+        return Ok(Cleanup::NotOurs { owner });
+    }
     let db = quote_ident(database);
     let role_q = quote_ident(role);
     let role_exists = exists(pool, "pg_roles", "rolname", role).await?;
@@ -336,11 +373,20 @@ pub async fn lock_and_retain(
         .await?;
     }
     terminate_sessions(pool, database, role).await?;
-    Ok(())
+    Ok(Cleanup::Done)
 }
 
-/// Policy `Delete`: sessions end, the database and the role are dropped.
-pub async fn drop_tenant(pool: &PgPool, database: &str, role: &str) -> Result<(), sqlx::Error> {
+/// Policy `Delete`: sessions end, the database and the role are dropped - never a database that
+/// is not this tenant's, whatever its name.
+pub async fn drop_tenant(
+    pool: &PgPool,
+    database: &str,
+    role: &str,
+    tenant: &str,
+) -> Result<Cleanup, sqlx::Error> {
+    if let Some((false, owner)) = database_is_ours(pool, database, role, tenant).await? {
+        return Ok(Cleanup::NotOurs { owner });
+    }
     let role_exists = exists(pool, "pg_roles", "rolname", role).await?;
     if role_exists {
         // No new sessions while the database goes away.
@@ -358,7 +404,7 @@ pub async fn drop_tenant(pool: &PgPool, database: &str, role: &str) -> Result<()
     sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {}", quote_ident(role)))
         .execute(pool)
         .await?;
-    Ok(())
+    Ok(Cleanup::Done)
 }
 
 /// Databases on this server that are retained after their Tenant was deleted.

@@ -451,21 +451,32 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
     let secret = secret_name(&tenant.name_any());
-    {
+    let outcome = {
         let _permit = handle.ddl_permit().await;
         match policy {
             DeletionPolicy::Delete => {
-                ddl::drop_tenant(&handle.pool, &names.database, &names.role)
+                ddl::drop_tenant(&handle.pool, &names.database, &names.role, &key)
                     .await
-                    .map_err(|e| Error::sql("dropping tenant", &server, e))?;
+                    .map_err(|e| Error::sql("dropping tenant", &server, e))?
             }
             DeletionPolicy::Retain => {
                 let at = jiff::Timestamp::now().to_string();
                 ddl::lock_and_retain(&handle.pool, &names.database, &names.role, &key, &at)
                     .await
-                    .map_err(|e| Error::sql("locking retained tenant", &server, e))?;
+                    .map_err(|e| Error::sql("locking retained tenant", &server, e))?
             }
         }
+    };
+    if let ddl::Cleanup::NotOurs { owner } = outcome {
+        let note = format!(
+            "database {} on {server} belongs to {owner}, not to this tenant; it was left untouched",
+            names.database
+        );
+        warn!(tenant = %key, server = %server, database = %names.database, owner = %owner, "deletion left a foreign database alone");
+        publish(ctx, tenant, EventType::Warning, "NotOurs", note).await;
+        lock_placements(&ctx.placements).remove(&key);
+        let _ = ctx.server_changed.send(server);
+        return Ok(Action::await_change());
     }
     match policy {
         DeletionPolicy::Delete => {
