@@ -24,6 +24,15 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl PgServer {
     /// Starts a server under the e2e work directory (`SILO_E2E_DIR`, else a temp folder).
     pub fn start() -> anyhow::Result<PgServer> {
+        Self::start_with(false)
+    }
+
+    /// Starts a server that offers TLS, with a self-signed certificate made by openssl.
+    pub fn start_tls() -> anyhow::Result<PgServer> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> anyhow::Result<PgServer> {
         let bin = pg_bin_dir()?;
         let root = std::env::var_os("SILO_E2E_DIR")
             .map(PathBuf::from)
@@ -70,9 +79,38 @@ impl PgServer {
                 "--locale=C",
             ],
         )?;
+        let mut extra = String::new();
+        if tls {
+            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+            run(Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    "/CN=localhost",
+                ])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert))?;
+            run(Command::new("chmod").arg("600").arg(&key))?;
+            if server.as_postgres_user {
+                run(Command::new("chown").arg("postgres:").arg(&cert).arg(&key))?;
+            }
+            extra = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         for _ in 0..5 {
             server.port = free_port()?;
-            if server.start_on_port(&dir).is_ok() {
+            if server.start_on_port(&dir, &extra).is_ok() {
                 return Ok(server);
             }
         }
@@ -82,10 +120,10 @@ impl PgServer {
         )
     }
 
-    fn start_on_port(&self, dir: &Path) -> anyhow::Result<()> {
+    fn start_on_port(&self, dir: &Path, extra: &str) -> anyhow::Result<()> {
         let options = format!(
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB",
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB{extra}",
             self.port,
             dir.display()
         );

@@ -25,6 +25,8 @@ pub struct TenantRoute {
     pub password: String,
     pub connection_limit: usize,
     pub state: TenantState,
+    /// TLS toward the tenant's server.
+    pub upstream_tls: crate::server::UpstreamTls,
     /// The DatabaseServer the tenant is on, and that server's connection budget, if known.
     pub server: Option<(String, usize)>,
     /// Host names and path prefixes the HTTP resolve API matches.
@@ -172,6 +174,7 @@ mod tests {
             password: "pw".into(),
             connection_limit: 10,
             state: TenantState::Ready,
+            upstream_tls: Default::default(),
             server: None,
             hosts: vec![],
             path_prefixes: vec![],

@@ -5,9 +5,10 @@ use std::time::Instant;
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncWriteExt, BufReader};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::protocol::backend::error_fields;
 use crate::protocol::{Frame, ProtocolError, read_frame};
@@ -28,12 +29,29 @@ pub enum ServerError {
     UnsupportedAuth(i32),
     #[error("SCRAM with the server: {0}")]
     Scram(std::io::Error),
+    #[error("the server does not accept TLS, and its sslMode is Require")]
+    TlsRefused,
+    #[error("TLS with the server: {0}")]
+    Tls(std::io::Error),
 }
+
+/// TLS toward a server, as its DatabaseServer's `sslMode` says (libpq semantics: `Require`
+/// encrypts without verifying the certificate; `Prefer` encrypts when the server offers it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum UpstreamTls {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+}
+
+pub type ServerReader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+pub type ServerWriter = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// A logged-in server connection.
 pub struct ServerConn {
-    pub reader: BufReader<OwnedReadHalf>,
-    pub writer: OwnedWriteHalf,
+    pub reader: ServerReader,
+    pub writer: ServerWriter,
     pub params: Vec<(String, String)>,
     pub pid: i32,
     pub key: i32,
@@ -56,7 +74,7 @@ impl ServerConn {
         let peer = stream
             .peer_addr()
             .map_err(|source| ServerError::Connect { addr, source })?;
-        let (r, mut writer) = stream.into_split();
+        let (r, mut writer) = negotiate_tls(stream, route).await?;
         let mut reader = BufReader::with_capacity(64 * 1024, r);
 
         let mut buf = BytesMut::new();
@@ -175,6 +193,119 @@ impl ServerConn {
                 Err(_) => return false,
             }
         }
+    }
+}
+
+/// SSLRequest first unless TLS is disabled; then the two halves, encrypted or not.
+async fn negotiate_tls(
+    mut stream: TcpStream,
+    route: &TenantRoute,
+) -> Result<(Box<dyn AsyncRead + Unpin + Send>, ServerWriter), ServerError> {
+    if route.upstream_tls != UpstreamTls::Disable {
+        let mut request = Vec::with_capacity(8);
+        request.extend_from_slice(&8i32.to_be_bytes());
+        request.extend_from_slice(&crate::protocol::startup::SSL_REQUEST.to_be_bytes());
+        stream
+            .write_all(&request)
+            .await
+            .map_err(ProtocolError::from)?;
+        let mut answer = [0u8; 1];
+        stream
+            .read_exact(&mut answer)
+            .await
+            .map_err(ProtocolError::from)?;
+        match answer[0] {
+            b'S' => {
+                let connector = tokio_rustls::TlsConnector::from(encrypt_only_config());
+                let name =
+                    tokio_rustls::rustls::pki_types::ServerName::try_from(route.host.clone())
+                        .map_err(|e| ServerError::Tls(std::io::Error::other(e)))?;
+                let tls = connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(ServerError::Tls)?;
+                let (r, w) = tokio::io::split(tls);
+                return Ok((Box::new(r), Box::new(w)));
+            }
+            _ if route.upstream_tls == UpstreamTls::Require => return Err(ServerError::TlsRefused),
+            _ => {}
+        }
+    }
+    let (r, w) = stream.into_split();
+    Ok((Box::new(r), Box::new(w)))
+}
+
+fn encrypt_only_config() -> Arc<tokio_rustls::rustls::ClientConfig> {
+    use tokio_rustls::rustls;
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
+                .with_no_client_auth();
+            Arc::new(config)
+        })
+        .clone()
+}
+
+/// libpq's `sslmode=require`: the channel is encrypted and the handshake signatures are checked,
+/// but the certificate chain is not verified.
+#[derive(Debug)]
+struct EncryptOnly(Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
+
+impl tokio_rustls::rustls::client::danger::ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
+        _server_name: &tokio_rustls::rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: tokio_rustls::rustls::pki_types::UnixTime,
+    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
+    {
+        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
+        dss: &tokio_rustls::rustls::DigitallySignedStruct,
+    ) -> Result<
+        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
+        tokio_rustls::rustls::Error,
+    > {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -523,3 +523,56 @@ async fn tls_with_sni_names_the_tenant() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[tokio::test]
+async fn upstream_tls_follows_the_ssl_mode() -> anyhow::Result<()> {
+    let tls_pg = PgServer::start_tls()?;
+    let admin = tls_pg.admin_pool().await?;
+    sqlx::raw_sql("CREATE ROLE t_sec LOGIN PASSWORD 'pw-sec'")
+        .execute(&admin)
+        .await?;
+    sqlx::raw_sql("CREATE DATABASE t_sec OWNER t_sec")
+        .execute(&admin)
+        .await?;
+    let s = setup("transaction").await?;
+    let yaml = format!(
+        "{}- {{name: sec, host: 127.0.0.1, port: {}, database: t_sec, user: t_sec, password: pw-sec, sslMode: Require}}\n\
+         - {{name: plain, host: 127.0.0.1, port: {}, database: t_acme, user: t_acme, password: pw-acme, sslMode: Require}}\n",
+        tenants_yaml(&s.pg, "Ready"),
+        tls_pg.port,
+        s.pg.port
+    );
+    std::fs::write(&s.file, yaml)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let client = pg_connect(&dsn(s.port, "t_sec", "pw-sec", "sec")).await?;
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(
+        ssl,
+        "the router's connection to the server is not encrypted"
+    );
+    // Prefer against a server without TLS: plaintext; Require: refused with a clear error.
+    let client = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?
+        .get(0);
+    ensure!(!ssl);
+    let err = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "plain"))
+        .await
+        .err()
+        .context("Require without TLS")?;
+    ensure!(
+        sqlstate(&err) == "08001" && format!("{err:?}").contains("sslMode is Require"),
+        "{err:?}"
+    );
+    Ok(())
+}

@@ -54,6 +54,9 @@ struct FileTenant {
     state: TenantState,
     /// A key of `servers`.
     server: Option<String>,
+    /// TLS toward the server: Disable, Prefer (default) or Require.
+    #[serde(default)]
+    ssl_mode: crate::server::UpstreamTls,
     #[serde(default)]
     hosts: Vec<String>,
     #[serde(default)]
@@ -105,6 +108,7 @@ pub fn parse(yaml: &str, default_limit: usize) -> Result<RoutingTable, serde_yam
                     .map_or(usize::MAX / 2, |c| c.max_connections);
                 (s, budget)
             }),
+            upstream_tls: t.ssl_mode,
             hosts: t.hosts,
             path_prefixes: t.path_prefixes,
         }

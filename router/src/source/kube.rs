@@ -105,6 +105,11 @@ pub fn build_table(
         let server = tenant.status.as_ref().and_then(|s| s.server.clone());
         route.server = server.and_then(|name| {
             let dbs = servers.get(&ObjectRef::new(&name))?;
+            route.upstream_tls = match dbs.spec.ssl_mode {
+                silo_crds::SslMode::Disable => crate::server::UpstreamTls::Disable,
+                silo_crds::SslMode::Prefer => crate::server::UpstreamTls::Prefer,
+                silo_crds::SslMode::Require => crate::server::UpstreamTls::Require,
+            };
             Some((
                 name,
                 usize::try_from(dbs.spec.max_connections)
@@ -173,6 +178,7 @@ pub fn route_for(
             .unwrap_or(default_limit)
             .max(1),
         state,
+        upstream_tls: Default::default(),
         server: None,
         hosts: tenant
             .spec
