@@ -13,13 +13,15 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 say "building the Kubernetes binaries (cached after the first run) and the controller"
 BIN="$("$ROOT/e2e/tools/build.sh")"
 export PATH="$BIN:$PATH"
-cargo build --quiet --release -p silo-controller --manifest-path "$ROOT/Cargo.toml"
+cargo build --quiet --release -p silo-controller -p silo-router --manifest-path "$ROOT/Cargo.toml"
 
 WORK="$(mktemp -d /tmp/silo-demo.XXXXXX)"
 chmod 755 "$WORK"
 CONTROLLER_PID=""
+ROUTER_PID=""
 cleanup() {
   say "stopping everything"
+  [[ -n "$ROUTER_PID" ]] && kill "$ROUTER_PID" 2>/dev/null && wait "$ROUTER_PID" 2>/dev/null || true
   [[ -n "$CONTROLLER_PID" ]] && kill "$CONTROLLER_PID" 2>/dev/null && wait "$CONTROLLER_PID" 2>/dev/null || true
   "$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg-shared"
   "$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg-dedicated"
@@ -48,8 +50,12 @@ SHARED_PORT="$SHARED_PORT" DEDICATED_PORT="$DEDICATED_PORT" python3 -c \
   'import os,sys; sys.stdout.write(os.path.expandvars(open(sys.argv[1]).read()))' \
   "$ROOT/examples/databaseservers.yaml" | kubectl apply -f -
 
-say "starting the controller (a local process; the Helm chart comes with its own issue)"
-SILO_HTTP_ADDR="127.0.0.1:$(free_port)" SILO_LEASE_NAMESPACE=default \
+say "starting the router and the controller (local processes; the Helm chart comes with its own issue)"
+ROUTER_PORT="$(free_port)"
+"$CARGO_TARGET_DIR/release/silo-router" --listen "127.0.0.1:$ROUTER_PORT" --http-addr "127.0.0.1:$(free_port)" \
+  >"$WORK/router.log" 2>&1 &
+ROUTER_PID=$!
+SILO_HTTP_ADDR="127.0.0.1:$(free_port)" SILO_LEASE_NAMESPACE=default SILO_ROUTER_ADDRESS="127.0.0.1:$ROUTER_PORT" \
   "$CARGO_TARGET_DIR/release/silo-controller" >"$WORK/controller.log" 2>&1 &
 CONTROLLER_PID=$!
 
@@ -70,6 +76,12 @@ psql "$URI" -v ON_ERROR_STOP=1 -c "CREATE TABLE IF NOT EXISTS hello (msg text)" 
 say "and acme's credentials cannot open globex's database"
 GLOBEX_DB="$(kubectl get secret globex-db -o jsonpath='{.data.dbname}' | base64 -d)"
 if psql "${URI%/*}/$GLOBEX_DB" -c "SELECT 1" 2>&1; then echo "isolation broken" >&2; exit 1; fi
+
+say "the same through the router: one address for every tenant (Secret acme-db, key router-uri)"
+ROUTER_URI="$(kubectl get secret acme-db -o jsonpath='{.data.router-uri}' | base64 -d)"
+psql "$ROUTER_URI" -v ON_ERROR_STOP=1 -c "SELECT current_database(), msg FROM hello"
+INITECH_URI="$(kubectl get secret initech-db -o jsonpath='{.data.router-uri}' | base64 -d)"
+psql "$INITECH_URI" -v ON_ERROR_STOP=1 -c "SELECT current_database() AS initech_via_router"
 
 if [[ "${SILO_DEMO_EXIT:-0}" == 1 ]]; then exit 0; fi
 say "the demo is running; KUBECONFIG=$KUBECONFIG (try: kubectl get tn -w). Ctrl-C stops it."
