@@ -81,23 +81,7 @@ impl PgServer {
         )?;
         let mut extra = String::new();
         if tls {
-            let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
-            run(Command::new("openssl")
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "1",
-                    "-subj",
-                    "/CN=localhost",
-                ])
-                .arg("-keyout")
-                .arg(&key)
-                .arg("-out")
-                .arg(&cert))?;
+            let (cert, key) = self_signed_cert(&dir, "localhost")?;
             run(Command::new("chmod").arg("600").arg(&key))?;
             if server.as_postgres_user {
                 run(Command::new("chown").arg("postgres:").arg(&cert).arg(&key))?;
@@ -236,6 +220,29 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A self-signed certificate and key (PEM) for `dns_names` (the first is the CN), made by
+/// openssl in `dir`.
+pub fn self_signed_cert(dir: &Path, dns_names: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let cn = dns_names.split(',').next().unwrap_or(dns_names);
+    let san: Vec<String> = dns_names.split(',').map(|d| format!("DNS:{d}")).collect();
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            &format!("subjectAltName={}", san.join(",")),
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert))?;
+    Ok((cert, key))
 }
 
 /// A free loopback port: bound once by the OS, then released for the server to take.

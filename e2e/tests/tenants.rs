@@ -12,6 +12,22 @@ use sqlx::{Connection, PgConnection, Row};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The Ready condition of a Tenant or DatabaseServer status.
+fn ready_of(
+    conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+) -> anyhow::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .context("no Ready condition")
+}
+
+fn ready_condition(
+    tenant: &silo_crds::Tenant,
+) -> anyhow::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    ready_of(tenant.status.clone().context("no status")?.conditions)
+}
+
 fn tenant_yaml(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
@@ -237,18 +253,18 @@ async fn c_bad_input_is_rejected_or_explained() {
         ns.add_server_with_password(&wrong, &pg, "not-the-password", "").await?;
         let ctl = ns.start_controller(&[])?;
         let s = server_condition(&ns, &unreachable, "False").await?;
-        let c = s.status.context("status")?.conditions.into_iter().find(|c| c.type_ == "Ready").context("Ready")?;
+        let c = ready_of(s.status.context("no status")?.conditions)?;
         ensure!(c.reason == "Unreachable", "reason {} ({})", c.reason, c.message);
         ensure!(c.message.contains(&closed_port.to_string()), "{}", c.message);
         let s = server_condition(&ns, &wrong, "False").await?;
-        let c = s.status.context("status")?.conditions.into_iter().find(|c| c.type_ == "Ready").context("Ready")?;
+        let c = ready_of(s.status.context("no status")?.conditions)?;
         ensure!(c.reason == "AuthenticationFailed", "reason {} ({})", c.reason, c.message);
         ensure!(!c.message.contains("not-the-password"));
 
         // No fitting server: Pending with the reason, then Ready once one is added.
         ns.apply_ok(&tenant_yaml("gold", "  serverSelector: {matchLabels: {tier: gold}}")).await?;
         let t = ns.wait_phase("gold", TenantPhase::Pending, READY_TIMEOUT).await?;
-        let c = t.status.context("status")?.conditions.into_iter().find(|c| c.type_ == "Ready").context("Ready")?;
+        let c = ready_condition(&t)?;
         ensure!(c.reason == "NoMatchingServer" && c.message.contains("serverSelector"), "{} {}", c.reason, c.message);
         let other = PgServer::start()?;
         let gold = ns.server_name("gold");
@@ -261,7 +277,7 @@ async fn c_bad_input_is_rejected_or_explained() {
         ns.kubectl(&["patch", "databaseserver", &gold, "--type=merge", "-p", r#"{"spec":{"maxTenants":1}}"#]).await?;
         ns.apply_ok(&tenant_yaml("second", "  serverSelector: {matchLabels: {tier: gold}}")).await?;
         let t = ns.wait_phase("second", TenantPhase::Pending, READY_TIMEOUT).await?;
-        let c = t.status.context("status")?.conditions.into_iter().find(|c| c.type_ == "Ready").context("Ready")?;
+        let c = ready_condition(&t)?;
         ensure!(c.reason == "ServersFull", "{} {}", c.reason, c.message);
         // ... and placed by itself once the server frees up.
         let out = ns.kubectl(&["delete", "tenant", "gold", "-n", &ns.name, "--timeout=60s"]).await?;
@@ -439,13 +455,7 @@ async fn f_suspend_and_resume() {
         let t = ns
             .wait_phase("sleepy", TenantPhase::Suspended, READY_TIMEOUT)
             .await?;
-        let ready = t
-            .status
-            .context("status")?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .context("Ready")?;
+        let ready = ready_condition(&t)?;
         ensure!(ready.status == "False" && ready.reason == "Suspended");
         ensure!(
             sqlx::query("SELECT 1").execute(&mut session).await.is_err(),
@@ -604,13 +614,7 @@ async fn g_delete_with_delete_and_with_retain() {
         let t = ns
             .wait_phase("squatter", TenantPhase::Failed, READY_TIMEOUT)
             .await?;
-        let ready = t
-            .status
-            .context("status")?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")
-            .context("Ready")?;
+        let ready = ready_condition(&t)?;
         ensure!(
             ready.reason == "NameConflict",
             "{} {}",

@@ -9,6 +9,14 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::client::danger::{
+    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+};
+use tokio_rustls::rustls::crypto::{
+    CryptoProvider, verify_tls12_signature, verify_tls13_signature,
+};
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio_rustls::rustls::{self, DigitallySignedStruct, SignatureScheme};
 
 use crate::protocol::backend::error_fields;
 use crate::protocol::{Frame, ProtocolError, read_frame};
@@ -217,9 +225,8 @@ async fn negotiate_tls(
         match answer[0] {
             b'S' => {
                 let connector = tokio_rustls::TlsConnector::from(encrypt_only_config());
-                let name =
-                    tokio_rustls::rustls::pki_types::ServerName::try_from(route.host.clone())
-                        .map_err(|e| ServerError::Tls(std::io::Error::other(e)))?;
+                let name = ServerName::try_from(route.host.clone())
+                    .map_err(|e| ServerError::Tls(std::io::Error::other(e)))?;
                 let tls = connector
                     .connect(name, stream)
                     .await
@@ -235,8 +242,7 @@ async fn negotiate_tls(
     Ok((Box::new(r), Box::new(w)))
 }
 
-fn encrypt_only_config() -> Arc<tokio_rustls::rustls::ClientConfig> {
-    use tokio_rustls::rustls;
+fn encrypt_only_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG
         .get_or_init(|| {
@@ -255,31 +261,27 @@ fn encrypt_only_config() -> Arc<tokio_rustls::rustls::ClientConfig> {
 /// libpq's `sslmode=require`: the channel is encrypted and the handshake signatures are checked,
 /// but the certificate chain is not verified.
 #[derive(Debug)]
-struct EncryptOnly(Arc<tokio_rustls::rustls::crypto::CryptoProvider>);
+struct EncryptOnly(Arc<CryptoProvider>);
 
-impl tokio_rustls::rustls::client::danger::ServerCertVerifier for EncryptOnly {
+impl ServerCertVerifier for EncryptOnly {
     fn verify_server_cert(
         &self,
-        _end_entity: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[tokio_rustls::rustls::pki_types::CertificateDer<'_>],
-        _server_name: &tokio_rustls::rustls::pki_types::ServerName<'_>,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: tokio_rustls::rustls::pki_types::UnixTime,
-    ) -> Result<tokio_rustls::rustls::client::danger::ServerCertVerified, tokio_rustls::rustls::Error>
-    {
-        Ok(tokio_rustls::rustls::client::danger::ServerCertVerified::assertion())
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
         &self,
         message: &[u8],
-        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls12_signature(
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
             message,
             cert,
             dss,
@@ -290,13 +292,10 @@ impl tokio_rustls::rustls::client::danger::ServerCertVerifier for EncryptOnly {
     fn verify_tls13_signature(
         &self,
         message: &[u8],
-        cert: &tokio_rustls::rustls::pki_types::CertificateDer<'_>,
-        dss: &tokio_rustls::rustls::DigitallySignedStruct,
-    ) -> Result<
-        tokio_rustls::rustls::client::danger::HandshakeSignatureValid,
-        tokio_rustls::rustls::Error,
-    > {
-        tokio_rustls::rustls::crypto::verify_tls13_signature(
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
             message,
             cert,
             dss,
@@ -304,7 +303,7 @@ impl tokio_rustls::rustls::client::danger::ServerCertVerifier for EncryptOnly {
         )
     }
 
-    fn supported_verify_schemes(&self) -> Vec<tokio_rustls::rustls::SignatureScheme> {
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }

@@ -451,27 +451,8 @@ async fn server_budget_is_shared_and_named_when_spent() -> anyhow::Result<()> {
 async fn tls_with_sni_names_the_tenant() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("silo-router-tls-{}", free_port()?));
     std::fs::create_dir_all(&dir)?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=silo-router",
-        ])
-        .args(["-addext", "subjectAltName=DNS:*.tenants.test,DNS:localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()?;
-    ensure!(status.success(), "openssl could not make a certificate");
+    let (cert, key) =
+        silo_e2e::postgres::self_signed_cert(&dir, "silo-router,*.tenants.test,localhost")?;
     let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
     let s = setup_with(
         "transaction",
@@ -524,6 +505,17 @@ async fn tls_with_sni_names_the_tenant() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the server connection behind this routed session uses TLS, as the server sees it.
+async fn upstream_is_encrypted(client: &tokio_postgres::Client) -> anyhow::Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 #[tokio::test]
 async fn upstream_tls_follows_the_ssl_mode() -> anyhow::Result<()> {
     let tls_pg = PgServer::start_tls()?;
@@ -545,26 +537,14 @@ async fn upstream_tls_follows_the_ssl_mode() -> anyhow::Result<()> {
     std::fs::write(&s.file, yaml)?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let client = pg_connect(&dsn(s.port, "t_sec", "pw-sec", "sec")).await?;
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await?
-        .get(0);
+    let ssl = upstream_is_encrypted(&client).await?;
     ensure!(
         ssl,
         "the router's connection to the server is not encrypted"
     );
     // Prefer against a server without TLS: plaintext; Require: refused with a clear error.
     let client = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await?
-        .get(0);
+    let ssl = upstream_is_encrypted(&client).await?;
     ensure!(!ssl);
     let err = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "plain"))
         .await

@@ -48,8 +48,8 @@ async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Acti
         let ctx = ctx.clone();
         async move {
             match event {
-                FinalizerEvent::Apply(tenant) => apply(&tenant, &ctx).boxed().await,
-                FinalizerEvent::Cleanup(tenant) => cleanup(&tenant, &ctx).boxed().await,
+                FinalizerEvent::Apply(tenant) => apply(&tenant, &ctx).await,
+                FinalizerEvent::Cleanup(tenant) => cleanup(&tenant, &ctx).await,
             }
         }
     })
@@ -99,7 +99,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     // 1. Placement, written to status before any SQL and never changed afterwards.
     let server = match known_server(tenant, ctx) {
         Some(server) => server,
-        None => match place(tenant, ctx).boxed().await? {
+        None => match place(tenant, ctx).await? {
             Ok(server) => server,
             Err(Unplaceable { reason, message }) => {
                 let report = Report::new(TenantPhase::Pending)
@@ -143,7 +143,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
             .as_deref()
             .map(|address| (address, format!("{namespace}.{name}"))),
     };
-    let password = match ensure_secret(tenant, ctx, &names, &endpoint).boxed().await {
+    let password = match ensure_secret(tenant, ctx, &names, &endpoint).await {
         Ok(password) => password,
         Err(err) => {
             placed
