@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Runs the end-to-end tests: builds the pinned Kubernetes binaries (cached), starts a control
-# plane on loopback (or uses $KUBECONFIG when SILO_E2E_USE_KUBECONFIG=1), installs the CRDs, builds
-# the controller, and runs `cargo test -p silo-e2e`. Everything it starts is stopped on exit.
+# Runs the end-to-end tests: builds the pinned Kubernetes binaries (cached), starts a cluster
+# with a real node (e2e/scripts/cluster.sh; or uses $KUBECONFIG when SILO_E2E_USE_KUBECONFIG=1),
+# installs the CRDs, builds the controller and router and the silo image for the node, applies the
+# chart's RBAC for the local controller and router to run under, and runs `cargo test -p silo-e2e`.
+# Everything it starts is stopped on exit.
 # Extra arguments go to the test binary, e.g. `e2e/run-tests.sh a_tenant`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/silo/target}"
 BIN="$("$ROOT/e2e/tools/build.sh")"
-export SILO_KUBECTL="$BIN/kubectl"
+export SILO_KUBECTL="$BIN/kubectl" SILO_HELM="$BIN/helm"
 
 WORK="$(mktemp -d /tmp/silo-e2e.XXXXXX)"
 chmod 755 "$WORK"
@@ -32,7 +34,8 @@ trap cleanup EXIT INT TERM
 
 if [[ "${SILO_E2E_USE_KUBECONFIG:-0}" != 1 ]]; then
   "$ROOT/e2e/scripts/cluster.sh" up "$WORK/cluster"
-  export KUBECONFIG="$WORK/cluster/kubeconfig"
+  # shellcheck disable=SC1091
+  source "$WORK/cluster/env"
 fi
 "$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
 "$SILO_KUBECTL" wait --for condition=established --timeout=60s crd/tenants.silo.dev crd/databaseservers.silo.dev >/dev/null
@@ -40,5 +43,15 @@ fi
 cargo build --quiet -p silo-controller -p silo-router --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/debug/silo-controller"
 export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/debug/silo-router"
+if [[ -n "${SILO_E2E_NODE_HOST:-}" ]]; then
+  "$ROOT/e2e/scripts/images.sh" silo "$WORK/silo-image.tar" "$CARGO_TARGET_DIR/debug" e2e
+  "$ROOT/e2e/scripts/node.sh" import "$WORK/cluster" "$WORK/silo-image.tar" silo
+  export SILO_E2E_IMAGE=localhost/silo:e2e
+fi
+# The local controller and router run as the chart's ServiceAccounts, with the chart's RBAC.
+"$ROOT/e2e/scripts/chart-rbac.sh" silo-e2e "$WORK/identities"
+export SILO_CONTROLLER_KUBECONFIG="$WORK/identities/controller.kubeconfig"
+export SILO_ROUTER_KUBECONFIG="$WORK/identities/router.kubeconfig"
+export SILO_E2E_LEASE_NAMESPACE=silo-e2e SILO_E2E_LEASE_NAME=silo-e2e-controller
 export SILO_PYTHON="${SILO_PYTHON:-$HOME/.cache/silo/venv/bin/python}"
 cargo test --manifest-path "$ROOT/Cargo.toml" -p silo-e2e -- "$@"

@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# A local Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager.
+# A local Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and,
+# with SILO_E2E_NODE=1 (the default as root), a real node (e2e/scripts/node.sh).
 #   cluster.sh up DIR     start it; writes DIR/kubeconfig and DIR/env (KUBECONFIG=...)
-#   cluster.sh down DIR   stop every process it started and remove DIR
-# Ports are chosen free at start, so several control planes can run side by side.
+#   cluster.sh down DIR   stop every process it started and remove DIR and all node state
+# Without a node the API server listens on loopback and several control planes can run side by
+# side; with one it listens on the node link's host address (one node per machine at a time).
 set -euo pipefail
 
 cmd="${1:?usage: cluster.sh up|down DIR}"
 DIR="${2:?usage: cluster.sh up|down DIR}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+NODE="${SILO_E2E_NODE:-$([[ "$(id -u)" == 0 ]] && echo 1 || echo 0)}"
+SERVICE_CIDR=10.96.0.0/16
+API_ADDR=127.0.0.1
+if [[ "$NODE" == 1 ]]; then
+  # The node's addresses (node.sh): pods reach the API server and PostgreSQL on the host side of
+  # the node link, and the `kubernetes` Service's ClusterIP through kube-proxy.
+  SERVICE_CIDR=198.19.0.0/16
+  API_ADDR=198.18.0.1
+fi
+
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "${1:-127.0.0.1}"
 }
 
 stop_pid() {
@@ -27,7 +39,8 @@ stop_pid() {
 
 down() {
   [[ -d "$DIR" ]] || return 0
-  for c in kube-controller-manager kube-apiserver etcd; do stop_pid "$DIR/$c.pid"; done
+  if [[ -f "$DIR/node.enabled" ]]; then "$HERE/node.sh" down "$DIR"; fi
+  for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$DIR/$c.pid"; done
   rm -rf "$DIR"
 }
 
@@ -37,6 +50,10 @@ up() {
   mkdir -p "$DIR/pki" "$DIR/logs"
   DIR="$(cd "$DIR" && pwd)"
   local pki="$DIR/pki"
+  if [[ "$NODE" == 1 ]]; then
+    touch "$DIR/node.enabled"
+    "$HERE/node.sh" net-up "$DIR"
+  fi
 
   # Certificates: a CA, the API server's serving certificate, an admin client certificate
   # (system:masters) and the service-account signing key.
@@ -45,7 +62,7 @@ up() {
   openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
     -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
   # rustls (the controller's TLS) accepts only X.509 v3 certificates, hence the extension files.
-  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' >"$pki/server.ext"
+  printf 'subjectAltName=IP:127.0.0.1,IP:198.18.0.1,IP:198.19.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' >"$pki/server.ext"
   printf 'extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n' >"$pki/client.ext"
   openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
     -days 2 -extfile "$pki/server.ext" -out "$pki/apiserver.crt" 2>/dev/null
@@ -56,8 +73,9 @@ up() {
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 
-  local etcd_port etcd_peer api_port kcm_port
-  etcd_port="$(free_port)"; etcd_peer="$(free_port)"; api_port="$(free_port)"; kcm_port="$(free_port)"
+  local etcd_port etcd_peer api_port kcm_port sched_port
+  etcd_port="$(free_port)"; etcd_peer="$(free_port)"; api_port="$(free_port "$API_ADDR")"
+  kcm_port="$(free_port)"; sched_port="$(free_port)"
 
   "$bin/etcd" --name default --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
@@ -67,11 +85,13 @@ up() {
   echo $! >"$DIR/etcd.pid"
 
   "$bin/kube-apiserver" --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+    --bind-address "$API_ADDR" --advertise-address "$API_ADDR" --secure-port "$api_port" \
     --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
     --client-ca-file "$pki/ca.crt" --authorization-mode Node,RBAC \
     --service-account-issuer https://kubernetes.default.svc --service-account-key-file "$pki/sa.pub" \
-    --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range 10.96.0.0/16 \
+    --service-account-signing-key-file "$pki/sa.key" --service-cluster-ip-range "$SERVICE_CIDR" \
+    --kubelet-client-certificate "$pki/admin.crt" --kubelet-client-key "$pki/admin.key" \
+    --kubelet-preferred-address-types InternalIP \
     --allow-privileged=true --profiling=false --cert-dir "$DIR/apiserver-certs" \
     >"$DIR/logs/kube-apiserver.log" 2>&1 &
   echo $! >"$DIR/kube-apiserver.pid"
@@ -82,7 +102,7 @@ kind: Config
 clusters:
 - name: silo-e2e
   cluster:
-    server: https://127.0.0.1:$api_port
+    server: https://$API_ADDR:$api_port
     certificate-authority: $pki/ca.crt
 users:
 - name: admin
@@ -112,15 +132,21 @@ KCFG
     --bind-address 127.0.0.1 --secure-port "$kcm_port" --cert-dir "$DIR/kcm-certs" \
     --leader-elect=false --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
     --cluster-signing-cert-file "$pki/ca.crt" --cluster-signing-key-file "$pki/ca.key" \
-    --service-cluster-ip-range 10.96.0.0/16 --profiling=false \
+    --service-cluster-ip-range "$SERVICE_CIDR" --profiling=false \
     >"$DIR/logs/kube-controller-manager.log" 2>&1 &
   echo $! >"$DIR/kube-controller-manager.pid"
+  "$bin/kube-scheduler" --kubeconfig "$DIR/kubeconfig" --authentication-kubeconfig "$DIR/kubeconfig" \
+    --authorization-kubeconfig "$DIR/kubeconfig" --bind-address 127.0.0.1 --secure-port "$sched_port" \
+    --leader-elect=false --profiling=false >"$DIR/logs/kube-scheduler.log" 2>&1 &
+  echo $! >"$DIR/kube-scheduler.pid"
+  if [[ "$NODE" == 1 ]]; then "$HERE/node.sh" up "$DIR"; fi
 
   {
     echo "export KUBECONFIG=$DIR/kubeconfig"
     echo "export PATH=$bin:\$PATH"
+    if [[ "$NODE" == 1 ]]; then echo "export SILO_E2E_NODE_HOST=$API_ADDR"; fi
   } >"$DIR/env"
-  echo "cluster.sh: control plane up at https://127.0.0.1:$api_port ($("$bin/kubectl" --kubeconfig "$DIR/kubeconfig" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])'))" >&2
+  echo "cluster.sh: cluster up at https://$API_ADDR:$api_port ($("$bin/kubectl" --kubeconfig "$DIR/kubeconfig" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])'))" >&2
 }
 
 case "$cmd" in

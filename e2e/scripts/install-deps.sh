@@ -3,7 +3,10 @@
 # Go and Rust come with the machine; the Kubernetes binaries are built by e2e/tools/build.sh.
 set -euo pipefail
 
-packages=(postgresql postgresql-client openssl iproute2 procps)
+packages=(postgresql postgresql-client openssl iproute2 procps python3-venv
+  # The e2e node: container runtime, CNI plugins, image tools, kube-proxy's iptables.
+  containerd runc containernetworking-plugins umoci busybox-static iptables conntrack util-linux
+  gcc libc6-dev file binutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,19 +17,33 @@ pub struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    pub fn start(ns: &TestNs, extra: &[&str]) -> anyhow::Result<ControllerProcess> {
+    /// Starts a controller for the test namespace; with `identity`, as a replica in leader
+    /// election on the chart's Lease, else without leader election.
+    pub fn start(
+        ns: &TestNs,
+        identity: Option<&str>,
+        extra: &[&str],
+    ) -> anyhow::Result<ControllerProcess> {
         let http_port = free_port()?;
         let dir = std::env::var_os("SILO_E2E_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
         let log = dir.join(format!("silo-controller-{}-{http_port}.log", ns.name));
         let file = std::fs::File::create(&log)?;
-        let child = Command::new(&ns.env.controller_bin)
-            .env("KUBECONFIG", &ns.env.kubeconfig)
+        let mut command = Command::new(&ns.env.controller_bin);
+        match identity {
+            Some(identity) => command
+                .env("SILO_LEADER_ELECTION", "true")
+                .env("SILO_POD_NAME", identity)
+                .env("SILO_LEASE_NAMESPACE", &ns.env.lease_namespace)
+                .env("SILO_LEASE_NAME", &ns.env.lease_name),
+            None => command.env("SILO_LEADER_ELECTION", "false"),
+        };
+        let child = command
+            .env("KUBECONFIG", &ns.env.controller_kubeconfig)
             .env("SILO_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
             .env("SILO_WATCH_NAMESPACE", &ns.name)
             .env("SILO_SERVER_SELECTOR", format!("{TEST_LABEL}={}", ns.name))
-            .env("SILO_LEASE_NAMESPACE", &ns.name)
             .env("SILO_RESYNC_INTERVAL", "5")
             .env("SILO_LEASE_DURATION", "6")
             .env("SILO_LOG", "info,silo_controller=debug")

@@ -23,7 +23,15 @@ pub const TEST_LABEL: &str = "silo.dev/e2e-ns";
 /// Paths the harness needs, from the environment `e2e/run-tests.sh` sets up.
 #[derive(Clone, Debug)]
 pub struct Env {
+    /// Cluster admin, for the tests themselves.
     pub kubeconfig: PathBuf,
+    /// What the local controller and router run as: the chart's ServiceAccounts (their tokens, as
+    /// `e2e/run-tests.sh` sets them up), so a permission the chart lacks fails a test.
+    pub controller_kubeconfig: PathBuf,
+    pub router_kubeconfig: PathBuf,
+    /// The leader-election Lease the chart's RBAC lets the controller use (it names one Lease).
+    pub lease_namespace: String,
+    pub lease_name: String,
     pub kubectl: PathBuf,
     pub controller_bin: PathBuf,
     pub router_bin: PathBuf,
@@ -36,8 +44,15 @@ impl Env {
                 format!("{name} is not set: run the end-to-end tests with `e2e/run-tests.sh` (see README.md)")
             })
         };
+        let kubeconfig = var("KUBECONFIG")?;
         Ok(Env {
-            kubeconfig: var("KUBECONFIG")?,
+            controller_kubeconfig: var("SILO_CONTROLLER_KUBECONFIG")?,
+            router_kubeconfig: var("SILO_ROUTER_KUBECONFIG")?,
+            lease_namespace: std::env::var("SILO_E2E_LEASE_NAMESPACE")
+                .context("SILO_E2E_LEASE_NAMESPACE is not set: run `e2e/run-tests.sh`")?,
+            lease_name: std::env::var("SILO_E2E_LEASE_NAME")
+                .context("SILO_E2E_LEASE_NAME is not set: run `e2e/run-tests.sh`")?,
+            kubeconfig,
             kubectl: var("SILO_KUBECTL")?,
             controller_bin: var("SILO_CONTROLLER_BIN")?,
             router_bin: var("SILO_ROUTER_BIN")?,
@@ -210,11 +225,12 @@ metadata:
   name: {name}
   labels: {{{TEST_LABEL}: {ns}}}
 spec:
-  host: 127.0.0.1
+  host: {host}
   port: {port}
   adminSecretRef: {{namespace: {ns}, name: {name}-admin}}
 {extra_spec}"#,
             ns = self.name,
+            host = pg.host,
             port = pg.port,
         );
         self.apply_ok(&yaml).await
@@ -225,9 +241,16 @@ spec:
         format!("{}-{base}", self.name)
     }
 
-    /// Starts this test's controller: it sees only this namespace and this test's servers.
+    /// Starts this test's controller: it sees only this namespace and this test's servers. It
+    /// runs without leader election, so that tests running side by side don't wait on each other.
     pub fn start_controller(&self, extra: &[&str]) -> anyhow::Result<ControllerProcess> {
-        ControllerProcess::start(self, extra)
+        ControllerProcess::start(self, None, extra)
+    }
+
+    /// Starts a controller replica that takes part in leader election on the chart's Lease, as
+    /// `identity`. One test at a time may use this.
+    pub fn start_elected_controller(&self, identity: &str) -> anyhow::Result<ControllerProcess> {
+        ControllerProcess::start(self, Some(identity), &[])
     }
 
     /// Waits until the tenant reaches `phase`, returning it.

@@ -12,6 +12,9 @@ pub const ADMIN_USER: &str = "silo_admin";
 
 /// A running PostgreSQL server owned by one test.
 pub struct PgServer {
+    /// The address the cluster reaches it at: the node link's host address when the e2e cluster
+    /// has a node (`SILO_E2E_NODE_HOST`, so pods can connect), else loopback. It listens on both.
+    pub host: String,
     pub port: u16,
     pub admin_password: String,
     data: PathBuf,
@@ -56,7 +59,9 @@ impl PgServer {
             run(Command::new("chown").args(["postgres:", &pwfile.display().to_string()]))?;
         }
         let data = dir.join("data");
+        let host = std::env::var("SILO_E2E_NODE_HOST").unwrap_or_else(|_| "127.0.0.1".into());
         let mut server = PgServer {
+            host,
             port: 0,
             admin_password,
             data,
@@ -79,6 +84,13 @@ impl PgServer {
                 "--locale=C",
             ],
         )?;
+        if server.host != "127.0.0.1" {
+            // Pods reach the server from the node's address (their traffic is masqueraded).
+            let hba = server.data.join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba)?;
+            rules.push_str(&format!("host all all {}/15 scram-sha-256\n", server.host));
+            std::fs::write(&hba, rules)?;
+        }
         let mut extra = String::new();
         if tls {
             let (cert, key) = self_signed_cert(&dir, "localhost")?;
@@ -105,8 +117,13 @@ impl PgServer {
     }
 
     fn start_on_port(&self, dir: &Path, extra: &str) -> anyhow::Result<()> {
+        let listen = if self.host == "127.0.0.1" {
+            self.host.clone()
+        } else {
+            format!("127.0.0.1,{}", self.host)
+        };
         let options = format!(
-            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off \
+            "-c port={} -c listen_addresses={listen} -c unix_socket_directories={} -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=32MB{extra}",
             self.port,
             dir.display()

@@ -26,7 +26,7 @@ impl RouterProcess {
         let log = dir.join(format!("silo-router-{}-{port}.log", ns.name));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(&ns.env.router_bin)
-            .env("KUBECONFIG", &ns.env.kubeconfig)
+            .env("KUBECONFIG", &ns.env.router_kubeconfig)
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),

@@ -656,8 +656,8 @@ async fn h_leader_failover() {
     with_temp_ns("leader", |ns| async move {
         let pg = PgServer::start()?;
         ns.add_server(&ns.server_name("pg"), &pg, "").await?;
-        let mut a = ns.start_controller(&["--identity", "replica-a"])?;
-        let mut b = ns.start_controller(&["--identity", "replica-b"])?;
+        let mut a = ns.start_elected_controller("replica-a")?;
+        let mut b = ns.start_elected_controller("replica-b")?;
         ns.apply_ok(&tenant_yaml("first", "  {}")).await?;
         ns.wait_phase("first", TenantPhase::Ready, READY_TIMEOUT)
             .await?;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the pinned upstream binaries the e2e harness runs (kube-apiserver, kube-controller-manager,
-# kubectl, etcd) from the Go module proxy into ~/.cache/silo/k8s/<version>/bin. A second run builds
-# nothing. Prints the bin directory on stdout.
+# Builds the pinned upstream binaries the e2e harness runs from the Go module proxy into
+# ~/.cache/silo/k8s/<version>/bin: the control plane (kube-apiserver, kube-controller-manager,
+# kube-scheduler, etcd), the node (kubelet, kube-proxy), kubectl and helm. Only missing binaries are
+# built; a second run builds nothing. Prints the bin directory on stdout.
 set -euo pipefail
 
 KUBE_VERSION="${SILO_KUBE_VERSION:-v1.34.4}"
@@ -9,10 +10,11 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${SILO_CACHE:-$HOME/.cache/silo}"
 OUT="$CACHE/k8s/$KUBE_VERSION"
 BIN="$OUT/bin"
-TOOLS=(kube-apiserver kube-controller-manager kubectl)
+HELM_VERSION="${SILO_HELM_VERSION:-v3.22.0}"
+TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 
 have_all() {
-  for t in "${TOOLS[@]}" etcd; do [[ -x "$BIN/$t" ]] || return 1; done
+  for t in "${TOOLS[@]}" etcd helm; do [[ -x "$BIN/$t" ]] || return 1; done
 }
 if have_all; then echo "$BIN"; exit 0; fi
 
@@ -63,11 +65,33 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   LDFLAGS+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 for t in "${TOOLS[@]}"; do
+  [[ -x "$BIN/$t" ]] && continue
   echo "build.sh: building $t" >&2
   CGO_ENABLED=0 go build -trimpath -ldflags "$LDFLAGS" -o "$BIN/$t.tmp" "k8s.io/kubernetes/cmd/$t"
   mv "$BIN/$t.tmp" "$BIN/$t"
 done
-echo "build.sh: building etcd" >&2
-CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" ./etcd
-mv "$BIN/etcd.tmp" "$BIN/etcd"
+if [[ ! -x "$BIN/etcd" ]]; then
+  echo "build.sh: building etcd" >&2
+  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" ./etcd
+  mv "$BIN/etcd.tmp" "$BIN/etcd"
+fi
+
+# helm has no replace directives: its own module, built as published, with its version stamped.
+if [[ ! -x "$BIN/helm" ]]; then
+  echo "build.sh: building helm $HELM_VERSION" >&2
+  mkdir -p "$OUT/helm-src"
+  cd "$OUT/helm-src"
+  [[ -f go.mod ]] || go mod init silo.dev/e2e-helm >&2
+  go get "helm.sh/helm/v3@$HELM_VERSION" >&2
+  # As helm's Makefile does: the Kubernetes version `helm template` and `helm lint` assume is the
+  # one of the client-go helm is built with (otherwise 1.20, which charts' kubeVersion refuse).
+  client_go="$(go list -m -f '{{.Version}}' k8s.io/client-go)"
+  k8s_minor="${client_go#v0.}"; k8s_minor="${k8s_minor%%.*}"
+  helm_ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+  for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+  done
+  CGO_ENABLED=0 go build -trimpath -ldflags "$helm_ldflags" -o "$BIN/helm.tmp" helm.sh/helm/v3/cmd/helm
+  mv "$BIN/helm.tmp" "$BIN/helm"
+fi
 echo "$BIN"

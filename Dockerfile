@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# The silo image: silo-controller and silo-router, and the PostgreSQL client tools that Silo's Jobs
+# run. The e2e harness builds an image with the same contents without a registry or Docker
+# (e2e/scripts/images.sh): it reads SILO_BINARIES, SILO_DEBIAN_PACKAGES, PATH, USER and ENTRYPOINT
+# from this file, so the two cannot drift apart.
+#
+#   docker build -t silo:dev .
+ARG SILO_BINARIES="silo-controller silo-router"
+ARG SILO_DEBIAN_PACKAGES="postgresql-client-15"
+
+FROM rust:1.95-bookworm AS build
+ARG SILO_BINARIES
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked $(for b in $SILO_BINARIES; do printf -- '-p %s ' "$b"; done) \
+    && mkdir /out \
+    && for b in $SILO_BINARIES; do cp "target/release/$b" /out/; done
+
+FROM debian:bookworm-slim
+ARG SILO_DEBIAN_PACKAGES
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends $SILO_DEBIAN_PACKAGES \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/ /usr/local/bin/
+ENV PATH=/usr/local/bin:/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/silo-controller"]

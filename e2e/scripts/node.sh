@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# A real Kubernetes node for the e2e cluster: containerd + kubelet + kube-proxy in a network
+# namespace of their own, so that Jobs and the chart's pods really run. See e2e/README.md.
+#   node.sh net-up DIR        the namespace, its veth link and the egress guard (before the API server)
+#   node.sh up DIR            containerd, kubelet and kube-proxy against the control plane in DIR
+#   node.sh import DIR TAR    imports an OCI image tarball into the node's containerd (k8s.io)
+#   node.sh down DIR          stops everything and removes all state, inside DIR and outside it
+# Needs root. Addresses come from 198.18.0.0/15 (RFC 2544, reserved for network tests): the node
+# link, the pod range and the service range all live there, and the guard rejects any packet to
+# that range that would leave through an interface other than loopback or the node link.
+set -euo pipefail
+
+cmd="${1:?usage: node.sh net-up|up|import|down DIR}"
+DIR="${2:?usage: node.sh net-up|up|import|down DIR}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+NETNS=silo-e2e-node
+HOST_IF=silo-e2e-h
+NODE_IF=silo-e2e-n
+export SILO_NODE_HOST_IP=198.18.0.1 SILO_NODE_IP=198.18.0.2
+LINK_PREFIX=30
+POD_CIDR=198.18.16.0/24
+export SILO_SERVICE_CIDR=198.19.0.0/16
+GUARD_RANGE=198.18.0.0/15
+GUARD_CHAIN=SILO-E2E-GUARD
+NODE_NAME=silo-e2e-node
+CGROUP_ROOT=silo-e2e
+
+in_node() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
+
+stop_pid() {
+  local file="$1" pid
+  [[ -f "$file" ]] || return 0
+  pid="$(cat "$file")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$file"
+}
+
+guard_down() {
+  for chain in OUTPUT FORWARD; do
+    while iptables -D "$chain" -j "$GUARD_CHAIN" 2>/dev/null; do :; done
+  done
+  iptables -F "$GUARD_CHAIN" 2>/dev/null || true
+  iptables -X "$GUARD_CHAIN" 2>/dev/null || true
+}
+
+net_down() {
+  guard_down
+  ip link del "$HOST_IF" 2>/dev/null || true
+  if [[ -e "/run/netns/$NETNS" ]]; then ip netns del "$NETNS" 2>/dev/null || true; fi
+}
+
+net_up() {
+  net_down
+  # Nothing on this machine may already route into the range.
+  if [[ -n "$(ip -4 route show to match "$SILO_NODE_HOST_IP" | grep -v '^default')" ]]; then
+    echo "node.sh: $GUARD_RANGE is already routed on this machine; refusing to start" >&2
+    ip -4 route show to match "$SILO_NODE_HOST_IP" >&2
+    exit 1
+  fi
+  ip netns add "$NETNS"
+  ip link add "$HOST_IF" type veth peer name "$NODE_IF" netns "$NETNS"
+  ip addr add "$SILO_NODE_HOST_IP/$LINK_PREFIX" dev "$HOST_IF"
+  ip link set "$HOST_IF" up
+  in_node ip link set lo up
+  in_node ip addr add "$SILO_NODE_IP/$LINK_PREFIX" dev "$NODE_IF"
+  in_node ip link set "$NODE_IF" up
+  # The node namespace gets no default route: the only peer it can reach is this machine.
+
+  # The guard: packets to the test range may leave only through loopback or the node link; on any
+  # other interface (the machine's way out) they are rejected, so a mistake fails loudly.
+  iptables -N "$GUARD_CHAIN"
+  iptables -A "$GUARD_CHAIN" -o lo -j RETURN
+  iptables -A "$GUARD_CHAIN" -o "$HOST_IF" -j RETURN
+  iptables -A "$GUARD_CHAIN" -d "$GUARD_RANGE" -p tcp -j REJECT --reject-with tcp-reset
+  iptables -A "$GUARD_CHAIN" -d "$GUARD_RANGE" -j REJECT --reject-with icmp-net-unreachable
+  iptables -I OUTPUT -j "$GUARD_CHAIN"
+  iptables -I FORWARD -j "$GUARD_CHAIN"
+}
+
+# A client certificate signed by the cluster CA, and a kubeconfig using it.
+client_kubeconfig() {
+  local name="$1" subject="$2" server="$3" pki="$DIR/pki"
+  openssl req -newkey rsa:2048 -nodes -subj "$subject" \
+    -keyout "$pki/$name.key" -out "$pki/$name.csr" 2>/dev/null
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+    -days 2 -extfile "$pki/client.ext" -out "$pki/$name.crt" 2>/dev/null
+  cat >"$DIR/node/$name.kubeconfig" <<KCFG
+apiVersion: v1
+kind: Config
+clusters:
+- name: silo-e2e
+  cluster: {server: "$server", certificate-authority: "$pki/ca.crt"}
+users:
+- name: $name
+  user: {client-certificate: "$pki/$name.crt", client-key: "$pki/$name.key"}
+contexts:
+- name: silo-e2e
+  context: {cluster: silo-e2e, user: $name}
+current-context: silo-e2e
+KCFG
+}
+
+cgroup_dirs() {
+  local c
+  for c in /sys/fs/cgroup/*/; do
+    [[ -d "$c$CGROUP_ROOT" ]] && echo "$c$CGROUP_ROOT"
+  done
+  return 0
+}
+
+up() {
+  local bin node="$DIR/node" server
+  bin="$("$HERE/../tools/build.sh")"
+  server="$(sed -n 's/^ *server: *//p' "$DIR/kubeconfig" | head -1)"
+  mkdir -p "$node"/{containerd,cni,cni-ipam,kubelet,pod-logs,images} "$DIR/logs"
+  [[ -e "/run/netns/$NETNS" ]] || { echo "node.sh: run 'node.sh net-up' first" >&2; exit 1; }
+
+  # containerd: all state under DIR; the CRI settings these machines need (NODE.md).
+  cat >"$node/containerd.toml" <<TOML
+version = 2
+root = "$node/containerd/root"
+state = "$node/containerd/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "$node/containerd.sock"
+[ttrpc]
+  address = "$node/containerd.sock.ttrpc"
+[debug]
+  address = "$node/containerd-debug.sock"
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "localhost/pause:v1"
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$node/cni"
+TOML
+  # One bridge inside the node namespace; pods' traffic is masqueraded to the node address.
+  cat >"$node/cni/10-silo.conflist" <<JSON
+{
+  "cniVersion": "1.0.0",
+  "name": "silo-e2e",
+  "plugins": [
+    {
+      "type": "bridge", "bridge": "silo-br0", "isGateway": true, "ipMasq": true, "hairpinMode": true,
+      "ipam": {
+        "type": "host-local", "dataDir": "$node/cni-ipam",
+        "ranges": [[{"subnet": "$POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}}
+  ]
+}
+JSON
+  nsenter --net="/run/netns/$NETNS" -- containerd --config "$node/containerd.toml" >"$DIR/logs/containerd.log" 2>&1 &
+  echo $! >"$node/containerd.pid"
+  for _ in $(seq 100); do [[ -S "$node/containerd.sock" ]] && break; sleep 0.1; done
+  [[ -S "$node/containerd.sock" ]] || { echo "node.sh: containerd did not start" >&2; tail "$DIR/logs/containerd.log" >&2; exit 1; }
+
+  local pause="${SILO_CACHE:-$HOME/.cache/silo}/images/pause-$(sha256sum "$HERE/../images/pause.c" | cut -c1-12).tar"
+  if [[ ! -f "$pause" ]]; then
+    mkdir -p "$(dirname "$pause")"
+    "$HERE/images.sh" pause "$pause"
+  fi
+  import_image "$pause" pause
+
+  # kubelet: cgroupfs driver (no systemd, cgroup v1), no OOM score changes, all state under DIR.
+  local c
+  for c in /sys/fs/cgroup/*/; do
+    [[ "$c" == */unified/ ]] && continue
+    mkdir -p "$c$CGROUP_ROOT"
+  done
+  cat /sys/fs/cgroup/cpuset/cpuset.cpus >"/sys/fs/cgroup/cpuset/$CGROUP_ROOT/cpuset.cpus"
+  cat /sys/fs/cgroup/cpuset/cpuset.mems >"/sys/fs/cgroup/cpuset/$CGROUP_ROOT/cpuset.mems"
+  client_kubeconfig kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" "$server"
+  client_kubeconfig kube-proxy "/CN=system:kube-proxy" "$server"
+  : >"$node/resolv.conf"
+  cat >"$node/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+cgroupRoot: /$CGROUP_ROOT
+failCgroupV1: false
+containerRuntimeEndpoint: unix://$node/containerd.sock
+address: $SILO_NODE_IP
+healthzBindAddress: 127.0.0.1
+readOnlyPort: 0
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: "$DIR/pki/ca.crt"}
+authorization: {mode: Webhook}
+oomScoreAdj: 0
+failSwapOn: false
+resolvConf: "$node/resolv.conf"
+podLogsDir: "$node/pod-logs"
+rotateCertificates: false
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%"}
+localStorageCapacityIsolation: false
+maxPods: 50
+YAML
+  nsenter --net="/run/netns/$NETNS" -- "$bin/kubelet" --config "$node/kubelet.yaml" --kubeconfig "$node/kubelet.kubeconfig" \
+    --root-dir "$node/kubelet" --cert-dir "$node/kubelet/pki" --hostname-override "$NODE_NAME" \
+    --node-ip "$SILO_NODE_IP" --v 1 >"$DIR/logs/kubelet.log" 2>&1 &
+  echo $! >"$node/kubelet.pid"
+
+  # kube-proxy gives ClusterIPs (the `kubernetes` Service among them) inside the node namespace.
+  cat >"$node/kube-proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clusterCIDR: $POD_CIDR
+hostnameOverride: $NODE_NAME
+bindAddress: $SILO_NODE_IP
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+clientConnection: {kubeconfig: "$node/kube-proxy.kubeconfig"}
+conntrack: {maxPerCore: 0}
+YAML
+  nsenter --net="/run/netns/$NETNS" -- "$bin/kube-proxy" --config "$node/kube-proxy.yaml" >"$DIR/logs/kube-proxy.log" 2>&1 &
+  echo $! >"$node/kube-proxy.pid"
+
+  local kubectl=("$bin/kubectl" --kubeconfig "$DIR/kubeconfig")
+  for _ in $(seq 600); do
+    if [[ "$("${kubectl[@]}" get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]; then
+      echo "node.sh: node $NODE_NAME Ready at $SILO_NODE_IP (pods $POD_CIDR, services $SILO_SERVICE_CIDR)" >&2
+      return 0
+    fi
+    kill -0 "$(cat "$node/kubelet.pid")" 2>/dev/null || break
+    sleep 0.2
+  done
+  echo "node.sh: node did not become Ready; last kubelet log lines:" >&2
+  tail -30 "$DIR/logs/kubelet.log" >&2
+  exit 1
+}
+
+# Imports an OCI layout tarball as localhost/NAME:<its tag>; pods use imagePullPolicy Never.
+import_image() {
+  local tar="$1" name="$2"
+  ctr --address "$DIR/node/containerd.sock" -n k8s.io images import --base-name "localhost/$name" \
+    "$tar" >/dev/null
+}
+
+down() {
+  local node="$DIR/node" pid f
+  # Containers first (every process in the node's cgroups), then the node's own processes.
+  for f in $(cgroup_dirs | sed -n '/\/pids\//p'); do
+    for pid in $(find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  done
+  for p in kube-proxy kubelet containerd; do stop_pid "$node/$p.pid"; done
+  # Whatever is left that runs from the node's folder: shims, or a process whose PID file was lost.
+  pkill -KILL -f -- "$node/" 2>/dev/null || true
+  # Mounts the node left: pod volumes, container root filesystems, pod network namespaces.
+  if [[ -d "$DIR" ]]; then
+    findmnt -rn -o TARGET | grep -F "$DIR/" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  fi
+  for f in /run/netns/cni-*; do
+    [[ -e "$f" ]] || continue
+    umount -l "$f" 2>/dev/null || true
+    rm -f "$f"
+  done
+  rm -rf /run/containerd/s /run/containerd/fifo /run/containerd/runc/k8s.io
+  # Cgroups, deepest first (a cgroup folder is removed with rmdir once it has no processes).
+  for _ in 1 2 3; do
+    for f in $(cgroup_dirs); do
+      find "$f" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    done
+  done
+  net_down
+  if [[ -d "$node" ]]; then rm -rf "$node" 2>/dev/null || true; fi
+}
+
+case "$cmd" in
+  net-up) net_up ;;
+  up) up ;;
+  import) import_image "${3:?usage: node.sh import DIR TAR NAME}" "${4:?usage: node.sh import DIR TAR NAME}" ;;
+  down) down ;;
+  *) echo "usage: node.sh net-up|up|import|down DIR" >&2; exit 2 ;;
+esac
