@@ -286,6 +286,20 @@ down() {
   done
   net_down
   if [[ -d "$node" ]]; then rm -rf "$node" 2>/dev/null || true; fi
+
+  # Torn down completely, or say what is left.
+  local left=()
+  [[ -e "/run/netns/$NETNS" ]] && left+=("network namespace $NETNS")
+  ip link show "$HOST_IF" >/dev/null 2>&1 && left+=("link $HOST_IF")
+  iptables -n -L "$GUARD_CHAIN" >/dev/null 2>&1 && left+=("iptables chain $GUARD_CHAIN")
+  pgrep -f -- "$node/" >/dev/null && left+=("processes: $(pgrep -f -- "$node/" | tr '\n' ' ')")
+  findmnt -rn -o TARGET | grep -qF "$node/" && left+=("mounts under $node")
+  [[ -n "$(cgroup_dirs)" ]] && left+=("cgroups: $(cgroup_dirs | tr '\n' ' ')")
+  [[ -d "$node" ]] && left+=("folder $node")
+  if ((${#left[@]})); then
+    printf 'node.sh: left behind: %s\n' "${left[@]}" >&2
+    exit 1
+  fi
 }
 
 case "$cmd" in

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A throw-away PostgreSQL server on loopback.
-#   postgres.sh start DIR PORT PASSWORD   initdb (admin role silo_admin) and start
+#   postgres.sh start DIR PORT PASSWORD [HOST]   initdb (admin role silo_admin) and start; with HOST
+#                                                (the e2e node link's host address) it listens there
+#                                                too and admits the node's pods
 #   postgres.sh stop DIR                  stop immediately
 # As root it runs the server as the `postgres` user, since PostgreSQL refuses to run as root.
 set -euo pipefail
@@ -10,7 +12,8 @@ as_pg() { if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@";
 
 case "$cmd" in
   start)
-    PORT="${3:?port}"; PASSWORD="${4:?password}"
+    PORT="${3:?port}"; PASSWORD="${4:?password}"; HOST="${5:-}"
+    LISTEN=127.0.0.1
     mkdir -p "$DIR"
     [[ "$(id -u)" == 0 ]] && chown postgres: "$DIR"
     printf '%s' "$PASSWORD" >"$DIR/pwfile"
@@ -18,8 +21,12 @@ case "$cmd" in
     as_pg "$PGBIN/initdb" -D "$DIR/data" -U silo_admin --pwfile="$DIR/pwfile" \
       --auth-host=scram-sha-256 --auth-local=trust --no-sync -E UTF8 --locale=C >/dev/null
     rm -f "$DIR/pwfile"
+    if [[ -n "$HOST" ]]; then
+      LISTEN="127.0.0.1,$HOST"
+      echo "host all all $HOST/15 scram-sha-256" >>"$DIR/data/pg_hba.conf"
+    fi
     as_pg "$PGBIN/pg_ctl" -D "$DIR/data" -l "$DIR/log" -w start \
-      -o "-c port=$PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$DIR -c fsync=off -c max_connections=300" >/dev/null
+      -o "-c port=$PORT -c listen_addresses=$LISTEN -c unix_socket_directories=$DIR -c fsync=off -c max_connections=300" >/dev/null
     ;;
   stop)
     [[ -d "$DIR/data" ]] && as_pg "$PGBIN/pg_ctl" -D "$DIR/data" -m immediate -w stop >/dev/null 2>&1 || true

@@ -33,6 +33,7 @@ pub struct Env {
     pub lease_namespace: String,
     pub lease_name: String,
     pub kubectl: PathBuf,
+    pub helm: PathBuf,
     pub controller_bin: PathBuf,
     pub router_bin: PathBuf,
 }
@@ -54,6 +55,7 @@ impl Env {
                 .context("SILO_E2E_LEASE_NAME is not set: run `e2e/run-tests.sh`")?,
             kubeconfig,
             kubectl: var("SILO_KUBECTL")?,
+            helm: var("SILO_HELM")?,
             controller_bin: var("SILO_CONTROLLER_BIN")?,
             router_bin: var("SILO_ROUTER_BIN")?,
         })
@@ -156,28 +158,17 @@ impl TestNs {
         self.kubectl_stdin(args, None).await
     }
 
+    /// Runs helm against the test cluster (as cluster admin).
+    pub async fn helm(&self, args: &[&str]) -> anyhow::Result<KubectlOutput> {
+        run_tool(&self.env.helm, &self.env.kubeconfig, args, None).await
+    }
+
     pub async fn kubectl_stdin(
         &self,
         args: &[&str],
         stdin: Option<&str>,
     ) -> anyhow::Result<KubectlOutput> {
-        let mut child = tokio::process::Command::new(&self.env.kubectl)
-            .env("KUBECONFIG", &self.env.kubeconfig)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting kubectl")?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(input.as_bytes()).await?;
-        }
-        let out = child.wait_with_output().await?;
-        Ok(KubectlOutput {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        run_tool(&self.env.kubectl, &self.env.kubeconfig, args, stdin).await
     }
 
     /// `kubectl apply -n <ns> -f -`; the output, successful or not.
@@ -312,4 +303,31 @@ spec:
             .delete(&self.name, &DeleteParams::default())
             .await;
     }
+}
+
+/// Runs kubectl or helm with the given kubeconfig, feeding `stdin` if any.
+async fn run_tool(
+    tool: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<KubectlOutput> {
+    let mut child = tokio::process::Command::new(tool)
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", tool.display()))?;
+    // The pipe is dropped (closed) here, so a tool reading stdin sees its end.
+    if let (Some(mut pipe), Some(input)) = (child.stdin.take(), stdin) {
+        pipe.write_all(input.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    Ok(KubectlOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
