@@ -39,9 +39,11 @@ stop_pid() {
 
 down() {
   [[ -d "$DIR" ]] || return 0
-  if [[ -f "$DIR/node.enabled" ]]; then "$HERE/node.sh" down "$DIR"; fi
+  local rc=0
+  if [[ -f "$DIR/node.enabled" ]]; then "$HERE/node.sh" down "$DIR" || rc=$?; fi
   for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$DIR/$c.pid"; done
   rm -rf "$DIR"
+  return "$rc"
 }
 
 up() {

@@ -261,11 +261,13 @@ import_image() {
 
 down() {
   local node="$DIR/node" pid f
-  # Containers first (every process in the node's cgroups), then the node's own processes.
+  # kubelet first (it would restart containers), then every process in the node's cgroups (the
+  # containers), then the rest of the node.
+  stop_pid "$node/kubelet.pid"
   for f in $(cgroup_dirs | sed -n '/\/pids\//p'); do
     for pid in $(find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   done
-  for p in kube-proxy kubelet containerd; do stop_pid "$node/$p.pid"; done
+  for p in kube-proxy containerd; do stop_pid "$node/$p.pid"; done
   # Whatever is left that runs from the node's folder: shims, or a process whose PID file was lost.
   pkill -KILL -f -- "$node/" 2>/dev/null || true
   # Mounts the node left: pod volumes, container root filesystems, pod network namespaces.
@@ -279,10 +281,13 @@ down() {
   done
   rm -rf /run/containerd/s /run/containerd/fifo /run/containerd/runc/k8s.io
   # Cgroups, deepest first (a cgroup folder is removed with rmdir once it has no processes).
-  for _ in 1 2 3; do
+  # Killed processes take a moment to leave their cgroups.
+  for _ in $(seq 100); do
     for f in $(cgroup_dirs); do
       find "$f" -depth -type d -exec rmdir {} + 2>/dev/null || true
     done
+    [[ -z "$(cgroup_dirs)" ]] && break
+    sleep 0.1
   done
   net_down
   if [[ -d "$node" ]]; then rm -rf "$node" 2>/dev/null || true; fi
