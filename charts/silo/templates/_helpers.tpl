@@ -98,11 +98,6 @@ app.kubernetes.io/component: job
 {{- end }}
 {{- end }}
 
-{{/* The Job pods' ServiceAccount: jobs.serviceAccountName, or the chart's `<fullname>-job`. */}}
-{{- define "silo.jobs.serviceAccountName" -}}
-{{- .Values.jobs.serviceAccountName | default (printf "%s-job" (include "silo.fullname" .) | trunc 63 | trimSuffix "-") }}
-{{- end }}
-
 {{/* The Lease the controller replicas elect their leader with. */}}
 {{- define "silo.leaseName" -}}
 {{- .Values.controller.leaderElection.leaseName | default (include "silo.controller.fullname" .) }}
@@ -127,7 +122,7 @@ release's router Service; empty without a router.
   "image" ($jobs.image | default (include "silo.image" .))
   "imagePullPolicy" ($jobs.imagePullPolicy | default .Values.image.pullPolicy)
   "imagePullSecrets" .Values.imagePullSecrets
-  "serviceAccountName" (include "silo.jobs.serviceAccountName" .)
+  "serviceAccountName" $jobs.serviceAccountName
   "hostNetwork" $jobs.hostNetwork
   "ttlSecondsAfterFinished" (int $jobs.ttlSecondsAfterFinished)
   "activeDeadlineSeconds" (int $jobs.activeDeadlineSeconds)
