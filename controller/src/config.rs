@@ -68,6 +68,11 @@ pub struct Args {
     /// This replica's identity in the Lease (the pod name in a cluster).
     #[arg(long, env = "SILO_POD_NAME")]
     pub identity: Option<String>,
+
+    /// JSON file with the settings of every Job the controller creates (the chart's `jobs`
+    /// values): scheduling, ServiceAccount, resources, limits, extra labels and annotations.
+    #[arg(long, env = "SILO_JOB_SETTINGS")]
+    pub job_settings: Option<std::path::PathBuf>,
 }
 
 /// Log output format.

@@ -28,6 +28,8 @@ pub struct Context {
     pub resync: Duration,
     /// The router's `host:port` for the Secrets' `router-uri`, when a router is deployed.
     pub router_address: Option<String>,
+    /// Applied to every Job the controller creates.
+    pub job_settings: crate::jobs::JobSettings,
     /// Consecutive failures per DatabaseServer, for capped exponential backoff.
     pub server_failures: std::sync::Mutex<HashMap<String, u32>>,
 }

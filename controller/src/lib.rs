@@ -5,6 +5,7 @@ pub mod context;
 pub mod database_server;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod sql;
 pub mod telemetry;
@@ -44,6 +45,8 @@ pub enum RunError {
     LostLeadership,
     #[error("http server: {0}")]
     Http(#[from] std::io::Error),
+    #[error(transparent)]
+    JobSettings(#[from] jobs::JobSettingsError),
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or until leadership is lost (Err).
@@ -63,7 +66,12 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         lease_name,
         lease_duration,
         identity,
+        job_settings,
     } = args;
+    let job_settings = match job_settings {
+        Some(path) => jobs::JobSettings::load(&path)?,
+        None => jobs::JobSettings::default(),
+    };
     let identity = identity.unwrap_or_else(|| format!("silo-controller-{}", std::process::id()));
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
@@ -198,6 +206,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         ),
         resync: resync_interval,
         router_address,
+        job_settings,
         server_failures: Default::default(),
     });
 

@@ -29,8 +29,9 @@ fn tenant_yaml(name: &str) -> String {
     format!("apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {name}}}\nspec: {{}}\n")
 }
 
-/// Values for a release in the test namespace: the node's image, and a controller that sees only
-/// this test's namespace and servers (other tests run side by side with their own controllers).
+/// Values for a release in the test namespace: the node's image, a controller that sees only this
+/// test's namespace and servers (other tests run side by side with their own controllers), and Job
+/// settings, which the controller must accept at start.
 fn e2e_values(ns: &TestNs) -> anyhow::Result<String> {
     let image = node::image()?;
     let (repository, tag) = image.rsplit_once(':').context("image without a tag")?;
@@ -41,7 +42,10 @@ fn e2e_values(ns: &TestNs) -> anyhow::Result<String> {
             "image: {{repository: {repository}, tag: {tag}, pullPolicy: Never}}\n\
              controller:\n  logFormat: plain\n  resyncInterval: 5\n  watchNamespace: {ns}\n  \
              serverSelector: \"silo.dev/e2e-ns={ns}\"\n\
-             router:\n  replicas: 1\n",
+             router:\n  replicas: 1\n\
+             jobs:\n  nodeSelector: {{pool: jobs}}\n  podLabels: {{team: db}}\n  \
+             tolerations: [{{key: dedicated, operator: Exists, effect: NoSchedule}}]\n  \
+             resources: {{limits: {{memory: 256Mi}}}}\n",
             ns = ns.name
         ),
     )?;
