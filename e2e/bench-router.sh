@@ -3,7 +3,9 @@
 # (b) Debian's PgBouncer configured the same way (transaction pooling, 20 server connections per
 # tenant, SCRAM), (c) silo-router. Cases: select-only with 50 clients on one tenant; 200 tenants x 2
 # clients (a custom script per tenant); connection churn (-C). Then the router's RSS with 10,000
-# idle tenants configured. SILO_BENCH_SECONDS sets each run's length (default 10).
+# idle tenants configured, and, on a local control plane with the controller, the time from a
+# Tenant turning Ready to its first query through the router. SILO_BENCH_SECONDS sets each run's
+# length (default 10).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -15,15 +17,19 @@ TENANTS=200
 if ! command -v pgbouncer >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null
 fi
-cargo build --quiet --release -p silo-router --manifest-path "$ROOT/Cargo.toml"
+cargo build --quiet --release -p silo-router -p silo-controller -p silo-e2e --manifest-path "$ROOT/Cargo.toml"
 ROUTER_BIN="$CARGO_TARGET_DIR/release/silo-router"
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 
 WORK="$(mktemp -d /tmp/silo-bench-router.XXXXXX)"
 chmod 755 "$WORK"
 PIDS=()
+export SILO_E2E_DIR="$WORK" SILO_E2E_NODE=0
+# shellcheck source=scripts/harness.sh
+source "$ROOT/e2e/scripts/harness.sh"
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  harness_down "$WORK" || true
   [[ -f "$WORK/pgbouncer.pid" ]] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
   "$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg"
   rm -rf "$WORK"
@@ -129,6 +135,11 @@ wait_port "$IDLE_PORT"
 sleep 1
 IDLE_RSS_KB="$(awk '/^VmRSS:/ {print $2}' "/proc/$IDLE_PID/status")"
 
+echo "bench-router.sh: Ready to first routed query, on a local control plane" >&2
+harness_up "$WORK" >&2
+export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller" SILO_ROUTER_BIN="$ROUTER_BIN"
+READY_LINE="$("$CARGO_TARGET_DIR/release/bench_router_ready" --tenants 20)"
+
 echo
 echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run, transaction pooling, 20 server connections per tenant"
 printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
@@ -141,3 +152,4 @@ for c in select multi churn; do
   printf '  %-32s %12s %12s %12s\n' "  mean latency (ms)" "$d_lat" "$b_lat" "$r_lat"
 done
 echo "  router RSS with 10,000 idle tenants configured: $((IDLE_RSS_KB / 1024)) MiB (target <= 100 MiB)"
+echo "  $READY_LINE"

@@ -7,8 +7,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:/usr/local/go/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/silo/target}"
 "$ROOT/e2e/scripts/install-deps.sh"
-BIN="$("$ROOT/e2e/tools/build.sh")"
-export SILO_KUBECTL="$BIN/kubectl"
+# shellcheck source=scripts/harness.sh
+source "$ROOT/e2e/scripts/harness.sh"
+# No node: the benchmark runs no pods, and the control plane stays on loopback.
+export SILO_E2E_NODE=0
 cargo build --quiet --release -p silo-controller -p silo-router -p silo-e2e --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller"
 export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/release/silo-router"
@@ -29,13 +31,10 @@ cleanup() {
   for pid in "$WORK"/pg-*/data/postmaster.pid; do
     [[ -f "$pid" ]] && kill -9 "$(head -1 "$pid")" 2>/dev/null || true
   done
-  "$ROOT/e2e/scripts/cluster.sh" down "$WORK/cluster" || true
+  harness_down "$WORK" || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-"$ROOT/e2e/scripts/cluster.sh" up "$WORK/cluster"
-export KUBECONFIG="$WORK/cluster/kubeconfig"
-"$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
-"$SILO_KUBECTL" wait --for condition=established --timeout=60s crd/tenants.silo.dev >/dev/null
+harness_up "$WORK"
 echo "bench.sh: PostgreSQL data under $WORK" >&2
 "$CARGO_TARGET_DIR/release/bench_provision" "$@"

@@ -9,8 +9,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/silo/target}"
-BIN="$("$ROOT/e2e/tools/build.sh")"
-export SILO_KUBECTL="$BIN/kubectl" SILO_HELM="$BIN/helm"
+# shellcheck source=scripts/harness.sh
+source "$ROOT/e2e/scripts/harness.sh"
 
 WORK="$(mktemp -d /tmp/silo-e2e.XXXXXX)"
 chmod 755 "$WORK"
@@ -26,20 +26,13 @@ cleanup() {
     cp "$WORK"/*.log "$WORK"/cluster/logs/*.log "$CARGO_TARGET_DIR/e2e-logs/" 2>/dev/null || true
     echo "run-tests.sh: logs of the failed run are in $CARGO_TARGET_DIR/e2e-logs" >&2
   fi
-  "$ROOT/e2e/scripts/cluster.sh" down "$WORK/cluster" || true
+  harness_down "$WORK" || rc=1
   rm -rf "$WORK"
   exit "$rc"
 }
 trap cleanup EXIT INT TERM
 
-if [[ "${SILO_E2E_USE_KUBECONFIG:-0}" != 1 ]]; then
-  "$ROOT/e2e/scripts/cluster.sh" up "$WORK/cluster"
-  # shellcheck disable=SC1091
-  source "$WORK/cluster/env"
-fi
-"$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
-"$SILO_KUBECTL" wait --for condition=established --timeout=60s crd/tenants.silo.dev crd/databaseservers.silo.dev >/dev/null
-
+harness_up "$WORK"
 cargo build --quiet -p silo-controller -p silo-router --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/debug/silo-controller"
 export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/debug/silo-router"
@@ -48,10 +41,5 @@ if [[ -n "${SILO_E2E_NODE_HOST:-}" ]]; then
   "$ROOT/e2e/scripts/node.sh" import "$WORK/cluster" "$WORK/silo-image.tar" silo
   export SILO_E2E_IMAGE=localhost/silo:e2e
 fi
-# The local controller and router run as the chart's ServiceAccounts, with the chart's RBAC.
-"$ROOT/e2e/scripts/chart-rbac.sh" silo-e2e "$WORK/identities"
-export SILO_CONTROLLER_KUBECONFIG="$WORK/identities/controller.kubeconfig"
-export SILO_ROUTER_KUBECONFIG="$WORK/identities/router.kubeconfig"
-export SILO_E2E_LEASE_NAMESPACE=silo-e2e SILO_E2E_LEASE_NAME=silo-e2e-controller
 export SILO_PYTHON="${SILO_PYTHON:-$HOME/.cache/silo/venv/bin/python}"
 cargo test --manifest-path "$ROOT/Cargo.toml" -p silo-e2e -- "$@"

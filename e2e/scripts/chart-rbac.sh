@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gives the e2e tests the chart's own identities: renders charts/silo as release `silo-e2e` in
 # namespace NS, applies only its ServiceAccounts and RBAC, and writes OUT/controller.kubeconfig and
-# OUT/router.kubeconfig that authenticate as the controller's and the router's ServiceAccounts.
+# OUT/router.kubeconfig that authenticate as the controller's and the router's ServiceAccounts, and
+# OUT/env, which exports them (and the Lease the chart's RBAC allows) for the e2e harness.
 # The local controller and router then run with exactly the permissions the chart grants.
 #   chart-rbac.sh NS OUT      (KUBECONFIG: cluster admin; SILO_KUBECTL, SILO_HELM: the tools)
 set -euo pipefail
@@ -62,3 +63,19 @@ done <"$OUT/identities"
 for component in controller router; do
   [[ -f "$OUT/$component.kubeconfig" ]] || { echo "chart-rbac.sh: the chart renders no $component Deployment" >&2; exit 1; }
 done
+lease="$(python3 - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+for o in json.load(open(f"{out}/rbac.json"))["items"]:
+    if o["kind"] == "Role":
+        for rule in o.get("rules", []):
+            if "leases" in rule.get("resources", []) and rule.get("resourceNames"):
+                print(rule["resourceNames"][0])
+PY
+)"
+[[ -n "$lease" ]] || { echo "chart-rbac.sh: the chart's Role names no Lease" >&2; exit 1; }
+cat >"$OUT/env" <<ENV
+export SILO_CONTROLLER_KUBECONFIG="$OUT/controller.kubeconfig"
+export SILO_ROUTER_KUBECONFIG="$OUT/router.kubeconfig"
+export SILO_E2E_LEASE_NAMESPACE="$NS" SILO_E2E_LEASE_NAME="$lease"
+ENV

@@ -1,0 +1,28 @@
+# Sourced by run-tests.sh and the benchmarks: the cluster the e2e harness (silo-e2e) runs against.
+#   harness_up WORK    a cluster in WORK/cluster (or $KUBECONFIG with SILO_E2E_USE_KUBECONFIG=1),
+#                      the CRDs, and the chart's identities for the local controller and router;
+#                      exports KUBECONFIG, SILO_KUBECTL, SILO_HELM and what silo-e2e's Env reads
+#   harness_down WORK  stops the cluster
+# Expects ROOT (the repository) and the pinned tools built (e2e/tools/build.sh).
+
+harness_up() {
+  local work="$1" bin
+  bin="$("$ROOT/e2e/tools/build.sh")"
+  export SILO_KUBECTL="$bin/kubectl" SILO_HELM="$bin/helm"
+  if [[ "${SILO_E2E_USE_KUBECONFIG:-0}" != 1 ]]; then
+    "$ROOT/e2e/scripts/cluster.sh" up "$work/cluster"
+    # shellcheck disable=SC1091
+    source "$work/cluster/env"
+  fi
+  "$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
+  "$SILO_KUBECTL" wait --for condition=established --timeout=60s \
+    crd/tenants.silo.dev crd/databaseservers.silo.dev >/dev/null
+  # The local controller and router run as the chart's ServiceAccounts, with the chart's RBAC.
+  "$ROOT/e2e/scripts/chart-rbac.sh" silo-e2e "$work/identities"
+  # shellcheck disable=SC1091
+  source "$work/identities/env"
+}
+
+harness_down() {
+  "$ROOT/e2e/scripts/cluster.sh" down "$1/cluster"
+}
