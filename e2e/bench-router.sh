@@ -103,22 +103,53 @@ run_pgbench() {
   echo "$tps ${lat:-0}"
 }
 
-declare -A RESULT
-for target in direct pgbouncer router; do
+case_name() {
+  case "$1" in
+    select) echo "select-only, 50 clients" ;;
+    multi) echo "$TENANTS tenants x 2 clients" ;;
+    churn) echo "connection churn (-C), 10 clients" ;;
+  esac
+}
+
+# Prints "tps latency_ms" for one case against one target.
+run_case() {
+  local target="$1" port i
   port="$(port_of "$target")"
-  echo "bench-router.sh: $target: select-only, 50 clients" >&2
-  RESULT[$target,select]="$(PGPASSWORD=pw_0 run_pgbench -S -c 50 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U t_0 "$(db_of "$target" 0)")"
-  echo "bench-router.sh: $target: $TENANTS tenants x 2 clients" >&2
-  jobs_pids=()
-  for i in $(seq 1 "$TENANTS"); do
-    PGPASSWORD="pw_$i" run_pgbench -f "$WORK/select1.sql" -c 2 -j 1 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U "t_$i" "$(db_of "$target" "$i")" >"$WORK/multi-$target-$i.txt" &
-    jobs_pids+=($!)
+  case "$2" in
+    select)
+      PGPASSWORD=pw_0 run_pgbench -S -c 50 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U t_0 "$(db_of "$target" 0)"
+      ;;
+    multi)
+      local pids=()
+      for i in $(seq 1 "$TENANTS"); do
+        PGPASSWORD="pw_$i" run_pgbench -f "$WORK/select1.sql" -c 2 -j 1 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U "t_$i" "$(db_of "$target" "$i")" >"$WORK/multi-$target-$i.txt" &
+        pids+=($!)
+      done
+      wait "${pids[@]}"
+      cat "$WORK"/multi-"$target"-*.txt | awk '{t+=$1; l+=$2; n++} END {printf "%.1f %.3f", t, l/n}'
+      ;;
+    churn)
+      PGPASSWORD=pw_0 run_pgbench -S -C -c 10 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U t_0 "$(db_of "$target" 0)"
+      ;;
+  esac
+}
+
+# Each case runs against PgBouncer and the router twice, in the order A B B A, so that a drift in
+# the machine's speed over the run (the other tenants of a VM, CPU clocks) weighs on both alike;
+# the table shows the mean of the two runs and each run's TPS.
+declare -A RESULT
+for c in select multi churn; do
+  for target in direct pgbouncer router router pgbouncer; do
+    [[ "$target" == direct && -n "${RESULT[direct,$c]:-}" ]] && continue
+    echo "bench-router.sh: $target: $(case_name "$c")" >&2
+    RESULT[$target,$c]+="$(run_case "$target" "$c");"
   done
-  wait "${jobs_pids[@]}"
-  RESULT[$target,multi]="$(cat "$WORK"/multi-"$target"-*.txt | awk '{t+=$1; l+=$2; n++} END {printf "%.1f %.3f", t, l/n}')"
-  echo "bench-router.sh: $target: connection churn (-C), 10 clients" >&2
-  RESULT[$target,churn]="$(PGPASSWORD=pw_0 run_pgbench -S -C -c 10 -j 2 -T "$SECONDS_PER_RUN" -h 127.0.0.1 -p "$port" -U t_0 "$(db_of "$target" 0)")"
 done
+# "mean_tps mean_latency run1_tps/run2_tps" of the runs recorded for a target and case.
+summary() {
+  tr ';' '\n' <<<"$1" | awk 'NF {t+=$1; l+=$2; n++; runs = runs (runs ? "/" : "") sprintf("%.0f", $1)}
+    END {printf "%.1f %.3f %s", t/n, l/n, runs}'
+}
 
 # RSS with 10,000 idle tenants configured.
 {
@@ -141,15 +172,15 @@ export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller" SILO_ROUT
 READY_LINE="$("$CARGO_TARGET_DIR/release/bench_router_ready" --tenants 20)"
 
 echo
-echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run, transaction pooling, 20 server connections per tenant"
+echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run (PgBouncer and router: mean of 2 runs, A B B A), transaction pooling, 20 server connections per tenant"
 printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
 for c in select multi churn; do
-  read -r d_tps d_lat <<<"${RESULT[direct,$c]}"
-  read -r b_tps b_lat <<<"${RESULT[pgbouncer,$c]}"
-  read -r r_tps r_lat <<<"${RESULT[router,$c]}"
-  name="$(case $c in select) echo "select-only, 50 clients";; multi) echo "$TENANTS tenants x 2 clients";; churn) echo "connection churn (-C), 10 clients";; esac)"
-  printf '  %-32s %12.0f %12.0f %12.0f %10.2f\n' "$name" "$d_tps" "$b_tps" "$r_tps" "$(python3 -c "print($r_tps/$b_tps)")"
+  read -r d_tps d_lat _ <<<"$(summary "${RESULT[direct,$c]}")"
+  read -r b_tps b_lat b_runs <<<"$(summary "${RESULT[pgbouncer,$c]}")"
+  read -r r_tps r_lat r_runs <<<"$(summary "${RESULT[router,$c]}")"
+  printf '  %-32s %12.0f %12.0f %12.0f %10.2f\n' "$(case_name "$c")" "$d_tps" "$b_tps" "$r_tps" "$(python3 -c "print($r_tps/$b_tps)")"
   printf '  %-32s %12s %12s %12s\n' "  mean latency (ms)" "$d_lat" "$b_lat" "$r_lat"
+  printf '  %-32s %12s %12s %12s\n' "  each run's tps" "" "$b_runs" "$r_runs"
 done
 echo "  router RSS with 10,000 idle tenants configured: $((IDLE_RSS_KB / 1024)) MiB (target <= 100 MiB)"
 echo "  $READY_LINE"
