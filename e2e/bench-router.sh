@@ -5,7 +5,7 @@
 # clients (a custom script per tenant); connection churn (-C). Then the router's RSS with 10,000
 # idle tenants configured, and, on a local control plane with the controller, the time from a
 # Tenant turning Ready to its first query through the router. SILO_BENCH_SECONDS sets each run's
-# length (default 10).
+# length (default 10); SILO_BENCH_CASES picks cases (default "select multi churn").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -137,8 +137,9 @@ run_case() {
 # Each case runs against PgBouncer and the router twice, in the order A B B A, so that a drift in
 # the machine's speed over the run (the other tenants of a VM, CPU clocks) weighs on both alike;
 # the table shows the mean of the two runs and each run's TPS.
+CASES="${SILO_BENCH_CASES:-select multi churn}"
 declare -A RESULT
-for c in select multi churn; do
+for c in $CASES; do
   for target in direct pgbouncer router router pgbouncer; do
     [[ "$target" == direct && -n "${RESULT[direct,$c]:-}" ]] && continue
     echo "bench-router.sh: $target: $(case_name "$c")" >&2
@@ -174,7 +175,7 @@ READY_LINE="$("$CARGO_TARGET_DIR/release/bench_router_ready" --tenants 20)"
 echo
 echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run (PgBouncer and router: mean of 2 runs, A B B A), transaction pooling, 20 server connections per tenant"
 printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
-for c in select multi churn; do
+for c in $CASES; do
   read -r d_tps d_lat _ <<<"$(summary "${RESULT[direct,$c]}")"
   read -r b_tps b_lat b_runs <<<"$(summary "${RESULT[pgbouncer,$c]}")"
   read -r r_tps r_lat r_runs <<<"$(summary "${RESULT[router,$c]}")"
