@@ -2,7 +2,8 @@
 # The silo image: silo-controller and silo-router, and the PostgreSQL client tools that Silo's Jobs
 # run. The e2e harness builds an image with the same contents without a registry or Docker
 # (e2e/scripts/images.sh): it reads SILO_BINARIES, SILO_DEBIAN_PACKAGES, PATH, USER and ENTRYPOINT
-# from this file, so the two cannot drift apart.
+# from this file, so the two cannot drift apart; in place of this base image it has busybox's shell
+# and the same `nonroot` user (65532, which libpq looks up when PGUSER is not set).
 #
 #   docker build -t silo:dev .
 ARG SILO_BINARIES="silo-controller silo-router"
@@ -22,7 +23,9 @@ FROM debian:bookworm-slim
 ARG SILO_DEBIAN_PACKAGES
 RUN apt-get update \
     && apt-get install -y --no-install-recommends $SILO_DEBIAN_PACKAGES \
-    && rm -rf /var/lib/apt/lists/*
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 65532 --user-group --home-dir /home/nonroot --no-create-home \
+       --shell /bin/sh nonroot
 COPY --from=build /out/ /usr/local/bin/
 ENV PATH=/usr/local/bin:/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER 65532:65532

@@ -32,6 +32,10 @@ cleanup() {
   harness_down "$WORK" || true
   [[ -f "$WORK/pgbouncer.pid" ]] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
   "$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg"
+  # The servers bench_router_ready started, if it was interrupted.
+  for pid in "$WORK"/pg-*/data/postmaster.pid; do
+    [[ -f "$pid" ]] && kill -9 "$(head -1 "$pid")" 2>/dev/null || true
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM

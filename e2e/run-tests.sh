@@ -36,7 +36,7 @@ harness_up "$WORK"
 cargo build --quiet -p silo-controller -p silo-router --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/debug/silo-controller"
 export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/debug/silo-router"
-if [[ -n "${SILO_E2E_NODE_HOST:-}" ]]; then
+if [[ -f "$WORK/cluster/node.enabled" ]]; then
   "$ROOT/e2e/scripts/images.sh" silo "$WORK/silo-image.tar" "$CARGO_TARGET_DIR/debug" e2e
   "$ROOT/e2e/scripts/node.sh" import "$WORK/cluster" "$WORK/silo-image.tar" silo
   export SILO_E2E_IMAGE=localhost/silo:e2e

@@ -97,12 +97,15 @@ impl JobSettings {
                 "ttlSecondsAfterFinished",
                 self.ttl_seconds_after_finished.map(i64::from),
             ),
-            ("activeDeadlineSeconds", self.active_deadline_seconds),
             ("backoffLimit", self.backoff_limit.map(i64::from)),
         ] {
             if value.is_some_and(|v| v < 0) {
                 return Err(format!("{name} must not be negative"));
             }
+        }
+        // Kubernetes refuses a Job whose deadline is not positive.
+        if self.active_deadline_seconds.is_some_and(|v| v < 1) {
+            return Err("activeDeadlineSeconds must be at least 1".into());
         }
         Ok(())
     }
@@ -327,6 +330,14 @@ mod tests {
             .expect_err("must be refused")
             .to_string();
         assert!(err.contains("Sometimes"), "{err}");
+        let zero = write("zero.json", r#"{"activeDeadlineSeconds": 0}"#);
+        let err = JobSettings::load(&zero)
+            .expect_err("must be refused")
+            .to_string();
+        assert!(
+            err.contains("activeDeadlineSeconds must be at least 1"),
+            "{err}"
+        );
         let negative = write("negative.json", r#"{"backoffLimit": -1}"#);
         let err = JobSettings::load(&negative)
             .expect_err("must be refused")

@@ -13,6 +13,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 kubectl=("${SILO_KUBECTL:-kubectl}")
 helm="${SILO_HELM:-helm}"
 
+umask 077  # the kubeconfigs hold ServiceAccount tokens
 mkdir -p "$OUT"
 "${kubectl[@]}" create namespace "$NS" --dry-run=client -o yaml | "${kubectl[@]}" apply -f - >/dev/null
 version="$("${kubectl[@]}" version -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"

@@ -9,6 +9,7 @@ set -euo pipefail
 
 cmd="${1:?usage: cluster.sh up|down DIR}"
 DIR="${2:?usage: cluster.sh up|down DIR}"
+DIR="$(realpath -m "$DIR")"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 NODE="${SILO_E2E_NODE:-$([[ "$(id -u)" == 0 ]] && echo 1 || echo 0)}"
@@ -39,10 +40,13 @@ stop_pid() {
 
 down() {
   [[ -d "$DIR" ]] || return 0
-  local rc=0
-  if [[ -f "$DIR/node.enabled" ]]; then "$HERE/node.sh" down "$DIR" || rc=$?; fi
+  local rc=0 node=""
+  [[ -f "$DIR/node.enabled" ]] && node=1
+  if [[ -n "$node" ]]; then "$HERE/node.sh" down "$DIR" || rc=$?; fi
   for c in kube-scheduler kube-controller-manager kube-apiserver etcd; do stop_pid "$DIR/$c.pid"; done
-  rm -rf "$DIR"
+  # Only now that nothing listens on or dials the link's address may the link and guard go.
+  if [[ -n "$node" ]]; then "$HERE/node.sh" net-down "$DIR" || rc=$?; fi
+  rm -rf --one-file-system "$DIR"
   return "$rc"
 }
 

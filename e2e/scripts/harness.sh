@@ -13,6 +13,8 @@ harness_up() {
     "$ROOT/e2e/scripts/cluster.sh" up "$work/cluster"
     # shellcheck disable=SC1091
     source "$work/cluster/env"
+    # Tests that change cluster-wide objects (the chart adopting the CRDs) run only here.
+    export SILO_E2E_OWN_CLUSTER=1
   fi
   "$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
   "$SILO_KUBECTL" wait --for condition=established --timeout=60s \
@@ -24,5 +26,8 @@ harness_up() {
 }
 
 harness_down() {
+  if [[ "${SILO_E2E_USE_KUBECONFIG:-0}" == 1 && -f "$1/identities/rbac.json" ]]; then
+    "$SILO_KUBECTL" delete --ignore-not-found -f "$1/identities/rbac.json" >/dev/null || true
+  fi
   "$ROOT/e2e/scripts/cluster.sh" down "$1/cluster"
 }

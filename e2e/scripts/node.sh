@@ -4,14 +4,19 @@
 #   node.sh net-up DIR        the namespace, its veth link and the egress guard (before the API server)
 #   node.sh up DIR            containerd, kubelet and kube-proxy against the control plane in DIR
 #   node.sh import DIR TAR    imports an OCI image tarball into the node's containerd (k8s.io)
-#   node.sh down DIR          stops everything and removes all state, inside DIR and outside it
+#   node.sh down DIR          stops the node and removes its state, inside DIR and outside it
+#   node.sh net-down DIR      removes the link, the namespace and then the guard (after the API
+#                             server has stopped: until then it listens on the link's address)
+# One node per machine: the first net-up records its DIR in $OWNER; another refuses to start while
+# that DIR exists, and only the owner's down touches what lives outside DIR.
 # Needs root. Addresses come from 198.18.0.0/15 (RFC 2544, reserved for network tests): the node
 # link, the pod range and the service range all live there, and the guard rejects any packet to
 # that range that would leave through an interface other than loopback or the node link.
 set -euo pipefail
 
-cmd="${1:?usage: node.sh net-up|up|import|down DIR}"
-DIR="${2:?usage: node.sh net-up|up|import|down DIR}"
+cmd="${1:?usage: node.sh net-up|up|import|down|net-down DIR}"
+DIR="${2:?usage: node.sh net-up|up|import|down|net-down DIR}"
+DIR="$(realpath -m "$DIR")"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 NETNS=silo-e2e-node
@@ -23,8 +28,12 @@ POD_CIDR=198.18.16.0/24
 export SILO_SERVICE_CIDR=198.19.0.0/16
 GUARD_RANGE=198.18.0.0/15
 GUARD_CHAIN=SILO-E2E-GUARD
+GUARD_IN_CHAIN=SILO-E2E-GUARD-IN
+OWNER=/run/silo-e2e-node.owner
 NODE_NAME=silo-e2e-node
 CGROUP_ROOT=silo-e2e
+KUBELET_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops
+  kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 
 in_node() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
 
@@ -44,17 +53,35 @@ guard_down() {
   for chain in OUTPUT FORWARD; do
     while iptables -D "$chain" -j "$GUARD_CHAIN" 2>/dev/null; do :; done
   done
-  iptables -F "$GUARD_CHAIN" 2>/dev/null || true
-  iptables -X "$GUARD_CHAIN" 2>/dev/null || true
+  while iptables -D INPUT -j "$GUARD_IN_CHAIN" 2>/dev/null; do :; done
+  for chain in "$GUARD_CHAIN" "$GUARD_IN_CHAIN"; do
+    iptables -F "$chain" 2>/dev/null || true
+    iptables -X "$chain" 2>/dev/null || true
+  done
 }
 
+# The link and the namespace first, the guard last: nothing may route into the range unguarded.
 net_down() {
-  guard_down
   ip link del "$HOST_IF" 2>/dev/null || true
   if [[ -e "/run/netns/$NETNS" ]]; then ip netns del "$NETNS" 2>/dev/null || true; fi
+  guard_down
 }
 
+is_owner() { [[ ! -f "$OWNER" || "$(cat "$OWNER")" == "$DIR" ]]; }
+
 net_up() {
+  if [[ -f "$OWNER" ]]; then
+    local other
+    other="$(cat "$OWNER")"
+    if [[ "$other" != "$DIR" && -d "$other" ]]; then
+      echo "node.sh: the e2e node belongs to the cluster in $other; stop it first (cluster.sh down $other)" >&2
+      exit 1
+    fi
+    # A crashed run's leftovers: take them over and clean them.
+    echo "$DIR" >"$OWNER"
+    down_machine
+  fi
+  echo "$DIR" >"$OWNER"
   net_down
   # Nothing on this machine may already route into the range.
   if [[ -n "$(ip -4 route show to match "$SILO_NODE_HOST_IP" | grep -v '^default')" ]]; then
@@ -80,6 +107,13 @@ net_up() {
   iptables -A "$GUARD_CHAIN" -d "$GUARD_RANGE" -j REJECT --reject-with icmp-net-unreachable
   iptables -I OUTPUT -j "$GUARD_CHAIN"
   iptables -I FORWARD -j "$GUARD_CHAIN"
+  # And the range answers nobody but this machine and its node.
+  iptables -N "$GUARD_IN_CHAIN"
+  iptables -A "$GUARD_IN_CHAIN" -i lo -j RETURN
+  iptables -A "$GUARD_IN_CHAIN" -i "$HOST_IF" -j RETURN
+  iptables -A "$GUARD_IN_CHAIN" -d "$GUARD_RANGE" -p tcp -j REJECT --reject-with tcp-reset
+  iptables -A "$GUARD_IN_CHAIN" -d "$GUARD_RANGE" -j REJECT --reject-with icmp-net-unreachable
+  iptables -I INPUT -j "$GUARD_IN_CHAIN"
 }
 
 # A client certificate signed by the cluster CA, and a kubeconfig using it.
@@ -191,6 +225,9 @@ JSON
   client_kubeconfig kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" "$server"
   client_kubeconfig kube-proxy "/CN=system:kube-proxy" "$server"
   : >"$node/resolv.conf"
+  # kubelet sets these kernel settings on the host (vm.overcommit_memory, kernel.panic, ...); they
+  # are put back on down.
+  sysctl -e "${KUBELET_SYSCTLS[@]}" >"$DIR/sysctl.saved"
   cat >"$node/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -210,6 +247,7 @@ oomScoreAdj: 0
 failSwapOn: false
 resolvConf: "$node/resolv.conf"
 podLogsDir: "$node/pod-logs"
+volumePluginDir: "$node/volume-plugins"
 rotateCertificates: false
 serializeImagePulls: false
 imageGCHighThresholdPercent: 100
@@ -259,27 +297,45 @@ import_image() {
     "$tar" >/dev/null
 }
 
-down() {
-  local node="$DIR/node" pid f
+# The node's processes and mounts, found by DIR.
+down_local() {
+  local node="$DIR/node"
   # kubelet first (it would restart containers), then every process in the node's cgroups (the
   # containers), then the rest of the node.
   stop_pid "$node/kubelet.pid"
-  for f in $(cgroup_dirs | sed -n '/\/pids\//p'); do
-    for pid in $(find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
-  done
+  if is_owner; then kill_cgroup_processes; fi
   for p in kube-proxy containerd; do stop_pid "$node/$p.pid"; done
   # Whatever is left that runs from the node's folder: shims, or a process whose PID file was lost.
   pkill -KILL -f -- "$node/" 2>/dev/null || true
-  # Mounts the node left: pod volumes, container root filesystems, pod network namespaces.
-  if [[ -d "$DIR" ]]; then
-    findmnt -rn -o TARGET | grep -F "$DIR/" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
-  fi
+  # Mounts the node left under DIR: pod volumes, container root filesystems.
+  findmnt -rn -o TARGET | grep -F "$DIR/" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
+
+kill_cgroup_processes() {
+  local f pid
+  for f in $(cgroup_dirs | sed -n '/\/pids\//p'); do
+    for pid in $(find "$f" -name cgroup.procs -exec cat {} + 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  done
+}
+
+# What the node leaves outside DIR, in places every node shares: only the owner cleans it.
+down_machine() {
+  local f
+  kill_cgroup_processes
   for f in /run/netns/cni-*; do
     [[ -e "$f" ]] || continue
     umount -l "$f" 2>/dev/null || true
     rm -f "$f"
   done
   rm -rf /run/containerd/s /run/containerd/fifo /run/containerd/runc/k8s.io
+  rmdir /run/containerd/runc /run/containerd 2>/dev/null || true
+  # libcni's result cache, and what kubelet keeps at fixed paths whatever its root directory.
+  rm -f /var/lib/cni/results/silo-e2e-* /var/lib/cni/results/cni-loopback-*
+  rmdir /var/lib/cni/results /var/lib/cni 2>/dev/null || true
+  rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+  rmdir /var/lib/kubelet/device-plugins /var/lib/kubelet 2>/dev/null || true
+  find /var/log/containers -maxdepth 1 -type l -lname "$DIR/*" -delete 2>/dev/null || true
+  rmdir /var/log/containers 2>/dev/null || true
   # Cgroups, deepest first (a cgroup folder is removed with rmdir once it has no processes).
   # Killed processes take a moment to leave their cgroups.
   for _ in $(seq 100); do
@@ -289,20 +345,45 @@ down() {
     [[ -z "$(cgroup_dirs)" ]] && break
     sleep 0.1
   done
-  net_down
-  if [[ -d "$node" ]]; then rm -rf "$node" 2>/dev/null || true; fi
+  if [[ -f "$DIR/sysctl.saved" ]]; then
+    sysctl -q -p "$DIR/sysctl.saved" || true
+    rm -f "$DIR/sysctl.saved"
+  fi
+}
+
+down() {
+  local node="$DIR/node"
+  down_local
+  if is_owner; then down_machine; fi
+  rm -rf --one-file-system "$node" 2>/dev/null || true
 
   # Torn down completely, or say what is left.
+  local left=()
+  pgrep -f -- "$node/" >/dev/null && left+=("processes: $(pgrep -f -- "$node/" | tr '\n' ' ')")
+  findmnt -rn -o TARGET | grep -qF "$DIR/" && left+=("mounts under $DIR")
+  if is_owner; then
+    [[ -n "$(cgroup_dirs)" ]] && left+=("cgroups: $(cgroup_dirs | tr '\n' ' ')")
+    compgen -G '/var/lib/cni/results/silo-e2e-*' >/dev/null && left+=("/var/lib/cni/results/silo-e2e-*")
+  fi
+  [[ -d "$node" ]] && left+=("folder $node")
+  report_left "${left[@]}"
+}
+
+net_down_checked() {
+  is_owner || return 0
+  net_down
   local left=()
   [[ -e "/run/netns/$NETNS" ]] && left+=("network namespace $NETNS")
   ip link show "$HOST_IF" >/dev/null 2>&1 && left+=("link $HOST_IF")
   iptables -n -L "$GUARD_CHAIN" >/dev/null 2>&1 && left+=("iptables chain $GUARD_CHAIN")
-  pgrep -f -- "$node/" >/dev/null && left+=("processes: $(pgrep -f -- "$node/" | tr '\n' ' ')")
-  findmnt -rn -o TARGET | grep -qF "$node/" && left+=("mounts under $node")
-  [[ -n "$(cgroup_dirs)" ]] && left+=("cgroups: $(cgroup_dirs | tr '\n' ' ')")
-  [[ -d "$node" ]] && left+=("folder $node")
-  if ((${#left[@]})); then
-    printf 'node.sh: left behind: %s\n' "${left[@]}" >&2
+  iptables -n -L "$GUARD_IN_CHAIN" >/dev/null 2>&1 && left+=("iptables chain $GUARD_IN_CHAIN")
+  report_left "${left[@]}"
+  rm -f "$OWNER"
+}
+
+report_left() {
+  if (($#)); then
+    printf 'node.sh: left behind: %s\n' "$@" >&2
     exit 1
   fi
 }
@@ -312,5 +393,6 @@ case "$cmd" in
   up) up ;;
   import) import_image "${3:?usage: node.sh import DIR TAR NAME}" "${4:?usage: node.sh import DIR TAR NAME}" ;;
   down) down ;;
-  *) echo "usage: node.sh net-up|up|import|down DIR" >&2; exit 2 ;;
+  net-down) net_down_checked ;;
+  *) echo "usage: node.sh net-up|up|import|down|net-down DIR" >&2; exit 2 ;;
 esac

@@ -16,7 +16,7 @@ case "$cmd" in
     LISTEN=127.0.0.1
     mkdir -p "$DIR"
     [[ "$(id -u)" == 0 ]] && chown postgres: "$DIR"
-    printf '%s' "$PASSWORD" >"$DIR/pwfile"
+    (umask 077 && printf '%s' "$PASSWORD" >"$DIR/pwfile")
     [[ "$(id -u)" == 0 ]] && chown postgres: "$DIR/pwfile"
     as_pg "$PGBIN/initdb" -D "$DIR/data" -U silo_admin --pwfile="$DIR/pwfile" \
       --auth-host=scram-sha-256 --auth-local=trust --no-sync -E UTF8 --locale=C >/dev/null

@@ -111,7 +111,9 @@ where
     if let Err(e) = &result {
         eprintln!("--- e2e failure in namespace {name}: {e:#}");
         for args in [
-            vec!["get", "tenants,secrets", "-n", &name, "-o", "yaml"],
+            vec!["get", "tenants", "-n", &name, "-o", "yaml"],
+            // Names only: a failure report never prints a password.
+            vec!["get", "secrets,jobs,pods", "-n", &name],
             vec![
                 "get",
                 "databaseservers",

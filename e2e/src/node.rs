@@ -16,6 +16,30 @@ pub fn image() -> anyhow::Result<String> {
     )
 }
 
+/// Whether this cluster is one the harness started itself (not the user's `KUBECONFIG`): tests
+/// that change cluster-wide objects run only there. Prints why when not.
+pub fn own_cluster(test: &str) -> bool {
+    let own = std::env::var("SILO_E2E_OWN_CLUSTER").as_deref() == Ok("1");
+    if !own {
+        eprintln!("{test}: skipped: it runs only on the cluster e2e/run-tests.sh starts");
+    }
+    own
+}
+
+/// Whether the harness's egress guard is up on this machine (`e2e/scripts/node.sh`): probes that
+/// would leave the machine without it are sent only then. Prints why when not.
+pub fn guard_up(test: &str) -> bool {
+    let up = std::process::Command::new("iptables")
+        .args(["-C", "OUTPUT", "-j", "SILO-E2E-GUARD"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !up {
+        eprintln!("{test}: skipped: the e2e node's egress guard is not up on this machine");
+    }
+    up
+}
+
 /// How a Job ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum JobOutcome {

@@ -54,7 +54,17 @@ impl PgServer {
         }
         let admin_password = random_password();
         let pwfile = dir.join("pwfile");
-        std::fs::write(&pwfile, &admin_password)?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&pwfile)?;
+            file.write_all(admin_password.as_bytes())?;
+        }
         if as_postgres_user {
             run(Command::new("chown").args(["postgres:", &pwfile.display().to_string()]))?;
         }
@@ -106,6 +116,12 @@ impl PgServer {
         }
         for _ in 0..5 {
             server.port = free_port()?;
+            // Free on the node address too: PostgreSQL only warns when one address fails to bind.
+            if server.host != "127.0.0.1"
+                && std::net::TcpListener::bind((server.host.as_str(), server.port)).is_err()
+            {
+                continue;
+            }
             if server.start_on_port(&dir, &extra).is_ok() {
                 return Ok(server);
             }

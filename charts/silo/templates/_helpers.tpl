@@ -7,17 +7,19 @@ The chart name, or nameOverride.
 
 {{/*
 The release's full name, the prefix of every resource name: fullnameOverride, or
-`<release>-<name>`, or `<release>` when the release name already contains the chart name.
+`<release>-<name>`, or `<release>` when the release name already contains the chart name. Cut
+to 40 characters, so that the longest suffix (`-router-http`) still fits a DNS label and no two
+objects' names can end up equal.
 */}}
 {{- define "silo.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
