@@ -109,6 +109,8 @@ async fn the_chart_lints_and_the_api_server_accepts_what_it_renders() {
                 "template", "silo", &chart, "--namespace", &ns.name,
                 "--set", "router.replicas=2,router.tls.secretName=router-tls,router.tls.sniDomain=db.example.com",
                 "--set", "jobs.hostNetwork=true,jobs.nodeSelector.pool=jobs,controller.replicas=2",
+                "--set",
+                &format!("controller.watchNamespace={}", ns.name),
             ])
             .await?;
         ensure!(rendered.success, "helm template: {}", rendered.stderr);

@@ -137,3 +137,22 @@ release's router Service; empty without a router.
   "podAnnotations" $jobs.podAnnotations
   | toPrettyJson }}
 {{- end }}
+
+{{/*
+The controller's rights on Tenants and their Secrets: cluster-wide, or in controller.watchNamespace.
+*/}}
+{{- define "silo.controller.tenantRules" -}}
+# Watched by the Tenant controller; the finalizer `silo.dev/cleanup` is added and removed by patch.
+- apiGroups: ["silo.dev"]
+  resources: ["tenants"]
+  verbs: ["list", "watch", "patch"]
+# Status written by server-side apply.
+- apiGroups: ["silo.dev"]
+  resources: ["tenants/status"]
+  verbs: ["patch"]
+# Tenant credentials Secrets `<tenant>-db` (owned, watched by label; created, patched, deleted),
+# and DatabaseServer admin Secrets (read by name).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- end }}
