@@ -71,8 +71,9 @@ else
   ROUTER_IN_CLUSTER="127.0.0.1:$ROUTER_PORT"
 fi
 
-kubectl create secret generic pg-shared-admin --from-literal=username=silo_admin --from-literal=password="$SHARED_PW"
-kubectl create secret generic pg-dedicated-admin --from-literal=username=silo_admin --from-literal=password="$DEDICATED_PW"
+# The admin passwords go to kubectl on stdin, not on its command line.
+printf '%s' "$SHARED_PW" | kubectl create secret generic pg-shared-admin --from-literal=username=silo_admin --from-file=password=/dev/stdin
+printf '%s' "$DEDICATED_PW" | kubectl create secret generic pg-dedicated-admin --from-literal=username=silo_admin --from-file=password=/dev/stdin
 PG_HOST="$PG_HOST" SHARED_PORT="$SHARED_PORT" DEDICATED_PORT="$DEDICATED_PORT" python3 -c \
   'import os,sys; sys.stdout.write(os.path.expandvars(open(sys.argv[1]).read()))' \
   "$ROOT/examples/databaseservers.yaml" | kubectl apply -f -
