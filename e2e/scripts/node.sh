@@ -77,7 +77,11 @@ net_up() {
       echo "node.sh: the e2e node belongs to the cluster in $other; stop it first (cluster.sh down $other)" >&2
       exit 1
     fi
-    # A crashed run's leftovers: take them over and clean them.
+    # A crashed run's leftovers: its processes (found by its folder), mounts and shared state.
+    if [[ -n "$other" && "$other" == /*/* ]]; then
+      pkill -KILL -f -- "$other/" 2>/dev/null || true
+      { findmnt -rn -o TARGET | grep -F "$other/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    fi
     echo "$DIR" >"$OWNER"
     down_machine
   fi
@@ -308,7 +312,7 @@ down_local() {
   # Whatever is left that runs from the node's folder: shims, or a process whose PID file was lost.
   pkill -KILL -f -- "$node/" 2>/dev/null || true
   # Mounts the node left under DIR: pod volumes, container root filesystems.
-  findmnt -rn -o TARGET | grep -F "$DIR/" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  { findmnt -rn -o TARGET | grep -F "$DIR/" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 }
 
 kill_cgroup_processes() {
