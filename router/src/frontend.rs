@@ -543,6 +543,11 @@ where
                         conn.conn().writer.write_all(&from_client[..end]).await?;
                         from_client.advance(end);
                         owed += syncs;
+                        if mode == PoolMode::Transaction {
+                            for _ in 0..syncs {
+                                statements.expect_ready();
+                            }
+                        }
                         server_idle = false;
                         continue;
                     }

@@ -120,6 +120,13 @@ impl ClientStatements {
         Ok(())
     }
 
+    /// A Sync, simple Query or FunctionCall the relay forwarded without rewriting: its
+    /// ReadyForQuery is expected too, so that an error before it never swallows what later
+    /// messages expect.
+    pub fn expect_ready(&mut self) {
+        self.expected.push_back(Expect::Ready);
+    }
+
     /// The server-side name of the client's statement `name`, prepared on this server first if
     /// needed (the injected Parse's completion is hidden). None for the unnamed or unknown ones.
     fn server_side(
@@ -371,5 +378,28 @@ mod tests {
             c.rewrite(&Frame::new(b'D', b""), &mut HashSet::new(), &mut out)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_error_in_a_query_forwarded_as_is_does_not_swallow_what_follows() {
+        // A simple Query that fails, relayed as it came (the fast path), then a named Parse
+        // pipelined behind it before the server answered.
+        let mut client = ClientStatements::default();
+        let mut server = HashSet::new();
+        let mut out = BytesMut::new();
+        client.expect_ready();
+        client
+            .rewrite(&parse("s1", "SELECT 1"), &mut server, &mut out)
+            .ok();
+        client
+            .rewrite(&Frame::new(b'S', b""), &mut server, &mut out)
+            .ok();
+        // The Query's error and ReadyForQuery...
+        assert!(client.forward(&Frame::new(b'E', b"")));
+        assert!(client.forward(&Frame::new(b'Z', b"I")));
+        // ...leave the Parse's expectations in place: the injected Close's completion stays hidden.
+        assert!(!client.forward(&Frame::new(b'3', b"")));
+        assert!(client.forward(&Frame::new(b'1', b"")));
+        assert!(client.forward(&Frame::new(b'Z', b"I")));
     }
 }

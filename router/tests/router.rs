@@ -197,7 +197,9 @@ async fn session_mode_serves_psql_tokio_postgres_and_sqlx() -> anyhow::Result<()
 #[tokio::test]
 async fn transaction_mode_shares_server_connections() -> anyhow::Result<()> {
     let s = setup("transaction").await?;
-    exercise_tokio_postgres(s.port).await?;
+    exercise_tokio_postgres(s.port)
+        .await
+        .context("tokio-postgres through the router")?;
     // 12 clients on a tenant capped at 4 server connections, each running transactions.
     let mut tasks = Vec::new();
     for c in 0..12 {
@@ -215,7 +217,8 @@ async fn transaction_mode_shares_server_connections() -> anyhow::Result<()> {
         }));
     }
     for t in tasks {
-        t.await??;
+        t.await?
+            .context("one of 12 clients sharing 4 server connections")?;
     }
     let admin = s.pg.admin_pool().await?;
     let backends: i64 =
