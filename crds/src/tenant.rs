@@ -80,6 +80,20 @@ fn default_connection_limit() -> i32 {
     20
 }
 
+/// The spec of `spec: {}`: every field at the default the schema gives it.
+impl Default for TenantSpec {
+    fn default() -> Self {
+        TenantSpec {
+            isolation: Isolation::default(),
+            server_selector: None,
+            connection_limit: default_connection_limit(),
+            suspended: false,
+            deletion: DeletionSpec::default(),
+            routing: None,
+        }
+    }
+}
+
 /// How a tenant is placed.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum Isolation {
@@ -158,4 +172,16 @@ pub struct TenantStatus {
     /// Name of the Secret holding the tenant's credentials.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_spec_is_what_an_empty_spec_reads_as() {
+        let empty: TenantSpec = serde_json::from_str("{}").expect("an empty spec is valid");
+        assert_eq!(empty, TenantSpec::default());
+        assert_eq!(TenantSpec::default().connection_limit, 20);
+    }
 }

@@ -20,16 +20,15 @@ version="$("${kubectl[@]}" version -o json | python3 -c 'import json,sys; print(
 "$helm" template silo-e2e "$ROOT/charts/silo" --namespace "$NS" --kube-version "$version" --set crds.create=false \
   | "${kubectl[@]}" create --dry-run=client -o json -f - >"$OUT/chart.json"
 
-# The RBAC objects, and the ServiceAccount each Deployment runs as.
+# The RBAC objects, the ServiceAccount each Deployment runs as, and the Lease the Role names.
 python3 - "$OUT" <<'PY'
-import json, sys
+import json, re, sys
 out = sys.argv[1]
 text, items, pos = open(f"{out}/chart.json").read(), [], 0
 decoder = json.JSONDecoder()
-while text[pos:].strip():  # kubectl prints one JSON document per object
-    obj, end = decoder.raw_decode(text, pos + len(text[pos:]) - len(text[pos:].lstrip()))
+while (start := re.compile(r"\S").search(text, pos)):  # one JSON document per object
+    obj, pos = decoder.raw_decode(text, start.start())
     items.extend(obj["items"] if obj["kind"] == "List" else [obj])
-    pos = end
 rbac = [o for o in items if o["kind"] in
         ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
 json.dump({"apiVersion": "v1", "kind": "List", "items": rbac}, open(f"{out}/rbac.json", "w"))
@@ -38,6 +37,9 @@ with open(f"{out}/identities", "w") as f:
         if o["kind"] == "Deployment":
             component = o["metadata"]["labels"]["app.kubernetes.io/component"]
             f.write(f'{component} {o["spec"]["template"]["spec"]["serviceAccountName"]}\n')
+leases = [name for o in rbac if o["kind"] == "Role" for rule in o.get("rules", [])
+          if "leases" in rule.get("resources", []) for name in rule.get("resourceNames", [])]
+open(f"{out}/lease", "w").write(leases[0] if leases else "")
 PY
 "${kubectl[@]}" apply -f "$OUT/rbac.json" >/dev/null
 
@@ -59,21 +61,11 @@ contexts:
   context: {cluster: silo-e2e, user: $sa, namespace: $NS}
 current-context: silo-e2e
 KCFG
-  chmod 600 "$OUT/$component.kubeconfig"
 done <"$OUT/identities"
 for component in controller router; do
   [[ -f "$OUT/$component.kubeconfig" ]] || { echo "chart-rbac.sh: the chart renders no $component Deployment" >&2; exit 1; }
 done
-lease="$(python3 - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-for o in json.load(open(f"{out}/rbac.json"))["items"]:
-    if o["kind"] == "Role":
-        for rule in o.get("rules", []):
-            if "leases" in rule.get("resources", []) and rule.get("resourceNames"):
-                print(rule["resourceNames"][0])
-PY
-)"
+lease="$(cat "$OUT/lease")"
 [[ -n "$lease" ]] || { echo "chart-rbac.sh: the chart's Role names no Lease" >&2; exit 1; }
 cat >"$OUT/env" <<ENV
 export SILO_CONTROLLER_KUBECONFIG="$OUT/controller.kubeconfig"

@@ -26,17 +26,8 @@ free_port() {
   python3 -c 'import socket,sys; s=socket.socket(); s.bind((sys.argv[1], 0)); print(s.getsockname()[1])' "${1:-127.0.0.1}"
 }
 
-stop_pid() {
-  local file="$1" pid
-  [[ -f "$file" ]] || return 0
-  pid="$(cat "$file")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
-}
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
 
 down() {
   [[ -d "$DIR" ]] || return 0
@@ -54,7 +45,6 @@ up() {
   local bin
   bin="$("$HERE/../tools/build.sh")"
   mkdir -p "$DIR/pki" "$DIR/logs"
-  DIR="$(cd "$DIR" && pwd)"
   local pki="$DIR/pki"
   if [[ "$NODE" == 1 ]]; then
     touch "$DIR/node.enabled"

@@ -37,17 +37,8 @@ KUBELET_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_
 
 in_node() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
 
-stop_pid() {
-  local file="$1" pid
-  [[ -f "$file" ]] || return 0
-  pid="$(cat "$file")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  fi
-  rm -f "$file"
-}
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
 
 guard_down() {
   for chain in OUTPUT FORWARD; do
@@ -103,21 +94,23 @@ net_up() {
   # The node namespace gets no default route: the only peer it can reach is this machine.
 
   # The guard: packets to the test range may leave only through loopback or the node link; on any
-  # other interface (the machine's way out) they are rejected, so a mistake fails loudly.
-  iptables -N "$GUARD_CHAIN"
-  iptables -A "$GUARD_CHAIN" -o lo -j RETURN
-  iptables -A "$GUARD_CHAIN" -o "$HOST_IF" -j RETURN
-  iptables -A "$GUARD_CHAIN" -d "$GUARD_RANGE" -p tcp -j REJECT --reject-with tcp-reset
-  iptables -A "$GUARD_CHAIN" -d "$GUARD_RANGE" -j REJECT --reject-with icmp-net-unreachable
-  iptables -I OUTPUT -j "$GUARD_CHAIN"
-  iptables -I FORWARD -j "$GUARD_CHAIN"
-  # And the range answers nobody but this machine and its node.
-  iptables -N "$GUARD_IN_CHAIN"
-  iptables -A "$GUARD_IN_CHAIN" -i lo -j RETURN
-  iptables -A "$GUARD_IN_CHAIN" -i "$HOST_IF" -j RETURN
-  iptables -A "$GUARD_IN_CHAIN" -d "$GUARD_RANGE" -p tcp -j REJECT --reject-with tcp-reset
-  iptables -A "$GUARD_IN_CHAIN" -d "$GUARD_RANGE" -j REJECT --reject-with icmp-net-unreachable
-  iptables -I INPUT -j "$GUARD_IN_CHAIN"
+  # other interface (the machine's way out) they are rejected, so a mistake fails loudly. And the
+  # range answers nobody but this machine and its node.
+  guard_chain "$GUARD_CHAIN" -o OUTPUT FORWARD
+  guard_chain "$GUARD_IN_CHAIN" -i INPUT
+}
+
+# guard_chain CHAIN -o|-i HOOK...: a chain that lets the range through loopback and the node link
+# (as output or input interface) and rejects it elsewhere, jumped to from each HOOK.
+guard_chain() {
+  local chain="$1" dir="$2" hook
+  shift 2
+  iptables -N "$chain"
+  iptables -A "$chain" "$dir" lo -j RETURN
+  iptables -A "$chain" "$dir" "$HOST_IF" -j RETURN
+  iptables -A "$chain" -d "$GUARD_RANGE" -p tcp -j REJECT --reject-with tcp-reset
+  iptables -A "$chain" -d "$GUARD_RANGE" -j REJECT --reject-with icmp-net-unreachable
+  for hook in "$@"; do iptables -I "$hook" -j "$chain"; done
 }
 
 # A client certificate signed by the cluster CA, and a kubeconfig using it.

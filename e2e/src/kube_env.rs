@@ -84,29 +84,11 @@ where
     F: FnOnce(TestNs) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let env = Env::from_env().expect("e2e environment");
-    let client = env.client().await.expect("kubernetes client");
     let name = format!(
         "{prefix}-{}",
         crate::postgres::random_password()[..6].to_lowercase()
     );
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns = Namespace {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("create namespace");
-    let test_ns = TestNs {
-        env,
-        client,
-        name: name.clone(),
-    };
+    let test_ns = TestNs::create(&name).await.expect("a test namespace");
     let result = test(test_ns.clone()).await;
     if let Err(e) = &result {
         eprintln!("--- e2e failure in namespace {name}: {e:#}");
@@ -143,6 +125,29 @@ pub struct KubectlOutput {
 }
 
 impl TestNs {
+    /// Creates the namespace `name` in the cluster of the e2e environment.
+    pub async fn create(name: &str) -> anyhow::Result<TestNs> {
+        let env = Env::from_env()?;
+        let client = env.client().await?;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let ns = Namespace {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+        Ok(TestNs {
+            env,
+            client,
+            name: name.to_string(),
+        })
+    }
+
     pub fn tenants(&self) -> Api<Tenant> {
         Api::namespaced(self.client.clone(), &self.name)
     }
@@ -267,13 +272,28 @@ spec:
 
     /// The value of `key` in the tenant's credentials Secret.
     pub async fn secret_value(&self, tenant: &str, key: &str) -> anyhow::Result<String> {
+        let [value] = self.secret_values(tenant, [key]).await?;
+        Ok(value)
+    }
+
+    /// Several values of the tenant's credentials Secret, read at once.
+    pub async fn secret_values<const N: usize>(
+        &self,
+        tenant: &str,
+        keys: [&str; N],
+    ) -> anyhow::Result<[String; N]> {
         let secret = self.secrets().get(&format!("{tenant}-db")).await?;
-        let bytes = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .with_context(|| format!("secret has no {key}"))?;
-        Ok(String::from_utf8(bytes.0.clone())?)
+        let data = secret.data.unwrap_or_default();
+        let mut values = Vec::with_capacity(N);
+        for key in keys {
+            let bytes = data
+                .get(key)
+                .with_context(|| format!("secret has no {key}"))?;
+            values.push(String::from_utf8(bytes.0.clone())?);
+        }
+        values
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("one value per key"))
     }
 
     async fn cleanup(&self) {

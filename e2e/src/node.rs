@@ -40,6 +40,64 @@ pub fn guard_up(test: &str) -> bool {
     up
 }
 
+/// Where a Job container's environment variable comes from.
+pub enum EnvFrom<'a> {
+    Value(&'a str),
+    /// A key of a Secret in the Job's namespace.
+    Secret(&'a str, &'a str),
+}
+
+/// Runs `command` as a one-container Job `name` of the silo image in the test namespace (never
+/// retried, non-root, read-only root filesystem, no capabilities), and waits for it: how it ended,
+/// and its pod's log.
+pub async fn run_job(
+    ns: &TestNs,
+    name: &str,
+    command: &[&str],
+    env: &[(&str, EnvFrom<'_>)],
+) -> anyhow::Result<(JobOutcome, String)> {
+    let env: Vec<serde_json::Value> = env
+        .iter()
+        .map(|(var, from)| match from {
+            EnvFrom::Value(value) => serde_json::json!({ "name": var, "value": value }),
+            EnvFrom::Secret(secret, key) => serde_json::json!({
+                "name": var,
+                "valueFrom": { "secretKeyRef": { "name": secret, "key": key } }
+            }),
+        })
+        .collect();
+    // JSON is YAML: kubectl takes it as it is.
+    let job = serde_json::json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": { "name": name },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": 90,
+            "template": { "spec": {
+                "restartPolicy": "Never",
+                "securityContext": { "runAsNonRoot": true, "seccompProfile": { "type": "RuntimeDefault" } },
+                "containers": [{
+                    "name": "main",
+                    "image": image()?,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "env": env,
+                    "securityContext": {
+                        "readOnlyRootFilesystem": true,
+                        "allowPrivilegeEscalation": false,
+                        "capabilities": { "drop": ["ALL"] }
+                    }
+                }]
+            }}
+        }
+    });
+    ns.apply_ok(&job.to_string()).await?;
+    let outcome = wait_job(ns, name, Duration::from_secs(120)).await?;
+    let logs = job_logs(ns, name).await.unwrap_or_default();
+    Ok((outcome, logs))
+}
+
 /// How a Job ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum JobOutcome {
@@ -48,7 +106,7 @@ pub enum JobOutcome {
 }
 
 /// Waits until the Job in the test namespace is Complete or Failed.
-pub async fn wait_job(ns: &TestNs, name: &str, timeout: Duration) -> anyhow::Result<JobOutcome> {
+async fn wait_job(ns: &TestNs, name: &str, timeout: Duration) -> anyhow::Result<JobOutcome> {
     let api: Api<Job> = Api::namespaced(ns.client.clone(), &ns.name);
     wait_for(&format!("job {name} to finish"), timeout, || async {
         let job = api.get_opt(name).await.ok().flatten()?;
@@ -69,7 +127,7 @@ pub async fn wait_job(ns: &TestNs, name: &str, timeout: Duration) -> anyhow::Res
 }
 
 /// The logs of a Job's pod.
-pub async fn job_logs(ns: &TestNs, name: &str) -> anyhow::Result<String> {
+async fn job_logs(ns: &TestNs, name: &str) -> anyhow::Result<String> {
     let out = ns
         .kubectl(&["logs", "-n", &ns.name, &format!("job/{name}")])
         .await?;

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
 use silo_crds::TenantPhase;
 use silo_e2e::kube_env::with_temp_ns;
-use silo_e2e::node::{self, JobOutcome};
+use silo_e2e::node::{self, EnvFrom, JobOutcome};
 use silo_e2e::{PgServer, TestNs, wait_for};
 use sqlx::{Connection, PgConnection};
 
@@ -274,33 +274,27 @@ async fn the_chart_installs_upgrades_and_uninstalls_silo() {
             .spec
             .and_then(|s| s.cluster_ip)
             .context("router Service without a ClusterIP")?;
-        let job = format!(
-            r#"apiVersion: batch/v1
-kind: Job
-metadata: {{name: via-router}}
-spec:
-  backoffLimit: 0
-  template:
-    spec:
-      restartPolicy: Never
-      containers:
-      - name: psql
-        image: {image}
-        imagePullPolicy: Never
-        command: [psql, -At, -v, ON_ERROR_STOP=1, -c, "SELECT v FROM kept"]
-        env:
-        - {{name: PGHOST, value: "{router_ip}"}}
-        - {{name: PGPORT, value: "6432"}}
-        - {{name: PGDATABASE, value: "{ns}.acme"}}
-        - {{name: PGUSER, valueFrom: {{secretKeyRef: {{name: acme-db, key: user}}}}}}
-        - {{name: PGPASSWORD, valueFrom: {{secretKeyRef: {{name: acme-db, key: password}}}}}}
-"#,
-            image = node::image()?,
-            ns = ns.name,
-        );
-        ns.apply_ok(&job).await?;
-        let outcome = node::wait_job(&ns, "via-router", TIMEOUT).await?;
-        let logs = node::job_logs(&ns, "via-router").await.unwrap_or_default();
+        let database = format!("{}.acme", ns.name);
+        let (outcome, logs) = node::run_job(
+            &ns,
+            "via-router",
+            &[
+                "psql",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                "SELECT v FROM kept",
+            ],
+            &[
+                ("PGHOST", EnvFrom::Value(&router_ip)),
+                ("PGPORT", EnvFrom::Value("6432")),
+                ("PGDATABASE", EnvFrom::Value(&database)),
+                ("PGUSER", EnvFrom::Secret("acme-db", "user")),
+                ("PGPASSWORD", EnvFrom::Secret("acme-db", "password")),
+            ],
+        )
+        .await?;
         ensure!(outcome == JobOutcome::Complete, "{outcome:?}: {logs}");
         ensure!(
             logs.trim() == "before uninstall",

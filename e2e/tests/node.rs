@@ -6,57 +6,25 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use silo_crds::TenantPhase;
 use silo_e2e::kube_env::with_temp_ns;
-use silo_e2e::node::{self, JobOutcome};
+use silo_e2e::node::{self, EnvFrom, JobOutcome};
 use silo_e2e::{PgServer, TestNs};
 use sqlx::{Connection, PgConnection};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A Job running the silo image's `psql` with the tenant's connection settings from its Secret.
-fn psql_job(name: &str, image: &str, secret: &str, sql: &str) -> String {
-    let env: String = [
-        ("PGHOST", "host"),
-        ("PGPORT", "port"),
-        ("PGDATABASE", "dbname"),
-        ("PGUSER", "user"),
-        ("PGPASSWORD", "password"),
-    ]
-    .iter()
-    .map(|(var, key)| {
-        format!(
-            "        - {{name: {var}, valueFrom: {{secretKeyRef: {{name: {secret}, key: {key}}}}}}}\n"
-        )
-    })
-    .collect();
-    format!(
-        r#"apiVersion: batch/v1
-kind: Job
-metadata: {{name: {name}}}
-spec:
-  backoffLimit: 0
-  activeDeadlineSeconds: 90
-  template:
-    spec:
-      restartPolicy: Never
-      securityContext: {{runAsNonRoot: true, seccompProfile: {{type: RuntimeDefault}}}}
-      containers:
-      - name: psql
-        image: {image}
-        imagePullPolicy: Never
-        command: [psql, -v, ON_ERROR_STOP=1, -c, "{sql}"]
-        securityContext:
-          readOnlyRootFilesystem: true
-          allowPrivilegeEscalation: false
-          capabilities: {{drop: [ALL]}}
-        env:
-{env}"#
-    )
-}
+/// The tenant's connection settings from its credentials Secret, as libpq's variables.
+const TENANT_ENV: [(&str, EnvFrom<'static>); 5] = [
+    ("PGHOST", EnvFrom::Secret("acme-db", "host")),
+    ("PGPORT", EnvFrom::Secret("acme-db", "port")),
+    ("PGDATABASE", EnvFrom::Secret("acme-db", "dbname")),
+    ("PGUSER", EnvFrom::Secret("acme-db", "user")),
+    ("PGPASSWORD", EnvFrom::Secret("acme-db", "password")),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_pod_runs_psql_against_a_tenant_database() {
     with_temp_ns("node-job", |ns: TestNs| async move {
-        let image = node::image()?;
+        node::image()?; // no node, no test: say so before starting anything
         let pg = PgServer::start()?;
         let server = ns.server_name("pg");
         ns.add_server(&server, &pg, "").await?;
@@ -70,10 +38,13 @@ async fn a_job_pod_runs_psql_against_a_tenant_database() {
         let started = Instant::now();
         let sql = "CREATE TABLE job_proof (note text); \
                    INSERT INTO job_proof SELECT current_user || '@' || current_database()";
-        ns.apply_ok(&psql_job("psql-proof", &image, "acme-db", sql))
-            .await?;
-        let outcome = node::wait_job(&ns, "psql-proof", TIMEOUT).await?;
-        let logs = node::job_logs(&ns, "psql-proof").await.unwrap_or_default();
+        let (outcome, logs) = node::run_job(
+            &ns,
+            "psql-proof",
+            &["psql", "-v", "ON_ERROR_STOP=1", "-c", sql],
+            &TENANT_ENV,
+        )
+        .await?;
         ensure!(
             outcome == JobOutcome::Complete,
             "the Job did not complete: {outcome:?}; its log:\n{logs}"
@@ -82,9 +53,8 @@ async fn a_job_pod_runs_psql_against_a_tenant_database() {
         ensure!(logs.contains("INSERT 0 1"), "psql's output: {logs}");
 
         // Its effect, seen with the tenant's own credentials from outside the cluster.
-        let user = ns.secret_value("acme", "user").await?;
-        let database = ns.secret_value("acme", "dbname").await?;
-        let mut conn = PgConnection::connect(&ns.secret_value("acme", "uri").await?).await?;
+        let [user, database, uri] = ns.secret_values("acme", ["user", "dbname", "uri"]).await?;
+        let mut conn = PgConnection::connect(&uri).await?;
         let note: String = sqlx::query_scalar("SELECT note FROM job_proof")
             .fetch_one(&mut conn)
             .await
@@ -104,7 +74,7 @@ async fn nothing_leaves_the_machine() {
         return;
     }
     with_temp_ns("node-guard", |ns: TestNs| async move {
-        let image = node::image()?;
+        node::image()?; // no node, no test: say so before probing anything
         // From this machine: the service and pod ranges are rejected at once by the guard, on
         // whatever interface the routing table would have used (a silent drop would time out).
         for address in ["198.19.255.254:443", "198.18.200.1:5432"] {
@@ -127,26 +97,9 @@ async fn nothing_leaves_the_machine() {
         }
 
         // From a pod: the node's namespace has no route off the machine at all.
-        let job = format!(
-            r#"apiVersion: batch/v1
-kind: Job
-metadata: {{name: egress}}
-spec:
-  backoffLimit: 0
-  template:
-    spec:
-      restartPolicy: Never
-      containers:
-      - name: probe
-        image: {image}
-        imagePullPolicy: Never
-        command: [sh, -c, "psql -h 203.0.113.1 -c 'SELECT 1' 2>&1; echo exit=$?"]
-"#
-        );
-        ns.apply_ok(&job).await?;
-        let outcome = node::wait_job(&ns, "egress", TIMEOUT).await?;
-        ensure!(outcome == JobOutcome::Complete, "{outcome:?}");
-        let logs = node::job_logs(&ns, "egress").await?;
+        let probe = "psql -h 203.0.113.1 -c 'SELECT 1' 2>&1; echo exit=$?";
+        let (outcome, logs) = node::run_job(&ns, "egress", &["sh", "-c", probe], &[]).await?;
+        ensure!(outcome == JobOutcome::Complete, "{outcome:?}: {logs}");
         ensure!(
             logs.contains("Network is unreachable") && logs.contains("exit=2"),
             "a pod connecting to 203.0.113.1 printed: {logs}"

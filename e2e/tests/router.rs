@@ -25,11 +25,12 @@ async fn via_router(
     who: &str,
     tenant: &str,
 ) -> anyhow::Result<PgConnection> {
+    let [user, password] = ns.secret_values(who, ["user", "password"]).await?;
     let options = PgConnectOptions::new()
         .host("127.0.0.1")
         .port(router.port)
-        .username(&ns.secret_value(who, "user").await?)
-        .password(&ns.secret_value(who, "password").await?)
+        .username(&user)
+        .password(&password)
         .database(&format!("{}.{tenant}", ns.name));
     Ok(PgConnection::connect_with(&options).await?)
 }

@@ -167,12 +167,15 @@ async fn b_isolation_matrix_six_tenants_on_two_servers() {
         }
         let mut creds = Vec::new();
         for n in &names {
+            let [host, port, db, user, password] = ns
+                .secret_values(n, ["host", "port", "dbname", "user", "password"])
+                .await?;
             creds.push(Creds {
-                host: ns.secret_value(n, "host").await?,
-                port: ns.secret_value(n, "port").await?.parse()?,
-                db: ns.secret_value(n, "dbname").await?,
-                user: ns.secret_value(n, "user").await?,
-                password: ns.secret_value(n, "password").await?,
+                host,
+                port: port.parse()?,
+                db,
+                user,
+                password,
             });
         }
         let ports: std::collections::HashSet<u16> = creds.iter().map(|c| c.port).collect();

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt, stream};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use silo_crds::{Tenant, TenantPhase, TenantSpec};
 use silo_e2e::{Env, PgServer, TestNs, wait_for};
@@ -29,7 +28,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let env = Env::from_env()?;
+    Env::from_env()?; // an incomplete environment fails here, before any server starts
     let servers = [PgServer::start()?, PgServer::start()?];
 
     // 1. The floor: the controller's statements, straight to the servers (after a warm-up, so that
@@ -38,26 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let floor_before = raw_sql_floor(&servers, args.tenants, args.ddl_concurrency).await?;
 
     // 2. The controller: N Tenants created at once, until all are Ready.
-    let client = env.client().await?;
-    let ns = TestNs {
-        env,
-        client: client.clone(),
-        name: "bench".into(),
-    };
-    let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
-    let meta = ObjectMeta {
-        name: Some(ns.name.clone()),
-        ..Default::default()
-    };
-    namespaces
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: meta,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let ns = TestNs::create("bench").await?;
     ns.add_server(&ns.server_name("one"), &servers[0], "  maxTenants: 100000")
         .await?;
     ns.add_server(&ns.server_name("two"), &servers[1], "  maxTenants: 100000")
@@ -109,17 +89,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|i| {
             let api = api.clone();
             async move {
-                let tenant = Tenant::new(
-                    &format!("tenant-{i:05}"),
-                    TenantSpec {
-                        isolation: Default::default(),
-                        server_selector: None,
-                        connection_limit: 20,
-                        suspended: false,
-                        deletion: Default::default(),
-                        routing: None,
-                    },
-                );
+                let tenant = Tenant::new(&format!("tenant-{i:05}"), TenantSpec::default());
                 api.create(&PostParams::default(), &tenant).await
             }
         })

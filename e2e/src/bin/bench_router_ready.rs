@@ -10,11 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use futures::TryStreamExt;
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use silo_crds::{Tenant, TenantPhase, TenantSpec};
-use silo_e2e::{Env, PgServer, RouterProcess, TestNs, wait_for};
+use silo_e2e::{PgServer, RouterProcess, TestNs, wait_for};
 use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 
@@ -28,24 +27,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let env = Env::from_env()?;
-    let client = env.client().await?;
-    let ns = TestNs {
-        env,
-        client: client.clone(),
-        name: "bench-ready".into(),
-    };
-    let namespaces: kube::Api<Namespace> = kube::Api::all(client);
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some(ns.name.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await?;
+    let ns = TestNs::create("bench-ready").await?;
     let pg = PgServer::start()?;
     ns.add_server(&ns.server_name("pg"), &pg, "").await?;
     let router = RouterProcess::start(&ns, "transaction")?;
@@ -72,17 +54,7 @@ async fn main() -> anyhow::Result<()> {
     let mut latencies = Vec::with_capacity(args.tenants);
     for i in 0..args.tenants {
         let name = format!("ready-{i:03}");
-        let tenant = Tenant::new(
-            &name,
-            TenantSpec {
-                isolation: Default::default(),
-                server_selector: None,
-                connection_limit: 20,
-                suspended: false,
-                deletion: Default::default(),
-                routing: None,
-            },
-        );
+        let tenant = Tenant::new(&name, TenantSpec::default());
         api.create(&PostParams::default(), &tenant).await?;
         // Keep trying: first for the Secret (written before the tenant is Ready), then through
         // the router, a few milliseconds apart, so that the first success is seen when it happens.
@@ -92,10 +64,9 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(Instant::now() < deadline, "{name} never became routable");
             match &options {
                 None => {
-                    if let (Ok(user), Ok(password)) = (
-                        ns.secret_value(&name, "user").await,
-                        ns.secret_value(&name, "password").await,
-                    ) {
+                    if let Ok([user, password]) =
+                        ns.secret_values(&name, ["user", "password"]).await
+                    {
                         options = Some(
                             PgConnectOptions::new()
                                 .host("127.0.0.1")
