@@ -45,6 +45,18 @@ pub struct Args {
     #[arg(long, env = "SILO_SERVER_SELECTOR")]
     pub server_selector: Option<String>,
 
+    /// Only reconcile Tenants whose labels match this selector, e.g. `silo.dev/install=acme`
+    /// (default: all). With `--server-selector`, lets several installs share a cluster: give each
+    /// its own servers and a tenant selector disjoint from the others'.
+    #[arg(long, env = "SILO_TENANT_SELECTOR")]
+    pub tenant_selector: Option<String>,
+
+    /// Namespaces a DatabaseServer's `adminSecretRef` may name, comma-separated; the chart sets
+    /// the release namespace (plus `controller.adminSecretNamespaces`). Without it, any namespace
+    /// (for running the controller outside a cluster).
+    #[arg(long, env = "SILO_ADMIN_SECRET_NAMESPACES", value_delimiter = ',')]
+    pub admin_secret_namespaces: Vec<String>,
+
     /// The router's `host:port` as applications reach it; adds `router-uri` to every tenant Secret.
     #[arg(long, env = "SILO_ROUTER_ADDRESS")]
     pub router_address: Option<String>,

@@ -23,11 +23,16 @@ pub struct Context {
     pub placements: Placements,
     /// Asks the DatabaseServer reconciler to refresh a server's status (its tenant count changed).
     pub server_changed: tokio::sync::mpsc::UnboundedSender<String>,
+    /// Asks the Tenant reconciler to look at another tenant (a route it claims is contested).
+    pub tenant_changed:
+        tokio::sync::mpsc::UnboundedSender<kube::runtime::reflector::ObjectRef<Tenant>>,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     pub resync: Duration,
     /// The router's `host:port` for the Secrets' `router-uri`, when a router is deployed.
     pub router_address: Option<String>,
+    /// Namespaces an `adminSecretRef` may name; empty means any.
+    pub admin_secret_namespaces: Vec<String>,
     /// Applied to every Job the controller creates.
     pub job_settings: crate::jobs::JobSettings,
     /// Consecutive failures per DatabaseServer, for capped exponential backoff.

@@ -18,12 +18,11 @@ pub enum Error {
     },
 
     #[error(
-        "database {database} on DatabaseServer {server} already exists and is owned by {owner}, not by this tenant's role"
+        "{conflict} on DatabaseServer {server}, not to this tenant: it is left alone (rename or remove it, or delete this Tenant)"
     )]
     NameConflict {
-        database: String,
+        conflict: crate::sql::identity::Conflict,
         server: String,
-        owner: String,
     },
 
     #[error("Secret {namespace}/{name}: {message}")]

@@ -60,6 +60,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         tenant_concurrency,
         watch_namespace,
         server_selector,
+        tenant_selector,
+        admin_secret_namespaces,
         router_address,
         leader_election,
         lease_namespace,
@@ -94,7 +96,11 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     // Tenants are reconciled when their spec, finalizers or deletion change, not when the
     // controller's own status writes come back through the watch (resync covers the rest).
     let (tenant_reader, tenant_writer) = reflector::store();
-    let tenant_changes = watcher(tenant_api.clone(), watcher::Config::default())
+    let tenant_watch = match &tenant_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
+    let tenant_changes = watcher(tenant_api.clone(), tenant_watch)
         .default_backoff()
         .reflect(tenant_writer)
         .applied_objects()
@@ -110,6 +116,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         .applied_objects()
         .predicate_filter(database_server::spec_changed, PredicateConfig::default());
     let (server_changed, server_changed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (tenant_changed, tenant_changed_rx) = tokio::sync::mpsc::unbounded_channel();
     let server_controller = Controller::for_stream(server_changes, server_reader)
         .with_config(ControllerConfig::default().debounce(std::time::Duration::from_millis(500)));
     let tenants = tenant_controller.store();
@@ -196,6 +203,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         tenants: tenants.clone(),
         placements: placements.clone(),
         server_changed,
+        tenant_changed,
         metrics: metrics.clone(),
         recorder: Recorder::new(
             client.clone(),
@@ -206,6 +214,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         ),
         resync: resync_interval,
         router_address,
+        admin_secret_namespaces,
         job_settings,
         server_failures: Default::default(),
     });
@@ -231,9 +240,12 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let tenant_loop = tenant_controller
         .owns(
             secret_api,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=silo"),
+            watcher::Config::default().labels(silo_crds::contract::MANAGED_SELECTOR),
         )
         .watches(server_api, server_watch, tenants_on_server)
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            tenant_changed_rx,
+        ))
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(tenant::reconcile, tenant::error_policy, ctx.clone())
         .for_each(|_| async {});

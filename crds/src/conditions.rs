@@ -6,6 +6,10 @@ use schemars::{Schema, SchemaGenerator, json_schema};
 
 pub const READY: &str = "Ready";
 pub const DATABASE_READY: &str = "DatabaseReady";
+/// DatabaseServer: PUBLIC can neither connect to nor create in the maintenance databases.
+pub const HARDENED: &str = "Hardened";
+/// Tenant: the routes of `spec.routing` are this tenant's alone.
+pub const ROUTED: &str = "Routed";
 
 /// A condition as a reconciler computes it, before it is merged into the stored list.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -62,6 +62,14 @@ pub struct DatabaseServerSpec {
     /// A cordoned server keeps its tenants but receives no new placements.
     #[serde(default)]
     pub cordoned: bool,
+
+    /// Revoke what PostgreSQL grants to PUBLIC by default in the maintenance databases
+    /// `postgres` and `template1`: CONNECT to them, and CREATE in their schemas (PostgreSQL 14 and
+    /// older, or servers upgraded from them). Every tenant role is a member of PUBLIC; with these
+    /// grants it can log in there and plant objects. Off by default because other users of the
+    /// server (monitoring, say) may rely on them; the `Hardened` condition reports them either way.
+    #[serde(default)]
+    pub revoke_public_access: bool,
 }
 
 fn default_port() -> i32 {
@@ -110,7 +118,8 @@ pub struct DatabaseServerStatus {
     /// The generation of the spec this status describes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Standard conditions; `Ready` means reachable with admin rights.
+    /// Standard conditions: `Ready` means reachable with admin rights; `Hardened` says whether
+    /// PUBLIC (every tenant role) can connect to or create in the maintenance databases.
     #[serde(default)]
     #[schemars(schema_with = "crate::conditions::schema")]
     pub conditions: Vec<Condition>,

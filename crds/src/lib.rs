@@ -2,7 +2,9 @@
 //! condition helpers shared by the controller, the router and the tests.
 
 pub mod conditions;
+pub mod contract;
 pub mod database_server;
+pub mod routing;
 pub mod tenant;
 
 pub use database_server::{

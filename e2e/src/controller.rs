@@ -44,6 +44,8 @@ impl ControllerProcess {
             .env("SILO_HTTP_ADDR", format!("127.0.0.1:{http_port}"))
             .env("SILO_WATCH_NAMESPACE", &ns.name)
             .env("SILO_SERVER_SELECTOR", format!("{TEST_LABEL}={}", ns.name))
+            // The tests keep their servers' admin Secrets in their own namespace.
+            .env("SILO_ADMIN_SECRET_NAMESPACES", &ns.name)
             .env("SILO_RESYNC_INTERVAL", "5")
             .env("SILO_LEASE_DURATION", "6")
             .env("SILO_LOG", "info,silo_controller=debug")

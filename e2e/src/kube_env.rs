@@ -296,7 +296,8 @@ spec:
             .map_err(|_| anyhow::anyhow!("one value per key"))
     }
 
-    async fn cleanup(&self) {
+    /// Deletes the namespace and its DatabaseServers (for namespaces made with `TestNs::create`).
+    pub async fn cleanup(&self) {
         let servers = self.servers();
         let _ = servers
             .delete_collection(

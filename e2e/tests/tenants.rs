@@ -559,10 +559,22 @@ async fn g_delete_with_delete_and_with_retain() {
             !exists(doomed_db.clone(), "pg_roles").await?,
             "role of Delete tenant still exists"
         );
-        ensure!(
-            ns.secrets().get_opt("doomed-db").await?.is_none(),
-            "Secret of Delete tenant still exists"
-        );
+        // The Secret goes with its owner, the Tenant (garbage collection; the controller has
+        // no right to delete Secrets).
+        wait_for(
+            "the Delete tenant's Secret to go",
+            READY_TIMEOUT,
+            || async {
+                ns.secrets()
+                    .get_opt("doomed-db")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await?;
 
         // Retain: data kept, locked, visible as retained.
         ensure!(

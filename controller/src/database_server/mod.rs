@@ -14,7 +14,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use silo_crds::conditions::{self, Desired, READY};
+use silo_crds::conditions::{self, Desired, HARDENED, READY};
 use silo_crds::{DatabaseServer, DatabaseServerStatus};
 use tracing::{info, warn};
 
@@ -40,6 +40,7 @@ struct Healthy {
     version: String,
     retained: Vec<String>,
     username: String,
+    hardened: Desired,
 }
 
 pub fn reconcile(
@@ -67,26 +68,29 @@ async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Res
     let current = server.status.clone().unwrap_or_default();
     let generation = server.metadata.generation;
     let now = Time(jiff::Timestamp::now());
-    let (condition, version, retained) = match &check {
+    let (desired, version, retained) = match &check {
         Ok(h) => (
-            Desired::new(
-                READY,
-                true,
-                "Connected",
-                format!("connected as {} to PostgreSQL {}", h.username, h.version),
-            ),
+            vec![
+                Desired::new(
+                    READY,
+                    true,
+                    "Connected",
+                    format!("connected as {} to PostgreSQL {}", h.username, h.version),
+                ),
+                h.hardened.clone(),
+            ],
             Some(h.version.clone()),
             h.retained.clone(),
         ),
         Err(p) => (
-            Desired::new(READY, false, p.reason, &p.message),
+            vec![Desired::new(READY, false, p.reason, &p.message)],
             current.version.clone(),
             current.retained.clone(),
         ),
     };
     let status = DatabaseServerStatus {
         observed_generation: generation,
-        conditions: conditions::merge(&current.conditions, &[condition], generation, now),
+        conditions: conditions::merge(&current.conditions, &desired, generation, now),
         version,
         tenants: i32::try_from(placed).unwrap_or(i32::MAX),
         retained,
@@ -101,6 +105,15 @@ async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Res
         )
         .await?;
         let was_ready = conditions::is_true(&current.conditions, READY);
+        if let Ok(h) = &check {
+            let hardened = &h.hardened;
+            let known = current.conditions.iter().find(|c| c.type_ == HARDENED);
+            if !hardened.status && known.is_none_or(|c| c.reason != hardened.reason) {
+                warn!(server = %name, reason = %hardened.reason, message = %hardened.message, "database server exposes maintenance databases to PUBLIC");
+                let note = hardened.message.clone();
+                publish(&ctx, &server, EventType::Warning, &hardened.reason, note).await;
+            }
+        }
         match (&check, was_ready) {
             (Ok(h), false) => {
                 info!(server = %name, version = %h.version, "database server ready");
@@ -209,15 +222,76 @@ async fn check(server: &DatabaseServer, ctx: &Context) -> Result<Healthy, Proble
             ),
         });
     }
+    let hardened = harden(server, &handle.pool).await;
     Ok(Healthy {
         version: facts.version,
         retained,
         username,
+        hardened,
     })
+}
+
+/// The `Hardened` condition: what PUBLIC may do in the maintenance databases, after revoking it
+/// when `spec.revokePublicAccess` asks for that.
+async fn harden(server: &DatabaseServer, pool: &sqlx::PgPool) -> Desired {
+    let failed = |action: &str, e: sqlx::Error| {
+        Desired::new(
+            HARDENED,
+            false,
+            "CheckFailed",
+            format!("{action} PUBLIC's grants in the maintenance databases: {e}"),
+        )
+    };
+    let mut grants = match ddl::public_grants(pool).await {
+        Ok(grants) => grants,
+        Err(e) => return failed("reading", e),
+    };
+    if server.spec.revoke_public_access && !grants.is_empty() {
+        if let Err(e) = ddl::revoke_public_grants(pool, &grants).await {
+            return failed("revoking", e);
+        }
+        info!(server = %server.name_any(), revoked = grants.len(), "PUBLIC's grants in the maintenance databases revoked");
+        grants = match ddl::public_grants(pool).await {
+            Ok(grants) => grants,
+            Err(e) => return failed("reading", e),
+        };
+    }
+    hardened_condition(&grants, server.spec.revoke_public_access)
+}
+
+/// The `Hardened` condition for what PUBLIC may still do (pure).
+fn hardened_condition(grants: &[ddl::PublicGrant], revoking: bool) -> Desired {
+    if grants.is_empty() {
+        return Desired::new(
+            HARDENED,
+            true,
+            "NoPublicAccess",
+            "PUBLIC can neither connect to nor create in the maintenance databases",
+        );
+    }
+    let list: Vec<String> = grants.iter().map(ToString::to_string).collect();
+    let advice = if revoking {
+        "revoking them did not take: the admin role must own these databases and schemas or be superuser"
+    } else {
+        "every tenant role can use them; set spec.revokePublicAccess: true to have Silo revoke them, or revoke them by hand"
+    };
+    Desired::new(
+        HARDENED,
+        false,
+        "PublicAccess",
+        format!("PUBLIC may {}; {advice}", list.join(", ")),
+    )
 }
 
 async fn admin_target(server: &DatabaseServer, ctx: &Context) -> Result<AdminTarget, Problem> {
     let secret_ref = &server.spec.admin_secret_ref;
+    if let Err(message) = admin_secret_allowed(&secret_ref.namespace, &ctx.admin_secret_namespaces)
+    {
+        return Err(Problem {
+            reason: "AdminSecretNotAllowed",
+            message,
+        });
+    }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &secret_ref.namespace);
     let missing = |what: String| Problem {
         reason: "AdminSecretInvalid",
@@ -267,6 +341,18 @@ async fn admin_target(server: &DatabaseServer, ctx: &Context) -> Result<AdminTar
     })
 }
 
+/// Whether an admin Secret may live in `namespace` (pure): a DatabaseServer is cluster-scoped, so
+/// whoever may create one must not be able to point the controller at any Secret of the cluster.
+fn admin_secret_allowed(namespace: &str, allowed: &[String]) -> Result<(), String> {
+    if allowed.is_empty() || allowed.iter().any(|n| n == namespace) {
+        return Ok(());
+    }
+    Err(format!(
+        "adminSecretRef names namespace {namespace}; this controller reads admin Secrets only in {} (the chart's controller.adminSecretNamespaces)",
+        allowed.join(", ")
+    ))
+}
+
 async fn publish(
     ctx: &Context,
     server: &DatabaseServer,
@@ -289,6 +375,46 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_secrets_only_in_allowed_namespaces() {
+        let allowed = ["silo-system".to_string(), "db-admins".to_string()];
+        assert!(admin_secret_allowed("silo-system", &allowed).is_ok());
+        assert!(admin_secret_allowed("db-admins", &allowed).is_ok());
+        let refused = admin_secret_allowed("kube-system", &allowed).unwrap_err();
+        assert!(refused.contains("kube-system") && refused.contains("silo-system, db-admins"));
+        assert!(admin_secret_allowed("anywhere", &[]).is_ok());
+    }
+
+    #[test]
+    fn hardened_names_every_public_grant() {
+        let grants = [
+            ddl::PublicGrant::Connect {
+                database: "postgres".into(),
+            },
+            ddl::PublicGrant::Create {
+                database: "template1".into(),
+                schema: "public".into(),
+            },
+        ];
+        let c = hardened_condition(&grants, false);
+        assert!(!c.status);
+        assert_eq!(c.reason, "PublicAccess");
+        assert!(
+            c.message.starts_with(
+                "PUBLIC may CONNECT to database postgres, CREATE in schema public of database template1;"
+            ),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("spec.revokePublicAccess"));
+        assert!(hardened_condition(&[], false).status);
+        assert!(
+            hardened_condition(&grants, true)
+                .message
+                .contains("did not take")
+        );
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {

@@ -6,12 +6,8 @@
 
 use sqlx::{PgPool, Row};
 
+use super::identity::{COMMENT_RETAINED, Claimant, Conflict, Identity, Observed, verdict};
 use super::{quote_ident, quote_literal, scram};
-
-/// Prefix of the comment Silo puts on every tenant database; it marks the database as Silo's.
-pub const COMMENT_ACTIVE: &str = "silo: tenant";
-/// Prefix of the comment on a database whose Tenant was deleted with policy `Retain`.
-pub const COMMENT_RETAINED: &str = "silo: retained";
 
 /// The declared state of a tenant's role.
 pub struct RoleSpec<'a> {
@@ -58,22 +54,65 @@ impl std::fmt::Display for Change {
     }
 }
 
-/// Makes the role exist with the declared password, LOGIN and CONNECTION LIMIT.
+/// Reads what the catalog holds under the tenant's role and database names, and whether the
+/// tenant may use them ([`verdict`]). Nothing is changed before this says yes.
+pub async fn claim(
+    pool: &PgPool,
+    role: &str,
+    database: &str,
+    tenant: &Claimant<'_>,
+) -> Result<Result<(), Conflict>, sqlx::Error> {
+    let role_row = sqlx::query_scalar::<_, Option<String>>(
+        "SELECT pg_catalog.shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles
+          WHERE rolname = $1",
+    )
+    .bind(role)
+    .fetch_optional(pool)
+    .await?;
+    let db_row = sqlx::query(
+        "SELECT pg_catalog.pg_get_userbyid(datdba) AS owner,
+                pg_catalog.shobj_description(oid, 'pg_database') AS comment
+           FROM pg_catalog.pg_database WHERE datname = $1",
+    )
+    .bind(database)
+    .fetch_optional(pool)
+    .await?;
+    let database_row = match db_row {
+        Some(row) => Some((row.try_get("owner")?, row.try_get("comment")?)),
+        None => None,
+    };
+    let observed = Observed {
+        role: role_row,
+        database: database_row,
+    };
+    Ok(verdict(&observed, role, database, tenant))
+}
+
+/// Makes the role exist with the declared password, LOGIN and CONNECTION LIMIT, and with the
+/// tenant's identity as its comment. Call only after [`claim`] said the name is the tenant's.
 pub async fn ensure_role(
     pool: &PgPool,
     spec: &RoleSpec<'_>,
+    tenant: &Claimant<'_>,
     verified: &scram::VerifiedPasswords,
 ) -> Result<Vec<Change>, sqlx::Error> {
     let role = quote_ident(spec.role);
     let login = if spec.login { "LOGIN" } else { "NOLOGIN" };
-    let existing = sqlx::query("SELECT rolcanlogin, rolconnlimit FROM pg_roles WHERE rolname = $1")
-        .bind(spec.role)
-        .fetch_optional(pool)
-        .await?;
+    let comment = quote_literal(&tenant.active_comment());
+    let existing = sqlx::query(
+        "SELECT rolcanlogin, rolconnlimit,
+                pg_catalog.shobj_description(oid, 'pg_authid') AS comment
+           FROM pg_catalog.pg_roles WHERE rolname = $1",
+    )
+    .bind(spec.role)
+    .fetch_optional(pool)
+    .await?;
     let Some(row) = existing else {
         let verifier = quote_literal(&scram::verifier(spec.password));
+        // One implicit transaction: the role never exists without its identity.
         let create = format!(
-            "CREATE ROLE {role} {login} CONNECTION LIMIT {} PASSWORD {verifier}",
+            "CREATE ROLE {role} {login} CONNECTION LIMIT {} PASSWORD {verifier};
+             COMMENT ON ROLE {role} IS {comment}",
             spec.connection_limit
         );
         sqlx::raw_sql(&create).execute(pool).await?;
@@ -83,6 +122,15 @@ pub async fn ensure_role(
     let mut changes = Vec::new();
     let can_login: bool = row.try_get("rolcanlogin")?;
     let conn_limit: i32 = row.try_get("rolconnlimit")?;
+    let current_comment: Option<String> = row.try_get("comment")?;
+    if current_comment.as_deref() != Some(tenant.active_comment().as_str()) {
+        sqlx::raw_sql(&format!("COMMENT ON ROLE {role} IS {comment}"))
+            .execute(pool)
+            .await?;
+        if Identity::parse(current_comment.as_deref()).is_some_and(|id| id.retained) {
+            changes.push(Change::Unretained);
+        }
+    }
     if can_login != spec.login {
         sqlx::raw_sql(&format!("ALTER ROLE {role} {login}"))
             .execute(pool)
@@ -117,7 +165,7 @@ async fn password_matches(
     verified: &scram::VerifiedPasswords,
 ) -> Result<bool, sqlx::Error> {
     let stored = sqlx::query_scalar::<_, Option<String>>(
-        "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+        "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1",
     )
     .bind(role)
     .fetch_optional(pool)
@@ -131,30 +179,25 @@ async fn password_matches(
     }
 }
 
-/// The outcome of [`ensure_database`] when the name is taken by a database Silo did not create
-/// for this tenant.
-#[derive(Debug)]
-pub struct OwnedByOther {
-    pub owner: String,
-}
-
-/// Makes the database exist, owned by the tenant role, with CONNECT for that role only.
-/// `tenant` (`namespace/name`) is recorded in the database's comment.
+/// Makes the database exist, owned by the tenant role, with CONNECT for that role only, and
+/// with the tenant's identity as its comment. Call only after [`claim`] said the name is the
+/// tenant's.
 pub async fn ensure_database(
     pool: &PgPool,
     database: &str,
     role: &str,
-    tenant: &str,
-) -> Result<Result<Vec<Change>, OwnedByOther>, sqlx::Error> {
+    tenant: &Claimant<'_>,
+) -> Result<Vec<Change>, sqlx::Error> {
     let db = quote_ident(database);
     let role_q = quote_ident(role);
     let existing = sqlx::query(
-        "SELECT pg_get_userbyid(d.datdba) AS owner,
-                shobj_description(d.oid, 'pg_database') AS comment,
-                EXISTS (SELECT 1 FROM aclexplode(COALESCE(d.datacl, acldefault('d', d.datdba))) a
+        "SELECT pg_catalog.pg_get_userbyid(d.datdba) AS owner,
+                pg_catalog.shobj_description(d.oid, 'pg_database') AS comment,
+                EXISTS (SELECT 1 FROM pg_catalog.aclexplode(
+                            COALESCE(d.datacl, pg_catalog.acldefault('d', d.datdba))) a
                         WHERE a.grantee = 0) AS public_access,
-                has_database_privilege($2, d.oid, 'CONNECT') AS role_connect
-           FROM pg_database d WHERE d.datname = $1",
+                pg_catalog.has_database_privilege($2, d.oid, 'CONNECT') AS role_connect
+           FROM pg_catalog.pg_database d WHERE d.datname = $1",
     )
     .bind(database)
     .bind(role)
@@ -164,7 +207,8 @@ pub async fn ensure_database(
     let mut changes = Vec::new();
     let (public_access, role_connect, comment) = match existing {
         None => {
-            // CREATE DATABASE cannot run in a transaction block, so it goes alone.
+            // CREATE DATABASE cannot run in a transaction block, so it goes alone; until the
+            // comment below lands, its owner (the tenant's role) is what makes it the tenant's.
             sqlx::raw_sql(&format!("CREATE DATABASE {db} OWNER {role_q}"))
                 .execute(pool)
                 .await?;
@@ -178,13 +222,8 @@ pub async fn ensure_database(
         }
         Some(row) => {
             let owner: String = row.try_get("owner")?;
-            let comment: Option<String> = row.try_get("comment")?;
             if owner != role {
-                // Ours by its comment (e.g. an admin reassigned it to drop the role): take it back.
-                // Anyone else's database is never touched.
-                if !is_silo_comment_for(comment.as_deref(), tenant) {
-                    return Ok(Err(OwnedByOther { owner }));
-                }
+                // Ours by its identity (e.g. an admin reassigned it to drop the role): take it back.
                 sqlx::raw_sql(&format!("ALTER DATABASE {db} OWNER TO {role_q}"))
                     .execute(pool)
                     .await?;
@@ -193,7 +232,7 @@ pub async fn ensure_database(
             (
                 row.try_get("public_access")?,
                 row.try_get("role_connect")?,
-                comment,
+                row.try_get::<Option<String>, _>("comment")?,
             )
         }
     };
@@ -216,12 +255,9 @@ pub async fn ensure_database(
             changes.push(Change::ConnectGranted);
         }
     }
-    let active = format!("{COMMENT_ACTIVE} {tenant}");
+    let active = tenant.active_comment();
     if comment.as_deref() != Some(active.as_str()) {
-        if comment
-            .as_deref()
-            .is_some_and(|c| c.starts_with(COMMENT_RETAINED))
-        {
+        if Identity::parse(comment.as_deref()).is_some_and(|id| id.retained) {
             changes.push(Change::Unretained);
         }
         sqlx::raw_sql(&format!(
@@ -231,40 +267,20 @@ pub async fn ensure_database(
         .execute(pool)
         .await?;
     }
-    Ok(Ok(changes))
-}
-
-/// Whether a database comment marks the database as this tenant's (active or retained).
-fn is_silo_comment_for(comment: Option<&str>, tenant: &str) -> bool {
-    let Some(comment) = comment else { return false };
-    [COMMENT_ACTIVE, COMMENT_RETAINED].iter().any(|prefix| {
-        comment
-            .strip_prefix(prefix)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .is_some_and(|rest| rest == tenant || rest.starts_with(&format!("{tenant} ")))
-    })
+    changes.dedup();
+    Ok(changes)
 }
 
 async fn server_version_num(pool: &PgPool) -> Result<i32, sqlx::Error> {
-    sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+    sqlx::query_scalar("SELECT pg_catalog.current_setting('server_version_num')::int")
         .fetch_one(pool)
         .await
 }
 
 async fn own_public_schema(pool: &PgPool, database: &str, role: &str) -> Result<(), sqlx::Error> {
-    // A one-off pool on the tenant database: this runs once per database, and only on PostgreSQL < 15.
-    let options = pool.connect_options().as_ref().clone().database(database);
-    let tenant_db = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_lazy_with(options);
-    let result = sqlx::raw_sql(&format!(
-        "ALTER SCHEMA public OWNER TO {}",
-        quote_ident(role)
-    ))
-    .execute(&tenant_db)
-    .await;
-    tenant_db.close().await;
-    result.map(|_| ())
+    // Runs once per database, and only on PostgreSQL < 15.
+    let sql = format!("ALTER SCHEMA public OWNER TO {}", quote_ident(role));
+    execute_on(pool, database, &sql).await
 }
 
 /// Whether `catalog` has a row whose `column` is `name`; catalog and column are constants here.
@@ -275,7 +291,7 @@ async fn exists(
     name: &str,
 ) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {catalog} WHERE {column} = $1)"
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.{catalog} WHERE {column} = $1)"
     ))
     .bind(name)
     .fetch_one(pool)
@@ -289,8 +305,8 @@ pub async fn terminate_sessions(
     role: &str,
 ) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-          WHERE (datname = $1 OR usename = $2) AND pid <> pg_backend_pid()",
+        "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity
+          WHERE (datname = $1 OR usename = $2) AND pid <> pg_catalog.pg_backend_pid()",
     )
     .bind(database)
     .bind(role)
@@ -298,59 +314,37 @@ pub async fn terminate_sessions(
     .await
 }
 
-/// Whether the database is this tenant's: owned by its role, or marked with its comment.
-/// `None` when there is no such database.
-async fn database_is_ours(
-    pool: &PgPool,
-    database: &str,
-    role: &str,
-    tenant: &str,
-) -> Result<Option<(bool, String)>, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT pg_get_userbyid(datdba) AS owner, shobj_description(oid, 'pg_database') AS comment
-           FROM pg_database WHERE datname = $1",
-    )
-    .bind(database)
-    .fetch_optional(pool)
-    .await?;
-    let Some(row) = row else { return Ok(None) };
-    let owner: String = row.try_get("owner")?;
-    let comment: Option<String> = row.try_get("comment")?;
-    Ok(Some((
-        owner == role || is_silo_comment_for(comment.as_deref(), tenant),
-        owner,
-    )))
-}
-
 /// The outcome of a deletion policy on the server.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cleanup {
     Done,
-    /// The database of that name belongs to someone else (`owner`): nothing was touched.
-    NotOurs {
-        owner: String,
-    },
+    /// The role or database of that name belongs to someone else: nothing was touched.
+    NotOurs(Conflict),
 }
 
 /// Policy `Retain`: the role can no longer log in, CONNECT is revoked, sessions end, and the
-/// database is marked as retained (with the tenant and time) for the DatabaseServer's status.
+/// role and database are marked as retained (with the tenant and time) for the DatabaseServer's
+/// status - never a role or database that is not this tenant's, whatever its name.
 pub async fn lock_and_retain(
     pool: &PgPool,
     database: &str,
     role: &str,
-    tenant: &str,
+    tenant: &Claimant<'_>,
     at: &str,
 ) -> Result<Cleanup, sqlx::Error> {
-    if let Some((false, owner)) = database_is_ours(pool, database, role, tenant).await? {
-        return Ok(Cleanup::NotOurs { owner });
+    if let Err(conflict) = claim(pool, role, database, tenant).await? {
+        return Ok(Cleanup::NotOurs(conflict));
     }
     let db = quote_ident(database);
     let role_q = quote_ident(role);
+    let comment = quote_literal(&tenant.retained_comment(at));
     let role_exists = exists(pool, "pg_roles", "rolname", role).await?;
     if role_exists {
-        sqlx::raw_sql(&format!("ALTER ROLE {role_q} NOLOGIN"))
-            .execute(pool)
-            .await?;
+        sqlx::raw_sql(&format!(
+            "ALTER ROLE {role_q} NOLOGIN; COMMENT ON ROLE {role_q} IS {comment}"
+        ))
+        .execute(pool)
+        .await?;
     }
     let db_exists = exists(pool, "pg_database", "datname", database).await?;
     if db_exists {
@@ -364,28 +358,24 @@ pub async fn lock_and_retain(
             .execute(pool)
             .await?;
         }
-        let comment = format!("{COMMENT_RETAINED} {tenant} deleted {at}");
-        sqlx::raw_sql(&format!(
-            "COMMENT ON DATABASE {db} IS {}",
-            quote_literal(&comment)
-        ))
-        .execute(pool)
-        .await?;
+        sqlx::raw_sql(&format!("COMMENT ON DATABASE {db} IS {comment}"))
+            .execute(pool)
+            .await?;
     }
     terminate_sessions(pool, database, role).await?;
     Ok(Cleanup::Done)
 }
 
-/// Policy `Delete`: sessions end, the database and the role are dropped - never a database that
-/// is not this tenant's, whatever its name.
+/// Policy `Delete`: sessions end, the database and the role are dropped - never a role or
+/// database that is not this tenant's, whatever its name.
 pub async fn drop_tenant(
     pool: &PgPool,
     database: &str,
     role: &str,
-    tenant: &str,
+    tenant: &Claimant<'_>,
 ) -> Result<Cleanup, sqlx::Error> {
-    if let Some((false, owner)) = database_is_ours(pool, database, role, tenant).await? {
-        return Ok(Cleanup::NotOurs { owner });
+    if let Err(conflict) = claim(pool, role, database, tenant).await? {
+        return Ok(Cleanup::NotOurs(conflict));
     }
     let role_exists = exists(pool, "pg_roles", "rolname", role).await?;
     if role_exists {
@@ -410,12 +400,115 @@ pub async fn drop_tenant(
 /// Databases on this server that are retained after their Tenant was deleted.
 pub async fn retained_databases(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT datname::text FROM pg_database
-          WHERE shobj_description(oid, 'pg_database') LIKE $1 || '%' ORDER BY datname",
+        "SELECT datname::text FROM pg_catalog.pg_database
+          WHERE pg_catalog.shobj_description(oid, 'pg_database') LIKE $1 || '%' ORDER BY datname",
     )
     .bind(COMMENT_RETAINED)
     .fetch_all(pool)
     .await
+}
+
+/// The databases every PostgreSQL server has, that no tenant needs: what PUBLIC may do there,
+/// every tenant role may do.
+pub const MAINTENANCE_DATABASES: [&str; 2] = ["postgres", "template1"];
+
+/// A default grant to PUBLIC in a maintenance database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublicGrant {
+    Connect { database: String },
+    Create { database: String, schema: String },
+}
+
+impl std::fmt::Display for PublicGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublicGrant::Connect { database } => write!(f, "CONNECT to database {database}"),
+            PublicGrant::Create { database, schema } => {
+                write!(f, "CREATE in schema {schema} of database {database}")
+            }
+        }
+    }
+}
+
+/// What PUBLIC may do in the maintenance databases. `pool` is an admin pool on `postgres`; the
+/// other databases get a short connection of their own.
+pub async fn public_grants(pool: &PgPool) -> Result<Vec<PublicGrant>, sqlx::Error> {
+    let mut grants = Vec::new();
+    for database in MAINTENANCE_DATABASES {
+        let connect: Option<bool> = sqlx::query_scalar(
+            "SELECT pg_catalog.has_database_privilege('public', oid, 'CONNECT')
+               FROM pg_catalog.pg_database WHERE datname = $1 AND datallowconn",
+        )
+        .bind(database)
+        .fetch_optional(pool)
+        .await?;
+        let Some(connect) = connect else { continue };
+        if connect {
+            grants.push(PublicGrant::Connect {
+                database: database.to_string(),
+            });
+        }
+        let other = pool_on(pool, database);
+        let schemas: Result<Vec<String>, _> = sqlx::query_scalar(
+            "SELECT nspname::text FROM pg_catalog.pg_namespace
+              WHERE pg_catalog.has_schema_privilege('public', oid, 'CREATE')
+              ORDER BY nspname",
+        )
+        .fetch_all(&other)
+        .await;
+        other.close().await;
+        let schemas = schemas?;
+        grants.extend(schemas.into_iter().map(|schema| PublicGrant::Create {
+            database: database.to_string(),
+            schema,
+        }));
+    }
+    Ok(grants)
+}
+
+/// Revokes `grants` from PUBLIC (CREATE first, while the admin can still reach the database).
+pub async fn revoke_public_grants(
+    pool: &PgPool,
+    grants: &[PublicGrant],
+) -> Result<(), sqlx::Error> {
+    for grant in grants {
+        if let PublicGrant::Create { database, schema } = grant {
+            let sql = format!(
+                "REVOKE CREATE ON SCHEMA {} FROM PUBLIC",
+                quote_ident(schema)
+            );
+            execute_on(pool, database, &sql).await?;
+        }
+    }
+    for grant in grants {
+        if let PublicGrant::Connect { database } = grant {
+            sqlx::raw_sql(&format!(
+                "REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC",
+                quote_ident(database)
+            ))
+            .execute(pool)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// A one-connection admin pool on another database of the same server, with the same settings
+/// (close it after use). A pool rather than a bare connection: sqlx's pool executor keeps the
+/// reconcile futures `Send` where `&mut PgConnection` does not.
+fn pool_on(pool: &PgPool, database: &str) -> PgPool {
+    let options = pool.connect_options().as_ref().clone().database(database);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(options)
+}
+
+/// Runs one statement on a one-off admin connection to `database`.
+async fn execute_on(pool: &PgPool, database: &str, sql: &str) -> Result<(), sqlx::Error> {
+    let other = pool_on(pool, database);
+    let result = sqlx::raw_sql(sql).execute(&other).await;
+    other.close().await;
+    result.map(|_| ())
 }
 
 /// What the DatabaseServer status reports about the server itself.
@@ -427,9 +520,9 @@ pub struct ServerFacts {
 /// Version and whether the admin role may create roles and databases.
 pub async fn server_facts(pool: &PgPool) -> Result<ServerFacts, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT current_setting('server_version') AS version,
+        "SELECT pg_catalog.current_setting('server_version') AS version,
                 (rolsuper OR (rolcreatedb AND rolcreaterole)) AS can_provision
-           FROM pg_roles WHERE rolname = current_user",
+           FROM pg_catalog.pg_roles WHERE rolname = current_user",
     )
     .fetch_one(pool)
     .await?;
@@ -443,27 +536,4 @@ pub async fn server_facts(pool: &PgPool) -> Result<ServerFacts, sqlx::Error> {
             .to_string(),
         can_provision: row.try_get("can_provision")?,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn silo_comments_identify_their_tenant_exactly() {
-        assert!(is_silo_comment_for(
-            Some("silo: tenant prod/acme"),
-            "prod/acme"
-        ));
-        assert!(is_silo_comment_for(
-            Some("silo: retained prod/acme deleted 2026-01-01T00:00:00Z"),
-            "prod/acme"
-        ));
-        assert!(!is_silo_comment_for(
-            Some("silo: tenant prod/acme2"),
-            "prod/acme"
-        ));
-        assert!(!is_silo_comment_for(Some("someone else's"), "prod/acme"));
-        assert!(!is_silo_comment_for(None, "prod/acme"));
-    }
 }

@@ -1,6 +1,7 @@
 //! Everything that talks to PostgreSQL: one pool per server, tenant naming, DDL and password verifiers.
 
 pub mod ddl;
+pub mod identity;
 pub mod naming;
 pub mod pools;
 pub mod scram;

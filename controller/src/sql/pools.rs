@@ -10,6 +10,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, PgPool};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+/// The `search_path` of every admin session.
+pub const ADMIN_SEARCH_PATH: &str = "pg_catalog,pg_temp";
+
 /// Where and how to reach a server as its admin.
 #[derive(Clone, PartialEq, Eq)]
 pub struct AdminTarget {
@@ -40,6 +43,12 @@ impl AdminTarget {
             .password(&self.password)
             .database("postgres")
             .application_name("silo-controller")
+            // Admin sessions resolve names in the system catalog alone: on a server where PUBLIC
+            // may create in a schema of the search path (PostgreSQL 14 and older), a tenant could
+            // otherwise plant a better-matching function for the admin to run. pg_temp last, so
+            // that a temporary object never shadows a catalog one either. Sent at startup, it wins
+            // over any ALTER DATABASE/ROLE ... SET search_path.
+            .options([("search_path", ADMIN_SEARCH_PATH)])
             .ssl_mode(match self.ssl_mode {
                 SslMode::Disable => PgSslMode::Disable,
                 SslMode::Prefer => PgSslMode::Prefer,

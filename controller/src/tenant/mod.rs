@@ -18,13 +18,16 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use silo_crds::conditions::{self, DATABASE_READY, Desired, READY};
+use silo_crds::conditions::{self, DATABASE_READY, Desired, READY, ROUTED};
+use silo_crds::contract;
+use silo_crds::routing;
 use silo_crds::{DeletionPolicy, FINALIZER, Tenant, TenantPhase, TenantStatus};
 use tracing::{info, warn};
 
 use crate::context::{Context, lock_placements, tenant_key};
 use crate::error::{Error, Result};
 use crate::sql::ddl::{self, Change, RoleSpec};
+use crate::sql::identity::Claimant;
 use crate::sql::{ServerHandle, TenantNames, scram};
 use placement::{Candidate, Unplaceable, place_tenant};
 use secret::{Endpoint, build_secret, secret_data, secret_name, stored_password};
@@ -42,6 +45,12 @@ pub fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> BoxFuture<'static, R
 
 async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(KIND);
+    // Another install's tenant is not touched at all: no status, no finalizer, no policy.
+    if let Some(server) = foreign_server(&tenant, &ctx).await? {
+        tracing::debug!(tenant = %tenant_key(&tenant), server = %server, "placed on another install's server; left alone");
+        ctx.metrics.reconcile_succeeded(KIND);
+        return Ok(Action::await_change());
+    }
     let api: Api<Tenant> =
         Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
     let result = finalizer(&api, FINALIZER, tenant, |event| {
@@ -60,6 +69,20 @@ async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Acti
         Err(e) => ctx.metrics.reconcile_failed(KIND, e.reason()),
     }
     result
+}
+
+/// The server the tenant is placed on, when that server exists but is not one of this
+/// controller's (`--server-selector`): the tenant belongs to another install sharing the cluster.
+/// A server that does not exist at all is this controller's concern (it reports it).
+async fn foreign_server(tenant: &Tenant, ctx: &Context) -> Result<Option<String>> {
+    let Some(server) = known_server(tenant, ctx) else {
+        return Ok(None);
+    };
+    if ctx.servers.get(&ObjectRef::new(&server)).is_some() {
+        return Ok(None);
+    }
+    let api: Api<silo_crds::DatabaseServer> = Api::all(ctx.client.clone());
+    Ok(api.get_opt(&server).await?.map(|_| server))
 }
 
 /// What a tenant reconcile reacts to: a new generation (spec or deletion), or changed finalizers.
@@ -93,7 +116,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     let key = tenant_key(tenant);
     let namespace = tenant.namespace().unwrap_or_default();
     let name = tenant.name_any();
-    let names = TenantNames::derive(&namespace, &name);
+    let names = TenantNames::of(tenant);
     let status = tenant.status.clone().unwrap_or_default();
 
     // 1. Placement, written to status before any SQL and never changed afterwards.
@@ -103,6 +126,7 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
             Ok(server) => server,
             Err(Unplaceable { reason, message }) => {
                 let report = Report::new(TenantPhase::Pending)
+                    .unless_changed_since(tenant)
                     .condition(Desired::new(READY, false, reason, &message))
                     .condition(Desired::new(DATABASE_READY, false, reason, &message));
                 report.write(tenant, ctx).await?;
@@ -216,8 +240,90 @@ async fn apply(tenant: &Tenant, ctx: &Context) -> Result<Action> {
             .condition(provisioned)
             .condition(Desired::new(READY, true, "Ready", message))
     };
-    done.write(tenant, ctx).await?;
+    let routed = routes(tenant, ctx).await;
+    done.condition(routed).write(tenant, ctx).await?;
     Ok(Action::requeue(ctx.resync))
+}
+
+/// The `Routed` condition: whether the routes of `spec.routing` are this tenant's alone. A route
+/// another Tenant claimed first stays theirs (the router agrees, by the same rule); a contest is
+/// shown on both Tenants, with an Event when it appears.
+async fn routes(tenant: &Tenant, ctx: &Context) -> Desired {
+    let others = ctx.tenants.state();
+    let contests = routing::contests(tenant, others.iter().map(|t| t.as_ref()));
+    let condition = routed_condition(&contests);
+    let known = tenant
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == ROUTED));
+    if !contests.is_empty() && known.is_none_or(|c| c.message != condition.message) {
+        publish(
+            ctx,
+            tenant,
+            EventType::Warning,
+            "RouteConflict",
+            condition.message.clone(),
+        )
+        .await;
+        // The other side learns of it now, not at its next resync.
+        let mine = tenant_key(tenant);
+        for contest in &contests {
+            let Some((namespace, name)) = contest.other.split_once('/') else {
+                continue;
+            };
+            let other = ObjectRef::new(name).within(namespace);
+            let told = ctx.tenants.get(&other).is_some_and(|t| {
+                t.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == ROUTED && c.message.contains(&mine))
+                })
+            });
+            if !told {
+                let _ = ctx.tenant_changed.send(other);
+            }
+        }
+    }
+    condition
+}
+
+/// The `Routed` condition for a tenant's contested routes (pure).
+fn routed_condition(contests: &[routing::Contest]) -> Desired {
+    let describe = |kept: bool| -> Vec<String> {
+        contests
+            .iter()
+            .filter(|c| c.kept == kept)
+            .map(|c| format!("{} (also claimed by {})", c.route, c.other))
+            .collect()
+    };
+    let (lost, kept) = (describe(false), describe(true));
+    if !lost.is_empty() {
+        let mut message = format!(
+            "claimed first by another Tenant, so not routed here: {}",
+            lost.join(", ")
+        );
+        if !kept.is_empty() {
+            message.push_str(&format!("; kept: {}", kept.join(", ")));
+        }
+        return Desired::new(ROUTED, false, "RouteConflict", message);
+    }
+    if !kept.is_empty() {
+        return Desired::new(
+            ROUTED,
+            true,
+            "RouteContested",
+            format!(
+                "routed here, as the first claim; later claims are refused: {}",
+                kept.join(", ")
+            ),
+        );
+    }
+    Desired::new(
+        ROUTED,
+        true,
+        "Routed",
+        "no other Tenant claims these routes",
+    )
 }
 
 /// Role, database and grants as declared; sessions ended while suspended. Returns what changed.
@@ -229,29 +335,37 @@ async fn provision(
     server: &str,
 ) -> Result<Vec<Change>> {
     let key = tenant_key(tenant);
+    let uid = tenant.uid().unwrap_or_default();
+    let claimant = Claimant {
+        key: &key,
+        uid: &uid,
+    };
     let suspended = tenant.spec.suspended;
     let _permit = handle.ddl_permit().await;
     let pool = &handle.pool;
+    // Nothing is created, changed or given a password before the names are known to be ours.
+    ddl::claim(pool, &names.role, &names.database, &claimant)
+        .await
+        .map_err(|e| Error::sql("checking names", server, e))?
+        .map_err(|conflict| Error::NameConflict {
+            conflict,
+            server: server.to_string(),
+        })?;
     let role = RoleSpec {
         role: &names.role,
         password,
         connection_limit: tenant.spec.connection_limit,
         login: !suspended,
     };
-    let mut changes = ddl::ensure_role(pool, &role, &handle.verified)
+    let mut changes = ddl::ensure_role(pool, &role, &claimant, &handle.verified)
         .await
         .map_err(|e| Error::sql("ensuring role", server, e))?;
-    match ddl::ensure_database(pool, &names.database, &names.role, &key)
+    let more = ddl::ensure_database(pool, &names.database, &names.role, &claimant)
         .await
-        .map_err(|e| Error::sql("ensuring database", server, e))?
-    {
-        Ok(more) => changes.extend(more),
-        Err(other) => {
-            return Err(Error::NameConflict {
-                database: names.database.clone(),
-                server: server.to_string(),
-                owner: other.owner,
-            });
+        .map_err(|e| Error::sql("ensuring database", server, e))?;
+    for change in more {
+        if !changes.contains(&change) {
+            changes.push(change);
         }
     }
     if suspended {
@@ -314,8 +428,10 @@ async fn place(tenant: &Tenant, ctx: &Context) -> Result<Result<String, Unplacea
             Err(unplaceable) => return Ok(Err(unplaceable)),
         }
     };
-    let names = TenantNames::derive(&tenant.namespace().unwrap_or_default(), &tenant.name_any());
-    let report = Report::placed(None, &chosen, &names, &tenant.name_any());
+    let names = TenantNames::of(tenant);
+    // Written only if nobody placed the tenant meanwhile (another install sharing the cluster).
+    let report =
+        Report::placed(None, &chosen, &names, &tenant.name_any()).unless_changed_since(tenant);
     if let Err(e) = report.write(tenant, ctx).await {
         lock_placements(&ctx.placements).remove(&key);
         return Err(e);
@@ -379,11 +495,8 @@ async fn ensure_secret(
     let owned = owners.iter().any(|o| o.uid == uid);
     let labels = existing.labels();
     let ours_unowned = owners.is_empty()
-        && labels
-            .get("app.kubernetes.io/managed-by")
-            .map(String::as_str)
-            == Some("silo")
-        && labels.get("silo.dev/tenant") == tenant.metadata.name.as_ref();
+        && labels.get(contract::MANAGED_BY_LABEL).map(String::as_str) == Some(contract::MANAGED_BY)
+        && labels.get(contract::TENANT_LABEL) == tenant.metadata.name.as_ref();
     if !owned && !ours_unowned {
         return Err(Error::Secret {
             namespace,
@@ -393,13 +506,13 @@ async fn ensure_secret(
     }
     let password = stored_password(&existing).unwrap_or_else(scram::generate_password);
     let wanted = build_secret(tenant, secret_data(names, endpoint, &password));
-    let retained_label = labels.contains_key("silo.dev/retained");
+    let retained_label = labels.contains_key(contract::RETAINED_LABEL);
     if !owned || existing.data != wanted.data || retained_label {
         // A merge patch: `data` replaced as a whole, the retained mark dropped, ownership taken back.
         let patch = json!({
             "metadata": {
                 "ownerReferences": wanted.metadata.owner_references,
-                "labels": { "silo.dev/retained": null },
+                "labels": { contract::RETAINED_LABEL: null },
             },
             "data": wanted.data,
         });
@@ -418,7 +531,12 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         // Never placed: there is nothing on any server to clean up.
         return Ok(Action::await_change());
     };
-    let names = TenantNames::derive(&tenant.namespace().unwrap_or_default(), &tenant.name_any());
+    let names = TenantNames::of(tenant);
+    let uid = tenant.uid().unwrap_or_default();
+    let claimant = Claimant {
+        key: &key,
+        uid: &uid,
+    };
     let policy = tenant.spec.deletion.policy;
     let deleting = Report::placed(
         tenant.status.as_ref().and_then(|s| s.phase),
@@ -437,13 +555,19 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
 
     let Some(handle) = ctx.pools.get(&server) else {
         if ctx.servers.get(&ObjectRef::new(&server)).is_none() {
-            let note = format!(
-                "DatabaseServer {server} no longer exists; nothing was changed on any server"
+            // The policy is carried out, never skipped: the finalizer stays until the server is
+            // back, or until a person removes it, knowing the database stays as it is.
+            let message = format!(
+                "DatabaseServer {server} no longer exists, so deletion policy {policy:?} cannot be carried out; \
+                 re-create the DatabaseServer, or remove the finalizer {FINALIZER} to leave database {} as it is",
+                names.database
             );
-            warn!(tenant = %key, server = %server, "tenant deleted while its server is gone");
-            publish(ctx, tenant, EventType::Warning, "ServerGone", note).await;
-            lock_placements(&ctx.placements).remove(&key);
-            return Ok(Action::await_change());
+            warn!(tenant = %key, server = %server, "tenant deleted while its server is gone; waiting");
+            deleting
+                .failing("ServerGone", &message)
+                .write(tenant, ctx)
+                .await?;
+            return Ok(Action::requeue(PENDING_RETRY));
         }
         // Deletion waits for the server: the policy is carried out, never skipped.
         return Err(Error::ServerNotConnected { server });
@@ -455,24 +579,22 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         let _permit = handle.ddl_permit().await;
         match policy {
             DeletionPolicy::Delete => {
-                ddl::drop_tenant(&handle.pool, &names.database, &names.role, &key)
+                ddl::drop_tenant(&handle.pool, &names.database, &names.role, &claimant)
                     .await
                     .map_err(|e| Error::sql("dropping tenant", &server, e))?
             }
             DeletionPolicy::Retain => {
                 let at = jiff::Timestamp::now().to_string();
-                ddl::lock_and_retain(&handle.pool, &names.database, &names.role, &key, &at)
+                ddl::lock_and_retain(&handle.pool, &names.database, &names.role, &claimant, &at)
                     .await
                     .map_err(|e| Error::sql("locking retained tenant", &server, e))?
             }
         }
     };
-    if let ddl::Cleanup::NotOurs { owner } = outcome {
-        let note = format!(
-            "database {} on {server} belongs to {owner}, not to this tenant; it was left untouched",
-            names.database
-        );
-        warn!(tenant = %key, server = %server, database = %names.database, owner = %owner, "deletion left a foreign database alone");
+    if let ddl::Cleanup::NotOurs(conflict) = outcome {
+        let note =
+            format!("{conflict} on {server}, not to this tenant; nothing was changed or dropped");
+        warn!(tenant = %key, server = %server, conflict = %conflict, "deletion left a foreign role or database alone");
         publish(ctx, tenant, EventType::Warning, "NotOurs", note).await;
         lock_placements(&ctx.placements).remove(&key);
         let _ = ctx.server_changed.send(server);
@@ -480,11 +602,8 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     }
     match policy {
         DeletionPolicy::Delete => {
-            match secrets.delete(&secret, &Default::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
+            // The Secret is owned by the Tenant: garbage collection removes it with the Tenant,
+            // so the controller needs no right to delete Secrets.
             info!(tenant = %key, server = %server, database = %names.database, "tenant database and role dropped");
             publish(
                 ctx,
@@ -497,7 +616,7 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         }
         DeletionPolicy::Retain => {
             // Keep the credentials with the data: the Secret outlives the Tenant, marked retained.
-            let patch = json!({ "metadata": { "ownerReferences": null, "labels": { "silo.dev/retained": "true" } } });
+            let patch = json!({ "metadata": { "ownerReferences": null, "labels": { contract::RETAINED_LABEL: "true" } } });
             match secrets
                 .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
@@ -522,6 +641,8 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
 /// The status a reconcile step wants to show.
 #[derive(Clone)]
 struct Report {
+    /// Write only if the Tenant is still at this resourceVersion.
+    precondition: Option<String>,
     phase: TenantPhase,
     server: Option<String>,
     database: Option<String>,
@@ -533,6 +654,7 @@ struct Report {
 impl Report {
     fn new(phase: TenantPhase) -> Self {
         Report {
+            precondition: None,
             phase,
             server: None,
             database: None,
@@ -554,6 +676,7 @@ impl Report {
             Some(phase) => phase,
         };
         Report {
+            precondition: None,
             phase,
             server: Some(server.to_string()),
             database: Some(names.database.clone()),
@@ -561,6 +684,13 @@ impl Report {
             secret_name: Some(secret_name(tenant_name)),
             conditions: Vec::new(),
         }
+    }
+
+    /// The write fails with a conflict if the Tenant changed since `tenant` was read: for the
+    /// writes made while it is unplaced, which another install may be placing at the same time.
+    fn unless_changed_since(mut self, tenant: &Tenant) -> Self {
+        self.precondition = tenant.metadata.resource_version.clone();
+        self
     }
 
     fn phase(mut self, phase: TenantPhase) -> Self {
@@ -600,8 +730,11 @@ impl Report {
         }
         let api: Api<Tenant> =
             Api::namespaced(ctx.client.clone(), &tenant.namespace().unwrap_or_default());
-        let patch =
+        let mut patch =
             json!({ "apiVersion": "silo.dev/v1alpha1", "kind": "Tenant", "status": status });
+        if let Some(version) = &self.precondition {
+            patch["metadata"] = json!({ "resourceVersion": version });
+        }
         api.patch_status(
             &tenant.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -655,5 +788,52 @@ async fn publish(ctx: &Context, tenant: &Tenant, type_: EventType, reason: &str,
     };
     if let Err(e) = ctx.recorder.publish(&event, &tenant.object_ref(&())).await {
         warn!(tenant = %tenant_key(tenant), error = %e, "publishing event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use silo_crds::routing::{Contest, Route};
+
+    fn contest(host: &str, other: &str, kept: bool) -> Contest {
+        Contest {
+            route: Route {
+                host: host.into(),
+                path_prefix: String::new(),
+            },
+            other: other.into(),
+            kept,
+        }
+    }
+
+    #[test]
+    fn routed_says_who_keeps_what() {
+        let free = routed_condition(&[]);
+        assert_eq!((free.status, free.reason.as_str()), (true, "Routed"));
+
+        let kept = routed_condition(&[contest("a.example.com", "b/late", true)]);
+        assert_eq!(
+            (kept.status, kept.reason.as_str()),
+            (true, "RouteContested")
+        );
+        assert!(
+            kept.message
+                .contains("host a.example.com (also claimed by b/late)")
+        );
+
+        let lost = routed_condition(&[
+            contest("a.example.com", "b/early", false),
+            contest("c.example.com", "d/late", true),
+        ]);
+        assert_eq!(
+            (lost.status, lost.reason.as_str()),
+            (false, "RouteConflict")
+        );
+        assert_eq!(
+            lost.message,
+            "claimed first by another Tenant, so not routed here: host a.example.com (also claimed by b/early); \
+             kept: host c.example.com (also claimed by d/late)"
+        );
     }
 }

@@ -10,12 +10,8 @@ use silo_crds::Tenant;
 
 use crate::sql::TenantNames;
 
-pub const PASSWORD_KEY: &str = "password";
-
-/// `<tenant>-db`.
-pub fn secret_name(tenant_name: &str) -> String {
-    format!("{tenant_name}-db")
-}
+pub use silo_crds::contract::secret_name;
+use silo_crds::contract::{self, keys};
 
 /// Where a tenant's clients reach its database: directly, and through the router if there is one.
 pub struct Endpoint<'a> {
@@ -46,15 +42,15 @@ pub fn secret_data(
         format!("postgresql://{}:{password}@{address}/{tenant}", names.role)
     });
     [
-        ("host", endpoint.host.to_string()),
-        ("port", endpoint.port.to_string()),
-        ("dbname", names.database.clone()),
-        ("user", names.role.clone()),
-        (PASSWORD_KEY, password.to_string()),
-        ("uri", uri),
+        (keys::HOST, endpoint.host.to_string()),
+        (keys::PORT, endpoint.port.to_string()),
+        (keys::DBNAME, names.database.clone()),
+        (keys::USER, names.role.clone()),
+        (keys::PASSWORD, password.to_string()),
+        (keys::URI, uri),
     ]
     .into_iter()
-    .chain(router_uri.map(|u| ("router-uri", u)))
+    .chain(router_uri.map(|u| (keys::ROUTER_URI, u)))
     .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
     .collect()
 }
@@ -78,11 +74,11 @@ pub fn build_secret(tenant: &Tenant, data: BTreeMap<String, ByteString>) -> Secr
 pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
     [
         (
-            "app.kubernetes.io/managed-by".to_string(),
-            "silo".to_string(),
+            contract::MANAGED_BY_LABEL.to_string(),
+            contract::MANAGED_BY.to_string(),
         ),
         (
-            "silo.dev/tenant".to_string(),
+            contract::TENANT_LABEL.to_string(),
             tenant.metadata.name.clone().unwrap_or_default(),
         ),
     ]
@@ -91,7 +87,7 @@ pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
 
 /// The password stored in an existing Secret, if it has a usable one.
 pub fn stored_password(secret: &Secret) -> Option<String> {
-    let bytes = secret.data.as_ref()?.get(PASSWORD_KEY)?;
+    let bytes = secret.data.as_ref()?.get(keys::PASSWORD)?;
     let password = String::from_utf8(bytes.0.clone()).ok()?;
     (!password.is_empty()).then_some(password)
 }

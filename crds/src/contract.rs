@@ -1,0 +1,46 @@
+//! What the controller, the router and the tests agree on outside the API types: the tenant
+//! credentials Secret (name, keys, labels) and the annotations and labels Silo puts on objects.
+
+/// The tenant credentials Secret: `<tenant>-db` in the Tenant's namespace.
+pub fn secret_name(tenant_name: &str) -> String {
+    format!("{tenant_name}-db")
+}
+
+/// Keys of the tenant credentials Secret.
+pub mod keys {
+    /// Host of the tenant's PostgreSQL server, for clients that connect directly.
+    pub const HOST: &str = "host";
+    /// Port of the tenant's PostgreSQL server.
+    pub const PORT: &str = "port";
+    /// The tenant's database.
+    pub const DBNAME: &str = "dbname";
+    /// The tenant's login role.
+    pub const USER: &str = "user";
+    /// The tenant role's password: the one key the router reads.
+    pub const PASSWORD: &str = "password";
+    /// A `DATABASE_URL` to the server.
+    pub const URI: &str = "uri";
+    /// The same through the router, when one is deployed.
+    pub const ROUTER_URI: &str = "router-uri";
+}
+
+/// Label on every object Silo manages (`app.kubernetes.io/managed-by=silo`).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "silo";
+/// The selector that finds Silo's tenant Secrets.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=silo";
+/// Label naming the Tenant a Secret belongs to.
+pub const TENANT_LABEL: &str = "silo.dev/tenant";
+/// Label on the Secret of a deleted tenant whose database was retained.
+pub const RETAINED_LABEL: &str = "silo.dev/retained";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_name_is_tenant_dash_db() {
+        assert_eq!(secret_name("acme"), "acme-db");
+        assert_eq!(MANAGED_SELECTOR, format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    }
+}
