@@ -65,15 +65,18 @@ else
   "$CARGO_TARGET_DIR/release/silo-router" --listen "127.0.0.1:$ROUTER_PORT" --http-addr "127.0.0.1:$(free_port)" \
     >"$WORK/router.log" 2>&1 &
   PIDS+=($!)
+  kubectl create namespace silo-system
   SILO_HTTP_ADDR="127.0.0.1:$(free_port)" SILO_LEASE_NAMESPACE=default SILO_ROUTER_ADDRESS="127.0.0.1:$ROUTER_PORT" \
+    SILO_ADMIN_SECRET_NAMESPACES=silo-system \
     "$CARGO_TARGET_DIR/release/silo-controller" >"$WORK/controller.log" 2>&1 &
   PIDS+=($!)
   ROUTER_IN_CLUSTER="127.0.0.1:$ROUTER_PORT"
 fi
 
-# The admin passwords go to kubectl on stdin, not on its command line.
-printf '%s' "$SHARED_PW" | kubectl create secret generic pg-shared-admin --from-literal=username=silo_admin --from-file=password=/dev/stdin
-printf '%s' "$DEDICATED_PW" | kubectl create secret generic pg-dedicated-admin --from-literal=username=silo_admin --from-file=password=/dev/stdin
+# The admin passwords go to kubectl on stdin, not on its command line, into Silo's own namespace:
+# the only one (with controller.adminSecretNamespaces) the controller reads admin Secrets from.
+printf '%s' "$SHARED_PW" | kubectl create secret generic -n silo-system pg-shared-admin --from-literal=username=silo_admin --from-file=password=/dev/stdin
+printf '%s' "$DEDICATED_PW" | kubectl create secret generic -n silo-system pg-dedicated-admin --from-literal=username=silo_admin --from-file=password=/dev/stdin
 PG_HOST="$PG_HOST" SHARED_PORT="$SHARED_PORT" DEDICATED_PORT="$DEDICATED_PORT" python3 -c \
   'import os,sys; sys.stdout.write(os.path.expandvars(open(sys.argv[1]).read()))' \
   "$ROOT/examples/databaseservers.yaml" | kubectl apply -f -

@@ -4,6 +4,12 @@
 # OUT/router.kubeconfig that authenticate as the controller's and the router's ServiceAccounts, and
 # OUT/env, which exports them (and the Lease the chart's RBAC allows) for the e2e harness.
 # The local controller and router then run with exactly the permissions the chart grants.
+# The chart is rendered for all namespaces (no controller.watchNamespace, no router.namespaces):
+# each test's controller watches its own namespace (SILO_WATCH_NAMESPACE) and reads its servers'
+# admin Secrets there, and the routers read every test's Tenants, which that mode's cluster-wide
+# rules allow (Secrets: get, list, watch, create, patch for the controller; list, watch for the
+# router). Cluster-scoped names carry the namespace (`silo-e2e-silo-e2e-controller`); the
+# ServiceAccounts and the Lease are found from the Deployments and the Role, whatever their names.
 #   chart-rbac.sh NS OUT      (KUBECONFIG: cluster admin; SILO_KUBECTL, SILO_HELM: the tools)
 set -euo pipefail
 

@@ -24,6 +24,17 @@ impl ControllerProcess {
         identity: Option<&str>,
         extra: &[&str],
     ) -> anyhow::Result<ControllerProcess> {
+        Self::start_with_env(ns, identity, extra, &[])
+    }
+
+    /// As [`ControllerProcess::start`], with environment variables set after the harness's own
+    /// (so they override them).
+    pub fn start_with_env(
+        ns: &TestNs,
+        identity: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<ControllerProcess> {
         let http_port = free_port()?;
         let dir = std::env::var_os("SILO_E2E_DIR")
             .map(PathBuf::from)
@@ -50,6 +61,7 @@ impl ControllerProcess {
             .env("SILO_LEASE_DURATION", "6")
             .env("SILO_LOG", "info,silo_controller=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .args(extra)
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))

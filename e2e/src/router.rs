@@ -1,9 +1,11 @@
 //! The router as a local process, reading tenants from the test cluster; killed on drop.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::kube_env::TestNs;
 use crate::postgres::free_port;
@@ -11,6 +13,7 @@ use crate::postgres::free_port;
 pub struct RouterProcess {
     child: Child,
     pub port: u16,
+    pub http_port: u16,
     pub log: std::path::PathBuf,
 }
 
@@ -18,30 +21,46 @@ impl RouterProcess {
     /// Starts `silo-router` against the test cluster and waits until it accepts clients (which it
     /// does only once it knows every tenant).
     pub fn start(ns: &TestNs, mode: &str) -> anyhow::Result<RouterProcess> {
+        Self::start_with(ns, mode, &ns.env.router_kubeconfig, &[])
+    }
+
+    /// `start`, authenticating with `kubeconfig` and passing `extra` flags.
+    pub fn start_with(
+        ns: &TestNs,
+        mode: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<RouterProcess> {
         let port = free_port()?;
-        let http = free_port()?;
+        let http_port = free_port()?;
         let dir = std::env::var_os("SILO_E2E_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
         let log = dir.join(format!("silo-router-{}-{port}.log", ns.name));
         let file = std::fs::File::create(&log)?;
         let child = Command::new(&ns.env.router_bin)
-            .env("KUBECONFIG", &ns.env.router_kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--http-addr",
-                &format!("127.0.0.1:{http}"),
+                &format!("127.0.0.1:{http_port}"),
                 "--pool-mode",
                 mode,
                 "--log-filter",
                 "info",
             ])
+            .args(extra)
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .spawn()
             .with_context(|| format!("starting {}", ns.env.router_bin.display()))?;
-        let mut router = RouterProcess { child, port, log };
+        let mut router = RouterProcess {
+            child,
+            port,
+            http_port,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if Instant::now() > deadline || !matches!(router.child.try_wait(), Ok(None)) {
@@ -52,8 +71,29 @@ impl RouterProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        router.port = port;
         Ok(router)
+    }
+
+    /// GET a path on the router's HTTP API, returning (status, body).
+    pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .with_context(|| format!("not an HTTP response: {response}"))?;
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status in {head}"))?;
+        Ok((status, body.to_string()))
     }
 }
 

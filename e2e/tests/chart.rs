@@ -1,38 +1,48 @@
 //! The Helm chart, `charts/silo`: it lints, what it renders is accepted by the real API server,
-//! its schema rejects bad values, and it installs, upgrades and uninstalls Silo on the e2e node
-//! (the controller and router really run in pods, with the chart's RBAC and nothing more).
+//! its schema rejects bad values, its RBAC grants least privilege and lets releases share a
+//! cluster, and it installs, upgrades and uninstalls Silo on the e2e node (the controller and
+//! router really run in pods, with the chart's RBAC and nothing more), also as two releases of
+//! one name side by side.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{Api, ListParams};
-use silo_crds::TenantPhase;
-use silo_e2e::kube_env::with_temp_ns;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams};
+use serde_yaml::Value;
+use silo_crds::{Tenant, TenantPhase};
+use silo_e2e::kube_env::{TEST_LABEL, with_temp_ns};
 use silo_e2e::node::{self, EnvFrom, JobOutcome};
 use silo_e2e::{PgServer, TestNs, wait_for};
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, PgConnection, PgPool};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const CRDS: [&str; 2] = ["tenants.silo.dev", "databaseservers.silo.dev"];
 
+/// The CRDs belong to one release at a time: the tests that put them under a release of their
+/// own take turns.
+static CRD_OWNER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The chart under test: `charts/silo`, or `SILO_E2E_CHART` (e.g. an older version of it, unpacked
+/// with `git archive`, to see a test fail on it).
 fn chart() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../charts/silo")
-        .display()
-        .to_string()
+    std::env::var("SILO_E2E_CHART").unwrap_or_else(|_| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/silo")
+            .display()
+            .to_string()
+    })
 }
 
 fn tenant_yaml(name: &str) -> String {
     format!("apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {name}}}\nspec: {{}}\n")
 }
 
-/// Values for a release in the test namespace: the node's image, a controller that sees only this
-/// test's namespace and servers (other tests run side by side with their own controllers), and Job
-/// settings, which the controller must accept at start.
-fn e2e_values(ns: &TestNs) -> anyhow::Result<String> {
+/// Writes a values file for a release in `ns`: the node's image, then `rest`; returns its path.
+fn values_file(ns: &TestNs, rest: &str) -> anyhow::Result<String> {
     let image = node::image()?;
     let (repository, tag) = image.rsplit_once(':').context("image without a tag")?;
     let dir = std::env::var_os("SILO_E2E_DIR")
@@ -41,18 +51,56 @@ fn e2e_values(ns: &TestNs) -> anyhow::Result<String> {
     let path = dir.join(format!("silo-chart-values-{}.yaml", ns.name));
     std::fs::write(
         &path,
-        format!(
-            "image: {{repository: {repository}, tag: {tag}, pullPolicy: Never}}\n\
-             controller:\n  logFormat: plain\n  resyncInterval: 5\n  watchNamespace: {ns}\n  \
-             serverSelector: \"silo.dev/e2e-ns={ns}\"\n\
+        format!("image: {{repository: {repository}, tag: {tag}, pullPolicy: Never}}\n{rest}"),
+    )?;
+    Ok(path.display().to_string())
+}
+
+/// Values for a release in the test namespace: a controller that sees only this test's namespace
+/// and servers (other tests run side by side with their own controllers), and Job settings, which
+/// the controller must accept at start.
+fn e2e_values(ns: &TestNs) -> anyhow::Result<String> {
+    values_file(
+        ns,
+        &format!(
+            "controller:\n  logFormat: plain\n  resyncInterval: 5\n  watchNamespace: {ns}\n  \
+             serverSelector: \"{TEST_LABEL}={ns}\"\n\
              router:\n  replicas: 1\n\
              jobs:\n  nodeSelector: {{pool: jobs}}\n  podLabels: {{team: db}}\n  \
              tolerations: [{{key: dedicated, operator: Exists, effect: NoSchedule}}]\n  \
              resources: {{limits: {{memory: 256Mi}}}}\n",
             ns = ns.name
         ),
-    )?;
-    Ok(path.display().to_string())
+    )
+}
+
+/// Puts the CRDs, which the harness applied, under the release `silo` in `ns`, as a cluster
+/// moving its CRDs under Helm does; the release's install then adopts them. Hold `CRD_OWNER`.
+async fn adopt_crds(ns: &TestNs) -> anyhow::Result<()> {
+    let release = format!("meta.helm.sh/release-namespace={}", ns.name);
+    for crd in CRDS {
+        for args in [
+            vec![
+                "annotate",
+                "--overwrite",
+                "crd",
+                crd,
+                "meta.helm.sh/release-name=silo",
+                &release,
+            ],
+            vec![
+                "label",
+                "--overwrite",
+                "crd",
+                crd,
+                "app.kubernetes.io/managed-by=Helm",
+            ],
+        ] {
+            let out = ns.kubectl(&args).await?;
+            ensure!(out.success, "kubectl {}: {}", args.join(" "), out.stderr);
+        }
+    }
+    Ok(())
 }
 
 /// Names of the release's pods of one component.
@@ -111,6 +159,7 @@ async fn the_chart_lints_and_the_api_server_accepts_what_it_renders() {
                 "--set", "jobs.hostNetwork=true,jobs.nodeSelector.pool=jobs,controller.replicas=2",
                 "--set",
                 &format!("controller.watchNamespace={}", ns.name),
+                "--set", "controller.adminSecretNamespaces={default},controller.tenantSelector=silo.dev/install=acme",
             ])
             .await?;
         ensure!(rendered.success, "helm template: {}", rendered.stderr);
@@ -120,9 +169,10 @@ async fn the_chart_lints_and_the_api_server_accepts_what_it_renders() {
         ] {
             ensure!(rendered.stdout.contains(kind), "the chart renders no {kind}");
         }
+        // Each object goes to the namespace it names: the test's, and `default` (admin Secrets).
         let dry_run = ns
             .kubectl_stdin(
-                &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+                &["apply", "--dry-run=server", "-f", "-"],
                 Some(&rendered.stdout),
             )
             .await?;
@@ -166,6 +216,8 @@ async fn the_chart_lints_and_the_api_server_accepts_what_it_renders() {
             ("jobs.hostNetwork=yes", "hostNetwork"),
             ("controler.replicas=1", "controler"),
             ("router.poolMode=statement", "poolMode"),
+            ("router.namespaces=apps", "namespaces"),
+            ("controller.adminSecretNamespaces={Databases}", "adminSecretNamespaces"),
         ] {
             let out = ns.helm(&["template", "silo", &chart, "--set", set]).await?;
             ensure!(!out.success, "--set {set} was accepted");
@@ -176,42 +228,401 @@ async fn the_chart_lints_and_the_api_server_accepts_what_it_renders() {
     .await;
 }
 
+/// `helm template silo <chart> --namespace <namespace> --set …`, parsed: one value per object.
+/// Needs helm only (`SILO_HELM`, else `helm` on the PATH), no cluster.
+fn render(namespace: &str, sets: &[&str]) -> anyhow::Result<Vec<Value>> {
+    let helm = std::env::var_os("SILO_HELM").unwrap_or_else(|| "helm".into());
+    let chart = chart();
+    let mut args = vec!["template", "silo", &chart, "--namespace", namespace];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let out = Command::new(&helm)
+        .args(&args)
+        .output()
+        .with_context(|| format!("running {}", helm.to_string_lossy()))?;
+    ensure!(
+        out.status.success(),
+        "helm template --namespace {namespace}, {}: {}",
+        described(sets),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let documents: Vec<Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(serde::Deserialize::deserialize)
+        .collect::<Result<_, _>>()?;
+    Ok(documents.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// How a render was made, for messages: `--set a --set b`, or `default values`.
+fn described(sets: &[&str]) -> String {
+    if sets.is_empty() {
+        "default values".to_string()
+    } else {
+        format!("--set {}", sets.join(" --set "))
+    }
+}
+
+fn str_of<'a>(value: &'a Value, path: &[&str]) -> &'a str {
+    path.iter()
+        .fold(value, |v, key| &v[*key])
+        .as_str()
+        .unwrap_or("")
+}
+
+fn kind(object: &Value) -> &str {
+    str_of(object, &["kind"])
+}
+
+fn name(object: &Value) -> &str {
+    str_of(object, &["metadata", "name"])
+}
+
+/// The namespace an object names; empty for a cluster-scoped one.
+fn namespace(object: &Value) -> &str {
+    str_of(object, &["metadata", "namespace"])
+}
+
+/// `controller` or `router`.
+fn component(object: &Value) -> &str {
+    str_of(
+        object,
+        &["metadata", "labels", "app.kubernetes.io/component"],
+    )
+}
+
+/// Whether a role's rule lets its subject use `verb` on `resource` (wildcards included).
+fn grants(rule: &Value, resource: &str, verb: &str) -> bool {
+    let has = |key: &str, wanted: &str| {
+        rule[key]
+            .as_sequence()
+            .is_some_and(|items| items.iter().any(|i| i == wanted || i == "*"))
+    };
+    has("resources", resource) && has("verbs", verb)
+}
+
+/// The (kind, namespace, name) of every role of `component` with a rule granting `verb` on
+/// `resource`; the namespace is empty for a ClusterRole.
+fn roles_granting(
+    objects: &[Value],
+    component_: &str,
+    resource: &str,
+    verb: &str,
+) -> BTreeSet<(String, String, String)> {
+    objects
+        .iter()
+        .filter(|o| matches!(kind(o), "Role" | "ClusterRole") && component(o) == component_)
+        .filter(|o| {
+            o["rules"]
+                .as_sequence()
+                .is_some_and(|rules| rules.iter().any(|r| grants(r, resource, verb)))
+        })
+        .map(|o| {
+            (
+                kind(o).to_string(),
+                namespace(o).to_string(),
+                name(o).to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Fails unless a binding of the same kind, namespace and name binds `role` to the ServiceAccount
+/// `account` of the release namespace.
+fn ensure_bound(
+    objects: &[Value],
+    (role_kind, role_ns, role_name): &(String, String, String),
+    account: &str,
+    release_ns: &str,
+) -> anyhow::Result<()> {
+    let binding_kind = format!("{role_kind}Binding");
+    let bound = objects.iter().any(|o| {
+        kind(o) == binding_kind
+            && namespace(o) == role_ns
+            && name(o) == role_name
+            && str_of(o, &["roleRef", "kind"]) == role_kind
+            && str_of(o, &["roleRef", "name"]) == role_name
+            && o["subjects"].as_sequence().is_some_and(|subjects| {
+                subjects.iter().any(|s| {
+                    str_of(s, &["kind"]) == "ServiceAccount"
+                        && str_of(s, &["name"]) == account
+                        && str_of(s, &["namespace"]) == release_ns
+                })
+            })
+    });
+    ensure!(
+        bound,
+        "no {binding_kind} binds {role_kind} {role_ns}/{role_name} to {release_ns}/{account}"
+    );
+    Ok(())
+}
+
+/// The plain `value`s of the environment of a component's Deployment.
+fn deployment_env(objects: &[Value], component_: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let deployment = objects
+        .iter()
+        .find(|o| kind(o) == "Deployment" && component(o) == component_)
+        .with_context(|| format!("no {component_} Deployment rendered"))?;
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .cloned()
+        .unwrap_or_default();
+    Ok(env
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_string(),
+                e["value"].as_str()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+#[test]
+fn two_releases_of_one_name_in_two_namespaces_claim_no_object_twice() -> anyhow::Result<()> {
+    // Two ways of sharing a cluster: controllers over all namespaces, told apart by selectors;
+    // and controllers that also share the namespaces they watch and read Secrets in.
+    let shared = [
+        "controller.watchNamespace=apps",
+        "controller.adminSecretNamespaces={databases}",
+        "router.namespaces={apps,web}",
+    ];
+    for sets in [&[][..], &shared[..]] {
+        let keys = |release_ns: &str| -> anyhow::Result<BTreeSet<(String, String, String)>> {
+            Ok(render(release_ns, sets)?
+                .iter()
+                // The CRDs are shared on purpose: only one release installs them.
+                .filter(|o| kind(o) != "CustomResourceDefinition")
+                .map(|o| {
+                    (
+                        kind(o).to_string(),
+                        namespace(o).to_string(),
+                        name(o).to_string(),
+                    )
+                })
+                .collect())
+        };
+        let (a, b) = (keys("team-a")?, keys("team-b")?);
+        let cluster_scoped: Vec<_> = a.iter().filter(|(_, ns, _)| ns.is_empty()).collect();
+        ensure!(
+            cluster_scoped.len() >= 4,
+            "ClusterRoles and ClusterRoleBindings of both components: {cluster_scoped:?}"
+        );
+        let both: Vec<_> = a.intersection(&b).collect();
+        ensure!(
+            both.is_empty(),
+            "releases `silo` in team-a and team-b ({}) both claim {both:?}: the second \
+             install would fail",
+            described(sets)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_router_reads_tenants_and_secrets_only_in_its_namespaces() -> anyhow::Result<()> {
+    let release_ns = "silo";
+    let account = "silo-router";
+    for (sets, namespaces) in [
+        (&["controller.watchNamespace=w"][..], "w"),
+        (&["router.namespaces={x,y}"][..], "x,y"),
+        (
+            &["controller.watchNamespace=w", "router.namespaces={x,y}"][..],
+            "x,y",
+        ),
+    ] {
+        let objects = render(release_ns, sets)?;
+        let context = described(sets);
+        let cluster_wide: Vec<_> = ["secrets", "tenants"]
+            .into_iter()
+            .flat_map(|resource| {
+                ["get", "list", "watch"].map(|verb| {
+                    (
+                        resource,
+                        verb,
+                        roles_granting(&objects, "router", resource, verb),
+                    )
+                })
+            })
+            .filter(|(_, _, roles)| roles.iter().any(|(kind, _, _)| kind == "ClusterRole"))
+            .map(|(resource, verb, _)| format!("{verb} {resource}"))
+            .collect();
+        ensure!(
+            cluster_wide.is_empty(),
+            "{context}: the router's ClusterRole grants {cluster_wide:?} in every namespace"
+        );
+        let servers = roles_granting(&objects, "router", "databaseservers", "watch");
+        ensure!(
+            servers.iter().any(|(kind, _, _)| kind == "ClusterRole"),
+            "{context}: the router cannot watch DatabaseServers"
+        );
+        for resource in ["secrets", "tenants"] {
+            for verb in ["list", "watch"] {
+                let roles = roles_granting(&objects, "router", resource, verb);
+                let in_namespaces: BTreeSet<&str> =
+                    roles.iter().map(|(_, ns, _)| ns.as_str()).collect();
+                ensure!(
+                    in_namespaces == namespaces.split(',').collect(),
+                    "{context}: the router may {verb} {resource} in {in_namespaces:?}, \
+                     not in exactly {namespaces}"
+                );
+                for role in &roles {
+                    ensure_bound(&objects, role, account, release_ns)?;
+                }
+            }
+        }
+        let env = deployment_env(&objects, "router")?;
+        ensure!(
+            env.get("SILO_ROUTER_NAMESPACES").map(String::as_str) == Some(namespaces),
+            "{context}: SILO_ROUTER_NAMESPACES is {:?}",
+            env.get("SILO_ROUTER_NAMESPACES")
+        );
+    }
+
+    // Without namespaces the router serves every namespace, and its ClusterRole says so.
+    let objects = render(release_ns, &[])?;
+    ensure!(!deployment_env(&objects, "router")?.contains_key("SILO_ROUTER_NAMESPACES"));
+    let secrets = roles_granting(&objects, "router", "secrets", "watch");
+    ensure!(
+        secrets.iter().any(|(kind, _, _)| kind == "ClusterRole"),
+        "by default the router watches Secrets in every namespace: {secrets:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_controller_reads_secrets_only_where_it_must_and_deletes_none() -> anyhow::Result<()> {
+    let release_ns = "silo";
+    let account = "silo-controller";
+
+    // No rule anywhere deletes a Secret: tenant Secrets go with their Tenant (garbage collection).
+    for sets in [
+        &[][..],
+        &["controller.watchNamespace=w"][..],
+        &[
+            "controller.watchNamespace=w",
+            "controller.adminSecretNamespaces={db}",
+        ][..],
+        &["router.namespaces={x}"][..],
+    ] {
+        let objects = render(release_ns, sets)?;
+        for component_ in ["controller", "router"] {
+            let deleting = roles_granting(&objects, component_, "secrets", "delete");
+            ensure!(
+                deleting.is_empty(),
+                "{}: the {component_} may delete Secrets through {deleting:?}",
+                described(sets)
+            );
+        }
+    }
+
+    // With a watched namespace, no ClusterRole reads a Secret: the tenant Secrets are read in the
+    // watched namespace, the admin Secrets in the release namespace and the ones listed.
+    let objects = render(release_ns, &["controller.watchNamespace=w"])?;
+    let mut cluster_wide = BTreeSet::new();
+    for component_ in ["controller", "router"] {
+        for verb in ["get", "list", "watch", "create", "patch"] {
+            for (kind, _, name) in roles_granting(&objects, component_, "secrets", verb) {
+                if kind == "ClusterRole" {
+                    cluster_wide.insert(format!("{verb} in ClusterRole {name}"));
+                }
+            }
+        }
+    }
+    ensure!(
+        cluster_wide.is_empty(),
+        "with controller.watchNamespace, Secrets in every namespace: {cluster_wide:?}"
+    );
+
+    let objects = render(
+        release_ns,
+        &[
+            "controller.watchNamespace=w",
+            "controller.adminSecretNamespaces={db,silo,pg}",
+        ],
+    )?;
+    let getting = roles_granting(&objects, "controller", "secrets", "get");
+    let in_namespaces: BTreeSet<&str> = getting.iter().map(|(_, ns, _)| ns.as_str()).collect();
+    ensure!(
+        in_namespaces == BTreeSet::from(["w", "silo", "db", "pg"]),
+        "the controller may get Secrets in {in_namespaces:?}"
+    );
+    for role in &getting {
+        ensure!(role.0 == "Role", "{role:?} is cluster-wide");
+        ensure_bound(&objects, role, account, release_ns)?;
+    }
+    // Only the tenants' namespace lets it write or list Secrets.
+    for verb in ["list", "watch", "create", "patch"] {
+        let roles = roles_granting(&objects, "controller", "secrets", verb);
+        let in_namespaces: Vec<&str> = roles.iter().map(|(_, ns, _)| ns.as_str()).collect();
+        ensure!(
+            in_namespaces == ["w"],
+            "the controller may {verb} Secrets in {in_namespaces:?}"
+        );
+    }
+
+    // All namespaces: the tenant Secrets may be in any, so the rights are cluster-wide.
+    let objects = render(release_ns, &[])?;
+    for verb in ["get", "list", "watch", "create", "patch"] {
+        let roles = roles_granting(&objects, "controller", "secrets", verb);
+        ensure!(
+            roles.iter().any(|(kind, _, _)| kind == "ClusterRole"),
+            "the controller of all namespaces cannot {verb} Secrets: {roles:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_controller_is_told_its_tenant_selector_and_admin_secret_namespaces() -> anyhow::Result<()> {
+    let env = deployment_env(&render("silo", &[])?, "controller")?;
+    ensure!(
+        env.get("SILO_ADMIN_SECRET_NAMESPACES").map(String::as_str) == Some("silo"),
+        "admin Secrets only in the release namespace by default: {:?}",
+        env.get("SILO_ADMIN_SECRET_NAMESPACES")
+    );
+    ensure!(
+        !env.contains_key("SILO_TENANT_SELECTOR"),
+        "no tenant selector by default: {:?}",
+        env.get("SILO_TENANT_SELECTOR")
+    );
+
+    let env = deployment_env(
+        &render(
+            "silo",
+            &[
+                "controller.adminSecretNamespaces={db,silo,pg}",
+                "controller.tenantSelector=silo.dev/install!=acme",
+            ],
+        )?,
+        "controller",
+    )?;
+    ensure!(
+        env.get("SILO_ADMIN_SECRET_NAMESPACES").map(String::as_str) == Some("silo,db,pg"),
+        "SILO_ADMIN_SECRET_NAMESPACES: {:?}",
+        env.get("SILO_ADMIN_SECRET_NAMESPACES")
+    );
+    ensure!(
+        env.get("SILO_TENANT_SELECTOR").map(String::as_str) == Some("silo.dev/install!=acme"),
+        "SILO_TENANT_SELECTOR: {:?}",
+        env.get("SILO_TENANT_SELECTOR")
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_installs_upgrades_and_uninstalls_silo() {
     if !node::own_cluster("the_chart_installs_upgrades_and_uninstalls_silo") {
         return;
     }
+    let _crds = CRD_OWNER.lock().await;
     with_temp_ns("chart-install", |ns: TestNs| async move {
         let chart = chart();
         let values = e2e_values(&ns)?;
         let pg = PgServer::start()?;
         ns.add_server(&ns.server_name("pg"), &pg, "").await?;
 
-        // The CRDs exist already (the harness applied them); the release adopts them, as a
-        // cluster moving its CRDs under Helm does.
-        for crd in CRDS {
-            let release = format!("meta.helm.sh/release-namespace={}", ns.name);
-            for args in [
-                vec![
-                    "annotate",
-                    "--overwrite",
-                    "crd",
-                    crd,
-                    "meta.helm.sh/release-name=silo",
-                    &release,
-                ],
-                vec![
-                    "label",
-                    "--overwrite",
-                    "crd",
-                    crd,
-                    "app.kubernetes.io/managed-by=Helm",
-                ],
-            ] {
-                let out = ns.kubectl(&args).await?;
-                ensure!(out.success, "kubectl {}: {}", args.join(" "), out.stderr);
-            }
-        }
+        // The CRDs exist already (the harness applied them); the release adopts them.
+        adopt_crds(&ns).await?;
 
         let install = ns
             .helm(&[
@@ -391,4 +802,239 @@ async fn the_chart_installs_upgrades_and_uninstalls_silo() {
         Ok(())
     })
     .await;
+}
+
+/// Label telling the two releases' Tenants apart in the shared-cluster test.
+const INSTALL_LABEL: &str = "silo.dev/e2e-install";
+
+/// Values for one of two releases sharing the cluster: a controller over all namespaces that
+/// takes only the Tenants labelled for this release, and only this namespace's servers (so that it
+/// never touches the Tenants and servers of tests running beside it); no router.
+fn shared_cluster_values(ns: &TestNs, crds: bool) -> anyhow::Result<String> {
+    values_file(
+        ns,
+        &format!(
+            "crds: {{create: {crds}}}\n\
+             controller:\n  logFormat: plain\n  resyncInterval: 5\n  \
+             serverSelector: \"{TEST_LABEL}={ns}\"\n  tenantSelector: \"{INSTALL_LABEL}={ns}\"\n\
+             router: {{enabled: false}}\n",
+            ns = ns.name
+        ),
+    )
+}
+
+/// Databases on a server, but for `postgres` and the templates.
+async fn databases(admin: &PgPool) -> anyhow::Result<BTreeSet<String>> {
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE NOT datistemplate AND datname <> 'postgres'",
+    )
+    .fetch_all(admin)
+    .await?;
+    Ok(names.into_iter().collect())
+}
+
+async fn role_exists(admin: &PgPool, role: &str) -> anyhow::Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(admin)
+            .await?,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_releases_of_one_name_share_a_cluster_each_with_its_tenants_and_servers() {
+    if !node::own_cluster(
+        "two_releases_of_one_name_share_a_cluster_each_with_its_tenants_and_servers",
+    ) {
+        return;
+    }
+    let _crds = CRD_OWNER.lock().await;
+    with_temp_ns("chart-two", |a: TestNs| async move {
+        let b = TestNs::create(&format!("{}-b", a.name)).await?;
+        let result = two_releases_side_by_side(&a, &b).await;
+        if result.is_err() {
+            for ns in [&a, &b] {
+                let args = [
+                    "logs",
+                    "-n",
+                    &ns.name,
+                    "deploy/silo-controller",
+                    "--tail=40",
+                ];
+                if let Ok(out) = ns.kubectl(&args).await {
+                    eprintln!("$ kubectl {}\n{}{}", args.join(" "), out.stdout, out.stderr);
+                }
+            }
+        }
+        // Whatever happened: no release outlives the test (the namespaces' deletion would leave
+        // their ClusterRoles), and b goes with its server; with_temp_ns cleans a.
+        for ns in [&b, &a] {
+            let _ = ns
+                .helm(&[
+                    "uninstall",
+                    "silo",
+                    "--namespace",
+                    &ns.name,
+                    "--wait",
+                    "--timeout",
+                    "120s",
+                ])
+                .await;
+        }
+        let _ = b
+            .servers()
+            .delete(&b.server_name("pg"), &DeleteParams::default())
+            .await;
+        let _ = Api::<Namespace>::all(b.client.clone())
+            .delete(&b.name, &DeleteParams::default())
+            .await;
+        result
+    })
+    .await;
+}
+
+/// Releases `silo` in `a` (which owns the CRDs) and in `b` (`crds.create=false`), both over all
+/// namespaces, each with its own server and its own Tenants, all of them in `a`.
+async fn two_releases_side_by_side(a: &TestNs, b: &TestNs) -> anyhow::Result<()> {
+    let chart = chart();
+    let (pg_a, pg_b) = (PgServer::start()?, PgServer::start()?);
+    let (server_a, server_b) = (a.server_name("pg"), b.server_name("pg"));
+    a.add_server(&server_a, &pg_a, "").await?;
+    // Its admin Secret is in b, the namespace of the release that uses it.
+    b.add_server(&server_b, &pg_b, "").await?;
+
+    adopt_crds(a).await?;
+    for (ns, crds) in [(a, true), (b, false)] {
+        let values = shared_cluster_values(ns, crds)?;
+        let install = ns
+            .helm(&[
+                "install",
+                "silo",
+                &chart,
+                "--namespace",
+                &ns.name,
+                "-f",
+                &values,
+                "--wait",
+                "--timeout",
+                "180s",
+            ])
+            .await?;
+        ensure!(
+            install.success,
+            "helm install silo in {} (crds.create={crds}): {}{}",
+            ns.name,
+            install.stdout,
+            install.stderr
+        );
+    }
+
+    // Four Tenants in one namespace, which both controllers watch: a Retain and a Delete one
+    // for each release, told apart by a label only.
+    let tenants = [
+        ("a-kept", a, "Retain", &server_a),
+        ("a-dropped", a, "Delete", &server_a),
+        ("b-kept", b, "Retain", &server_b),
+        ("b-dropped", b, "Delete", &server_b),
+    ];
+    let yaml: Vec<String> = tenants
+        .iter()
+        .map(|(tenant, release, policy, _)| {
+            format!(
+                "apiVersion: silo.dev/v1alpha1\nkind: Tenant\n\
+                 metadata: {{name: {tenant}, labels: {{{INSTALL_LABEL}: {release}}}}}\n\
+                 spec: {{deletion: {{policy: {policy}}}}}\n",
+                release = release.name
+            )
+        })
+        .collect();
+    a.apply_ok(&yaml.join("---\n")).await?;
+    let mut placed = BTreeMap::new();
+    for (tenant, _, _, server) in &tenants {
+        let ready: Tenant = a.wait_phase(tenant, TenantPhase::Ready, TIMEOUT).await?;
+        let status = ready.status.unwrap_or_default();
+        ensure!(
+            status.server.as_deref() == Some(server.as_str()),
+            "{tenant} is on {:?}, not on its release's server {server}",
+            status.server
+        );
+        let database = status.database.context("no database in status")?;
+        let role = status.role.context("no role in status")?;
+        placed.insert(*tenant, (database, role));
+    }
+    let (admin_a, admin_b) = (pg_a.admin_pool().await?, pg_b.admin_pool().await?);
+    for (admin, kept, dropped) in [
+        (&admin_a, "a-kept", "a-dropped"),
+        (&admin_b, "b-kept", "b-dropped"),
+    ] {
+        let expected = BTreeSet::from([placed[kept].0.clone(), placed[dropped].0.clone()]);
+        let found = databases(admin).await?;
+        ensure!(
+            found == expected,
+            "databases {found:?}, expected {expected:?}"
+        );
+    }
+
+    let names: Vec<&str> = tenants.iter().map(|(tenant, ..)| *tenant).collect();
+    let mut args = vec![
+        "delete",
+        "tenant",
+        "-n",
+        &a.name,
+        "--wait=true",
+        "--timeout=120s",
+    ];
+    args.extend(&names);
+    let out = a.kubectl(&args).await?;
+    ensure!(out.success, "kubectl delete: {}", out.stderr);
+    for tenant in &names {
+        ensure!(
+            a.tenants().get_opt(tenant).await?.is_none(),
+            "Tenant {tenant} is still there"
+        );
+    }
+
+    // Each release applied its own Tenants' policies, on its own server, and touched nothing else.
+    for (admin, server, kept, dropped) in [
+        (&admin_a, &server_a, "a-kept", "a-dropped"),
+        (&admin_b, &server_b, "b-kept", "b-dropped"),
+    ] {
+        let (kept_db, kept_role) = &placed[kept];
+        let (_, dropped_role) = &placed[dropped];
+        let found = databases(admin).await?;
+        ensure!(
+            found == BTreeSet::from([kept_db.clone()]),
+            "on {server}: databases {found:?}, expected only {kept}'s {kept_db}"
+        );
+        ensure!(
+            !role_exists(admin, dropped_role).await?,
+            "on {server}: {dropped}'s role {dropped_role} is still there"
+        );
+        ensure!(
+            role_exists(admin, kept_role).await?,
+            "on {server}: {kept}'s role {kept_role} was dropped"
+        );
+        let retained = wait_for(
+            &format!("{server} to list {kept}'s database as retained"),
+            TIMEOUT,
+            || async {
+                let retained = a.servers().get(server).await.ok()?.status?.retained;
+                retained.contains(kept_db).then_some(retained)
+            },
+        )
+        .await?;
+        ensure!(
+            retained == [kept_db.clone()],
+            "{server} lists {retained:?} as retained"
+        );
+    }
+    // The Delete Tenants' Secrets go with them, by garbage collection: no controller deletes one.
+    wait_for("the Delete tenants' Secrets to go", TIMEOUT, || async {
+        let a_gone = a.secrets().get_opt("a-dropped-db").await.ok()?.is_none();
+        let b_gone = a.secrets().get_opt("b-dropped-db").await.ok()?.is_none();
+        (a_gone && b_gone).then_some(())
+    })
+    .await?;
+    Ok(())
 }

@@ -96,14 +96,13 @@ async fn a_long_namespace_cannot_derive_another_tenants_names() {
                 .collect();
             // Same server: the attacker's controller selects the victim's server.
             let selector = format!("{TEST_LABEL}={}", victim_ns.name);
-            let _attacker_ctl = ControllerProcess::start(
+            let _attacker_ctl = ControllerProcess::start_with_env(
                 &attacker_ns,
                 None,
+                &[],
                 &[
-                    "--server-selector",
-                    &selector,
-                    "--admin-secret-namespaces",
-                    &victim_ns.name,
+                    ("SILO_SERVER_SELECTOR", &selector),
+                    ("SILO_ADMIN_SECRET_NAMESPACES", &victim_ns.name),
                 ],
             )?;
             attacker_ns
@@ -527,6 +526,111 @@ spec:
                 "database {db} survived its Tenant's policy Delete"
             );
         }
+        Ok(())
+    })
+    .await;
+}
+
+/// Any tenant may write any host into `spec.routing`: a second claim on a route used to win or
+/// lose by name order, silently. The first claim (the older Tenant) keeps the route, in the
+/// router's resolve API too, and both Tenants show the conflict (condition and Event).
+#[tokio::test]
+async fn a_claimed_route_stays_with_the_first_claim() {
+    with_temp_ns("routes", |ns| async move {
+        let pg = PgServer::start()?;
+        ns.add_server(&ns.server_name("pg"), &pg, "").await?;
+        let router = silo_e2e::RouterProcess::start(&ns, "transaction")?;
+        let _ctl = ns.start_controller(&[])?;
+        // "zeta" claims first; "alpha" comes later and would win by name.
+        let routing = "  routing: {hosts: [shop.example.com]}";
+        ns.apply_ok(&tenant_yaml("zeta", routing)).await?;
+        ns.wait_phase("zeta", TenantPhase::Ready, READY_TIMEOUT)
+            .await?;
+        let zeta = ns.tenants().get("zeta").await?;
+        // Creation times count in seconds: make the second claim a second later.
+        wait_for("a new second", Duration::from_secs(5), || async {
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            let created = zeta.metadata.creation_timestamp.as_ref()?.0.as_second();
+            (now > created).then_some(())
+        })
+        .await?;
+        ns.apply_ok(&tenant_yaml("alpha", routing)).await?;
+        ns.wait_phase("alpha", TenantPhase::Ready, READY_TIMEOUT)
+            .await?;
+
+        let routed = |tenant: &'static str, status: &'static str| {
+            let ns = ns.clone();
+            async move {
+                wait_for(
+                    &format!("{tenant} Routed={status}"),
+                    READY_TIMEOUT,
+                    || async {
+                        let t = ns.tenants().get(tenant).await.ok()?;
+                        let c = t
+                            .status?
+                            .conditions
+                            .into_iter()
+                            .find(|c| c.type_ == "Routed")?;
+                        (c.status == status && c.reason != "Routed").then_some(c)
+                    },
+                )
+                .await
+            }
+        };
+        let lost = routed("alpha", "False").await?;
+        ensure!(
+            lost.reason == "RouteConflict",
+            "{}: {}",
+            lost.reason,
+            lost.message
+        );
+        ensure!(
+            lost.message.contains("host shop.example.com") && lost.message.contains("/zeta"),
+            "{}",
+            lost.message
+        );
+        let kept = routed("zeta", "True").await?;
+        ensure!(
+            kept.reason == "RouteContested",
+            "{}: {}",
+            kept.reason,
+            kept.message
+        );
+        ensure!(kept.message.contains("/alpha"), "{}", kept.message);
+        let events = ns
+            .kubectl(&[
+                "get",
+                "events",
+                "-n",
+                &ns.name,
+                "--field-selector",
+                "reason=RouteConflict",
+                "-o",
+                "name",
+            ])
+            .await?;
+        ensure!(
+            events.stdout.lines().count() >= 2,
+            "one RouteConflict Event per Tenant: {}",
+            events.stdout
+        );
+
+        // The router agrees: the host resolves to the first claim.
+        let body = wait_for("the router to resolve the host", READY_TIMEOUT, || async {
+            let (code, body) = router
+                .http_get("/v1/resolve?host=shop.example.com")
+                .await
+                .ok()?;
+            (code == 200 && body.contains("\"tenant\"")).then_some(body)
+        })
+        .await?;
+        let resolved: serde_json::Value = serde_json::from_str(&body)?;
+        ensure!(
+            resolved["tenant"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("zeta")),
+            "resolved to {body}"
+        );
         Ok(())
     })
     .await;

@@ -1,9 +1,12 @@
 //! The router against the real control plane: tenants applied with kubectl become routable within
 //! a second of Ready, suspension and deletion refuse, and credentials reach only their own tenant.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use kube::api::{Patch, PatchParams};
 use silo_crds::TenantPhase;
 use silo_e2e::kube_env::with_temp_ns;
 use silo_e2e::{PgServer, RouterProcess, TestNs, wait_for};
@@ -26,13 +29,29 @@ async fn via_router(
     tenant: &str,
 ) -> anyhow::Result<PgConnection> {
     let [user, password] = ns.secret_values(who, ["user", "password"]).await?;
+    connect(router, &user, &password, &format!("{}.{tenant}", ns.name)).await
+}
+
+/// Connects through the router as `user`, naming tenant `tenant` (`namespace.name`).
+async fn connect(
+    router: &RouterProcess,
+    user: &str,
+    password: &str,
+    tenant: &str,
+) -> anyhow::Result<PgConnection> {
     let options = PgConnectOptions::new()
         .host("127.0.0.1")
         .port(router.port)
-        .username(&user)
-        .password(&password)
-        .database(&format!("{}.{tenant}", ns.name));
+        .username(user)
+        .password(password)
+        .database(tenant);
     Ok(PgConnection::connect_with(&options).await?)
+}
+
+async fn current_database(conn: &mut PgConnection) -> anyhow::Result<String> {
+    Ok(sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(conn)
+        .await?)
 }
 
 fn code(e: &anyhow::Error) -> String {
@@ -208,4 +227,322 @@ async fn django_migrates_two_tenants_through_the_router() {
         Ok(())
     })
     .await;
+}
+
+/// A listener on loopback that counts the connections it is offered and closes them at once.
+struct Decoy {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Decoy {
+    async fn bind() -> anyhow::Result<Decoy> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let port = listener.local_addr()?.port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                drop(stream);
+            }
+        });
+        Ok(Decoy {
+            port,
+            connections,
+            task,
+        })
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Decoy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Anyone who may edit Secrets in a tenant's namespace may edit its credentials Secret. Pointing
+/// its host, port, dbname and user elsewhere must not move where the router connects: that comes
+/// from the DatabaseServer and the Tenant's status, and the Secret gives the password only.
+#[tokio::test]
+async fn router_ignores_where_a_tenant_secret_points() {
+    with_temp_ns("router-steer", |ns| async move {
+        let pg = PgServer::start()?;
+        ns.add_server(&ns.server_name("pg"), &pg, "").await?;
+        // Session mode: a client holds its own server connection, so the login after the
+        // tampering below needs a new one, opened wherever the router now believes the tenant is.
+        let router = RouterProcess::start(&ns, "session")?;
+        let mut ctl = ns.start_controller(&[])?;
+        ns.apply_ok(&tenant_yaml("steer", "  routing: {hosts: [steer.test]}"))
+            .await?;
+        let tenant = ns
+            .wait_phase("steer", TenantPhase::Ready, READY_TIMEOUT)
+            .await?;
+        let database = tenant
+            .status
+            .and_then(|s| s.database)
+            .context("a Ready tenant has status.database")?;
+        let [user, password] = ns.secret_values("steer", ["user", "password"]).await?;
+        let name = format!("{}.steer", ns.name);
+        let mut held = wait_for("routable", Duration::from_secs(5), || async {
+            connect(&router, &user, &password, &name).await.ok()
+        })
+        .await?;
+        ensure!(current_database(&mut held).await? == database);
+
+        // The controller repairs a drifted Secret on its next resync; stopped, it leaves the
+        // tampered one in place for as long as the test needs.
+        ctl.kill9();
+        let decoy = Decoy::bind().await?;
+        let tampered = serde_json::json!({ "stringData": {
+            "host": "127.0.0.1",
+            "port": decoy.port.to_string(),
+            "dbname": "postgres",
+            "user": "postgres",
+        }});
+        ns.secrets()
+            .patch(
+                "steer-db",
+                &PatchParams::default(),
+                &Patch::Merge(&tampered),
+            )
+            .await?;
+        ensure!(
+            ns.secret_value("steer", "port").await? == decoy.port.to_string(),
+            "the Secret was not patched"
+        );
+        // A change made after the Secret's, which the router shows: once it is seen, the
+        // Secret's change has reached the router too (separate watches, hence the extra second).
+        let moved = serde_json::json!({ "spec": { "routing": { "hosts": ["steer-moved.test"] } } });
+        ns.tenants()
+            .patch("steer", &PatchParams::default(), &Patch::Merge(&moved))
+            .await?;
+        let resolved = wait_for(
+            "the router to see the changes",
+            Duration::from_secs(10),
+            || async {
+                match router.http_get("/v1/resolve?host=steer-moved.test").await {
+                    Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).ok(),
+                    _ => None,
+                }
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ensure!(
+            resolved["server"] == format!("{}:{}", pg.host, pg.port).as_str()
+                && resolved["database"] == database.as_str(),
+            "the HTTP API follows the Secret: {resolved}"
+        );
+
+        let login = tokio::time::timeout(
+            Duration::from_secs(15),
+            connect(&router, &user, &password, &name),
+        )
+        .await;
+        ensure!(
+            decoy.connections() == 0,
+            "the router connected to the host and port written into the tenant's Secret"
+        );
+        let mut conn = login
+            .context("login timed out")?
+            .context("login after the Secret was tampered with")?;
+        let reached = current_database(&mut conn).await?;
+        ensure!(reached == database, "routed to {reached}, not {database}");
+        ensure!(
+            current_database(&mut held).await? == database,
+            "the session open before the change"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// With `--namespaces`, the router reads Tenants and Secrets only in those namespaces: it routes
+/// their tenants, does not know the tenants of other namespaces, and runs as an identity that has
+/// no right on Secrets anywhere else.
+#[tokio::test]
+async fn router_limited_to_namespaces_routes_only_theirs() {
+    with_temp_ns("router-nsa", |ns| async move {
+        let other = format!("{}-other", ns.name);
+        let limited = format!("{}-router", ns.name);
+        let result = limited_router_scenario(&ns, &other, &limited).await;
+        for args in [
+            ["delete", "namespace", other.as_str(), "--wait=false"],
+            [
+                "delete",
+                "clusterrole",
+                limited.as_str(),
+                "--ignore-not-found",
+            ],
+            [
+                "delete",
+                "clusterrolebinding",
+                limited.as_str(),
+                "--ignore-not-found",
+            ],
+        ] {
+            let _ = ns.kubectl(&args).await;
+        }
+        result
+    })
+    .await;
+}
+
+/// `router_limited_to_namespaces_routes_only_theirs`, with a second namespace `other` and a
+/// ServiceAccount, ClusterRole and ClusterRoleBinding named `limited`, which the caller deletes.
+async fn limited_router_scenario(ns: &TestNs, other: &str, limited: &str) -> anyhow::Result<()> {
+    let pg = PgServer::start()?;
+    ns.add_server(&ns.server_name("pg"), &pg, "").await?;
+    let _ctl = ns.start_controller(&[])?;
+    ns.apply_ok(&tenant_yaml("mine", "  {}")).await?;
+    ns.wait_phase("mine", TenantPhase::Ready, READY_TIMEOUT)
+        .await?;
+    // A tenant elsewhere; no controller serves that namespace, so it stays without status.
+    let out = ns.kubectl(&["create", "namespace", other]).await?;
+    ensure!(out.success, "{}", out.stderr);
+    let out = ns
+        .kubectl_stdin(
+            &["apply", "-n", other, "-f", "-"],
+            Some(&tenant_yaml("theirs", "  {}")),
+        )
+        .await?;
+    ensure!(out.success, "{}", out.stderr);
+
+    // What the chart grants a router limited to namespaces: Tenants and Secrets through a Role
+    // in each, DatabaseServers cluster-wide.
+    let ns_name = &ns.name;
+    ns.apply_ok(&format!(
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: {limited}, namespace: {ns_name}}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: {limited}, namespace: {ns_name}}}
+rules:
+  - {{apiGroups: [silo.dev], resources: [tenants], verbs: [list, watch]}}
+  - {{apiGroups: [""], resources: [secrets], verbs: [list, watch]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: {limited}, namespace: {ns_name}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {limited}}}
+subjects: [{{kind: ServiceAccount, name: {limited}, namespace: {ns_name}}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: {limited}}}
+rules:
+  - {{apiGroups: [silo.dev], resources: [databaseservers], verbs: [list, watch]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {limited}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {limited}}}
+subjects: [{{kind: ServiceAccount, name: {limited}, namespace: {ns_name}}}]
+"#
+    ))
+    .await?;
+    let kubeconfig = kubeconfig_for(ns, limited).await?;
+    let account = format!("system:serviceaccount:{ns_name}:{limited}");
+    // The identity is as narrow as meant, so a router that reads Secrets elsewhere fails to start.
+    for (scope, allowed) in [
+        (vec!["-n", ns_name], "yes"),
+        (vec!["-n", other], "no"),
+        (vec!["--all-namespaces"], "no"),
+    ] {
+        let mut args = vec!["auth", "can-i", "list", "secrets", "--as", &account];
+        args.extend(scope);
+        let out = ns.kubectl(&args).await?;
+        ensure!(
+            out.stdout.trim() == allowed,
+            "kubectl {}: {}{}",
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        );
+    }
+
+    let router =
+        RouterProcess::start_with(ns, "transaction", &kubeconfig, &["--namespaces", ns_name])?;
+    let mut conn = wait_for("routable", Duration::from_secs(5), || async {
+        via_router(ns, &router, "mine", "mine").await.ok()
+    })
+    .await?;
+    ensure!(current_database(&mut conn).await? == ns.secret_value("mine", "dbname").await?);
+    // It knows no tenant of another namespace; a router serving every namespace does know
+    // `theirs`, so the absence comes from the limit.
+    let theirs = format!("{other}.theirs");
+    ensure!(
+        !known_tenants(&router).await?.contains(&theirs),
+        "a tenant outside --namespaces is known"
+    );
+    let everywhere = RouterProcess::start(ns, "transaction")?;
+    ensure!(
+        known_tenants(&everywhere).await?.contains(&theirs),
+        "{theirs} is unknown even to a router serving every namespace"
+    );
+    Ok(())
+}
+
+/// The tenants (`namespace.name`) in the router's table, from `/v1/tenants`.
+async fn known_tenants(router: &RouterProcess) -> anyhow::Result<Vec<String>> {
+    let (status, body) = router.http_get("/v1/tenants").await?;
+    ensure!(status == 200, "/v1/tenants: {status} {body}");
+    let list: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(list["tenants"]
+        .as_array()
+        .context("/v1/tenants lists tenants")?
+        .iter()
+        .filter_map(|t| t["tenant"].as_str().map(str::to_string))
+        .collect())
+}
+
+/// A kubeconfig for ServiceAccount `account` of the test namespace: the router's kubeconfig with
+/// that account's token.
+async fn kubeconfig_for(ns: &TestNs, account: &str) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let out = ns
+        .kubectl(&[
+            "create",
+            "token",
+            account,
+            "-n",
+            &ns.name,
+            "--duration",
+            "1h",
+        ])
+        .await?;
+    ensure!(out.success, "{}", out.stderr);
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&ns.env.router_kubeconfig)?)?;
+    let users = config["users"]
+        .as_sequence_mut()
+        .context("a kubeconfig with users")?;
+    for user in users {
+        user["user"] = serde_yaml::to_value(
+            [("token", out.stdout.trim())]
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )?;
+    }
+    let dir = std::env::var_os("SILO_E2E_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let path = dir.join(format!("{}-{account}.kubeconfig", ns.name));
+    // It holds a token: readable by this user only.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(serde_yaml::to_string(&config)?.as_bytes())?;
+    Ok(path)
 }

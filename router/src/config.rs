@@ -24,9 +24,19 @@ pub struct Args {
     pub http_addr: SocketAddr,
 
     /// Static tenant file (YAML), reloaded when it changes. Without it, tenants come from
-    /// Kubernetes (Tenants and their Secrets, watched live).
+    /// Kubernetes (Tenants, their DatabaseServers and the passwords in their Secrets, watched live).
     #[arg(long, env = "SILO_ROUTER_CONFIG")]
     pub config: Option<PathBuf>,
+
+    /// Namespaces whose Tenants and Secrets the router serves, comma-separated; the router then
+    /// needs read access to Secrets in these namespaces only. Empty: every namespace.
+    #[arg(
+        long,
+        env = "SILO_ROUTER_NAMESPACES",
+        value_delimiter = ',',
+        value_parser = namespace_name
+    )]
+    pub namespaces: Vec<String>,
 
     /// When a server connection goes back to the pool.
     #[arg(long, env = "SILO_ROUTER_POOL_MODE", value_enum, default_value_t = PoolMode::Transaction)]
@@ -80,6 +90,34 @@ pub fn seconds(value: f64, flag: &str) -> Result<Duration, String> {
     }
 }
 
+/// A namespace name (an RFC 1123 label), so that a typo fails at startup rather than leaving
+/// the router waiting forever on a watch the API server refuses. Blank items are kept as ""
+/// (see [`served_namespaces`]) so that `SILO_ROUTER_NAMESPACES=""` means every namespace.
+fn namespace_name(value: &str) -> Result<String, String> {
+    let name = value.trim();
+    let valid = name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(name.to_string())
+    } else {
+        Err(format!(
+            "\"{name}\" is not a namespace name (lowercase letters, digits and '-', at most 63)"
+        ))
+    }
+}
+
+/// The namespaces `--namespaces` names, without blank items; empty for every namespace.
+pub fn served_namespaces(namespaces: Vec<String>) -> Vec<String> {
+    let mut namespaces: Vec<String> = namespaces.into_iter().filter(|n| !n.is_empty()).collect();
+    namespaces.sort();
+    namespaces.dedup();
+    namespaces
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +126,28 @@ mod tests {
     #[test]
     fn verify_cli() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn namespaces_are_a_comma_separated_list() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(["silo-router"].iter().chain(args))
+                .map(|a| served_namespaces(a.namespaces))
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(parse(&[]), Ok(vec![]), "absent: every namespace");
+        assert_eq!(
+            parse(&["--namespaces", ""]),
+            Ok(vec![]),
+            "empty: every namespace"
+        );
+        assert_eq!(
+            parse(&["--namespaces", "shop-us, shop-eu,,shop-us,"]),
+            Ok(vec!["shop-eu".to_string(), "shop-us".to_string()])
+        );
+        for bad in ["Shop", "shop_eu", "-shop", "shop-", &"a".repeat(64)] {
+            assert!(parse(&["--namespaces", bad]).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

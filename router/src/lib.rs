@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::config::{Args, seconds};
+use crate::config::{Args, seconds, served_namespaces};
 use crate::frontend::{Settings, Shared};
 
 #[derive(thiserror::Error, Debug)]
@@ -46,6 +46,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         listen,
         http_addr,
         config,
+        namespaces,
         pool_mode,
         default_pool_size,
         checkout_timeout,
@@ -57,6 +58,12 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         worker_threads: _,
         log_filter: _,
     } = args;
+    let namespaces = served_namespaces(namespaces);
+    if config.is_some() && !namespaces.is_empty() {
+        return Err(RunError::Config(
+            "--namespaces selects Tenants from Kubernetes; a --config file lists its own".into(),
+        ));
+    }
     let tls = match (tls_cert, tls_key) {
         (Some(cert), Some(key)) => Some(tls_acceptor(&cert, &key)?),
         _ => None,
@@ -98,6 +105,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             let client = kube::Client::try_default().await?;
             tokio::spawn(source::kube::run(
                 client,
+                namespaces,
                 default_pool_size,
                 shared.clone(),
                 ready.clone(),

@@ -32,11 +32,22 @@ pub struct TenantRoute {
     /// Host names and path prefixes the HTTP resolve API matches.
     pub hosts: Vec<String>,
     pub path_prefixes: Vec<String>,
+    /// When the Tenant was created (seconds since the epoch; `i64::MAX` when unknown): of two
+    /// tenants claiming the same route, the older keeps it.
+    pub created: i64,
 }
 
 impl TenantRoute {
     pub fn key(&self) -> String {
         format!("{}.{}", self.namespace, self.name)
+    }
+
+    /// The order of claims, the same rule the controller reports conflicts by.
+    pub fn precedence(&self) -> silo_crds::routing::Precedence {
+        silo_crds::routing::Precedence {
+            created: self.created,
+            key: format!("{}/{}", self.namespace, self.name),
+        }
     }
 }
 
@@ -104,12 +115,15 @@ impl RoutingTable {
 
     /// The tenant an HTTP request belongs to: among tenants whose hosts (if any) include `host`
     /// and whose path prefixes (if any) match `path`, the most specific one (a host match, then
-    /// the longest prefix). Tenants with neither hosts nor prefixes never match.
+    /// the longest prefix); of equally specific ones, the first claim (the oldest Tenant, see
+    /// `silo_crds::routing`). Tenants with neither hosts nor prefixes, and tenants being deleted,
+    /// never match.
     pub fn resolve(&self, host: Option<&str>, path: Option<&str>) -> Option<Arc<TenantRoute>> {
         let host = host.map(|h| h.split(':').next().unwrap_or(h).to_ascii_lowercase());
         self.by_key
             .values()
             .filter(|r| !r.hosts.is_empty() || !r.path_prefixes.is_empty())
+            .filter(|r| r.state != TenantState::Deleting)
             .filter_map(|r| {
                 let host_ok = r.hosts.is_empty()
                     || host
@@ -130,7 +144,7 @@ impl RoutingTable {
                     _ => None,
                 }
             })
-            .max_by(|(a, ra), (b, rb)| a.cmp(b).then_with(|| rb.key().cmp(&ra.key())))
+            .max_by(|(a, ra), (b, rb)| a.cmp(b).then_with(|| rb.precedence().cmp(&ra.precedence())))
             .map(|(_, r)| r.clone())
     }
 }
@@ -178,7 +192,27 @@ mod tests {
             server: None,
             hosts: vec![],
             path_prefixes: vec![],
+            created: 0,
         }
+    }
+
+    #[test]
+    fn the_first_claim_keeps_a_contested_route() {
+        let mut late = route("a", "aaa-late");
+        late.hosts = vec!["acme.example.com".into()];
+        late.created = 200;
+        let mut early = route("z", "zzz-early");
+        early.hosts = vec!["acme.example.com".into()];
+        early.created = 100;
+        let mut gone = route("0", "gone");
+        gone.hosts = vec!["acme.example.com".into()];
+        gone.created = 1;
+        gone.state = TenantState::Deleting;
+        let t = RoutingTable::new([late, early, gone]);
+        let name = t
+            .resolve(Some("acme.example.com"), None)
+            .map(|r| r.name.clone());
+        assert_eq!(name.as_deref(), Some("zzz-early"));
     }
 
     #[test]

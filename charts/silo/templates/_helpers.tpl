@@ -35,6 +35,23 @@ objects' names can end up equal.
 {{- printf "%s-jobs" (include "silo.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+Prefix of the names of the release's objects that live outside its namespace: ClusterRoles and
+ClusterRoleBindings, and the Roles and RoleBindings it puts in other namespaces (the watched
+namespace, the router's namespaces, the admin Secrets' namespaces). Two releases of the same
+name in different namespaces then never claim the same object. Not cut: RBAC names may be 253
+characters long, and 63 (namespace) + 40 (full name) + the longest suffix stay far below.
+*/}}
+{{- define "silo.clusterPrefix" -}}
+{{- printf "%s-%s" .Release.Namespace (include "silo.fullname" .) }}
+{{- end }}
+{{- define "silo.controller.rbacName" -}}
+{{- printf "%s-controller" (include "silo.clusterPrefix" .) }}
+{{- end }}
+{{- define "silo.router.rbacName" -}}
+{{- printf "%s-router" (include "silo.clusterPrefix" .) }}
+{{- end }}
+
 {{/* `helm.sh/chart`: name and version. */}}
 {{- define "silo.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
@@ -106,6 +123,26 @@ app.kubernetes.io/component: job
 {{- end }}
 
 {{/*
+The namespaces whose Secrets may be named by a DatabaseServer's `adminSecretRef`, comma-separated:
+the release namespace, then controller.adminSecretNamespaces.
+*/}}
+{{- define "silo.controller.adminSecretNamespaces" -}}
+{{- prepend .Values.controller.adminSecretNamespaces .Release.Namespace | uniq | join "," }}
+{{- end }}
+
+{{/*
+The namespaces whose Tenants and Secrets the router reads, comma-separated; empty means all:
+router.namespaces, or else controller.watchNamespace.
+*/}}
+{{- define "silo.router.namespaces" -}}
+{{- if .Values.router.namespaces }}
+{{- .Values.router.namespaces | uniq | join "," }}
+{{- else }}
+{{- .Values.controller.watchNamespace }}
+{{- end }}
+{{- end }}
+
+{{/*
 The router's address for the tenant Secrets' `router-uri`: controller.routerAddress, or this
 release's router Service; empty without a router.
 */}}
@@ -150,9 +187,12 @@ The controller's rights on Tenants and their Secrets: cluster-wide, or in contro
 - apiGroups: ["silo.dev"]
   resources: ["tenants/status"]
   verbs: ["patch"]
-# Tenant credentials Secrets `<tenant>-db` (owned, watched by label; created, patched, deleted),
-# and DatabaseServer admin Secrets (read by name).
+# Tenant credentials Secrets `<tenant>-db`: watched by label, created and patched. No `delete`:
+# a Secret is owned by its Tenant (ownerReference), and Kubernetes' garbage collector removes it
+# after the Tenant; the controller never needs to delete a Secret, so it cannot delete anyone's.
+# `get` also reads the DatabaseServer admin Secrets found here, by name (the controller accepts
+# only those in SILO_ADMIN_SECRET_NAMESPACES).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- end }}

@@ -111,6 +111,8 @@ pub fn parse(yaml: &str, default_limit: usize) -> Result<RoutingTable, serde_yam
             upstream_tls: t.ssl_mode,
             hosts: t.hosts,
             path_prefixes: t.path_prefixes,
+            // A file has no creation times: contested routes go by namespace and name.
+            created: i64::MAX,
         }
     })))
 }
