@@ -282,7 +282,10 @@ spec:
         tenant: &str,
         keys: [&str; N],
     ) -> anyhow::Result<[String; N]> {
-        let secret = self.secrets().get(&format!("{tenant}-db")).await?;
+        let secret = self
+            .secrets()
+            .get(&silo_crds::contract::secret_name(tenant))
+            .await?;
         let data = secret.data.unwrap_or_default();
         let mut values = Vec::with_capacity(N);
         for key in keys {

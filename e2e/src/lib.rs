@@ -15,3 +15,35 @@ pub use kube_env::{Env, TestNs};
 pub use postgres::PgServer;
 pub use router::RouterProcess;
 pub use wait::wait_for;
+
+/// A Tenant manifest: `spec` is the body of `spec:`, indented by two spaces.
+pub fn tenant_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
+    )
+}
+
+/// GET `path` from an HTTP server on 127.0.0.1:`port` (the controller's or the router's),
+/// returning (status, body).
+pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("not an HTTP response: {response}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head}"))?;
+    Ok((status, body.to_string()))
+}

@@ -5,7 +5,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::kube_env::TestNs;
 use crate::postgres::free_port;
@@ -74,26 +73,9 @@ impl RouterProcess {
         Ok(router)
     }
 
-    /// GET a path on the router's HTTP API, returning (status, body).
+    /// GET a path on its HTTP server, returning (status, body).
     pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.http_port)).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .with_context(|| format!("not an HTTP response: {response}"))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("no status in {head}"))?;
-        Ok((status, body.to_string()))
+        crate::http_get(self.http_port, path).await
     }
 }
 

@@ -16,7 +16,7 @@ use serde_yaml::Value;
 use silo_crds::{Tenant, TenantPhase};
 use silo_e2e::kube_env::{TEST_LABEL, with_temp_ns};
 use silo_e2e::node::{self, EnvFrom, JobOutcome};
-use silo_e2e::{PgServer, TestNs, wait_for};
+use silo_e2e::{PgServer, TestNs, tenant_yaml, wait_for};
 use sqlx::{Connection, PgConnection, PgPool};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -35,10 +35,6 @@ fn chart() -> String {
             .display()
             .to_string()
     })
-}
-
-fn tenant_yaml(name: &str) -> String {
-    format!("apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {name}}}\nspec: {{}}\n")
 }
 
 /// Writes a values file for a release in `ns`: the node's image, then `rest`; returns its path.
@@ -663,7 +659,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_silo() {
         );
 
         // The controller in its pod, with the chart's RBAC, provisions a tenant.
-        ns.apply_ok(&tenant_yaml("acme")).await?;
+        ns.apply_ok(&tenant_yaml("acme", "  {}")).await?;
         ns.wait_phase("acme", TenantPhase::Ready, TIMEOUT).await?;
         let router_uri = ns.secret_value("acme", "router-uri").await?;
         let (_, router_address) = router_uri.split_once('@').context("router-uri")?;
@@ -749,7 +745,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_silo() {
             format!("{env:?}").contains("silo_controller=debug"),
             "the new pod runs with the new value"
         );
-        ns.apply_ok(&tenant_yaml("globex")).await?;
+        ns.apply_ok(&tenant_yaml("globex", "  {}")).await?;
         ns.wait_phase("globex", TenantPhase::Ready, TIMEOUT).await?;
 
         // Uninstall: Silo's pods go; CRDs, Tenants, databases and data stay.

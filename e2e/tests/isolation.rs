@@ -8,17 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use silo_crds::TenantPhase;
 use silo_e2e::kube_env::{TEST_LABEL, with_temp_ns};
-use silo_e2e::{ControllerProcess, PgServer, TestNs, wait_for};
+use silo_e2e::{ControllerProcess, PgServer, TestNs, tenant_yaml, wait_for};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn tenant_yaml(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
-    )
-}
 
 /// The tenant's own credentials, aimed at `database` on `pg`.
 async fn tenant_options(
@@ -303,14 +297,6 @@ async fn admin_sessions_never_run_a_tenants_functions() {
             (limit == 7).then_some(())
         })
         .await?;
-        let hardened = wait_for("the server's Hardened condition", READY_TIMEOUT, || async {
-            let s = ns.servers().get(&server).await.ok()?;
-            s.status?
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "Hardened")
-        })
-        .await?;
         // One more full pass: the resync repairs a dropped grant.
         sqlx::raw_sql(&format!(
             "REVOKE CONNECT ON DATABASE \"{}\" FROM \"{role}\"",
@@ -331,6 +317,15 @@ async fn admin_sessions_never_run_a_tenants_functions() {
             calls.is_empty(),
             "the controller ran a tenant's function: {calls:?}"
         );
+
+        let hardened = wait_for("the server's Hardened condition", READY_TIMEOUT, || async {
+            let s = ns.servers().get(&server).await.ok()?;
+            s.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Hardened")
+        })
+        .await?;
 
         ensure!(
             hardened.status == "False" && hardened.reason == "PublicAccess",
@@ -494,8 +489,8 @@ spec:
         }
         ns.apply_ok(&yaml.join("---\n")).await?;
         let selector = |pool: &str| format!("{TEST_LABEL}={},pool={pool}", ns.name);
-        let _ctl_a = ns.start_controller(&["--server-selector", &selector("a")])?;
-        let _ctl_b = ns.start_controller(&["--server-selector", &selector("b")])?;
+        let ctl_a = ns.start_controller(&["--server-selector", &selector("a")])?;
+        let ctl_b = ns.start_controller(&["--server-selector", &selector("b")])?;
         let tenant = |name: &str, pool: &str| {
             tenant_yaml(
                 name,
@@ -516,15 +511,42 @@ spec:
             databases.push((pg, db));
         }
 
+        // With install a's controller down, install b must not carry out - or skip - a's policy.
+        let mut ctl_a = ctl_a;
+        ctl_a.kill9();
+        let left_alone = |log: String| log.matches("left alone").count();
+        let before = left_alone(ctl_b.log_text());
         let out = ns
-            .kubectl(&["delete", "tenant", "on-a", "on-b", "-n", &ns.name, "--timeout=60s"])
+            .kubectl(&["delete", "tenant", "on-a", "on-b", "-n", &ns.name, "--wait=false"])
             .await?;
         ensure!(out.success, "{}", out.stderr);
+        wait_for("install b to see on-a deleted", READY_TIMEOUT, || async {
+            (left_alone(ctl_b.log_text()) > before).then_some(())
+        })
+        .await?;
+        let on_a = ns.tenants().get("on-a").await?;
+        ensure!(
+            on_a.metadata.finalizers.is_some_and(|f| !f.is_empty()),
+            "install b removed install a's finalizer"
+        );
+        let ctl_a = ns.start_controller(&["--server-selector", &selector("a")])?;
+        for name in ["on-a", "on-b"] {
+            wait_for(&format!("{name} to go"), READY_TIMEOUT, || async {
+                ns.tenants().get_opt(name).await.ok()?.is_none().then_some(())
+            })
+            .await?;
+        }
         for (pg, db) in databases {
             ensure!(
                 !exists(&pg.admin_pool().await?, "pg_database", &db).await?,
                 "database {db} survived its Tenant's policy Delete"
             );
+        }
+        // Each controller told the other's tenants apart with the rights the chart gives it
+        // (reading a DatabaseServer by name).
+        for ctl in [&ctl_a, &ctl_b] {
+            let log = ctl.log_text();
+            ensure!(!log.contains("forbidden"), "a controller lacked a right: {log}");
         }
         Ok(())
     })

@@ -9,17 +9,11 @@ use anyhow::{Context, ensure};
 use kube::api::{Patch, PatchParams};
 use silo_crds::TenantPhase;
 use silo_e2e::kube_env::with_temp_ns;
-use silo_e2e::{PgServer, RouterProcess, TestNs, wait_for};
+use silo_e2e::{PgServer, RouterProcess, TestNs, tenant_yaml, wait_for};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn tenant_yaml(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
-    )
-}
 
 /// Connects through the router with `who`'s credentials, naming tenant `tenant`.
 async fn via_router(

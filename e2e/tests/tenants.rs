@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use silo_crds::{DatabaseServer, TenantPhase};
 use silo_e2e::kube_env::with_temp_ns;
-use silo_e2e::{PgServer, TestNs, wait_for};
+use silo_e2e::{PgServer, TestNs, tenant_yaml, wait_for};
 use sqlx::{Connection, PgConnection, Row};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -26,12 +26,6 @@ fn ready_condition(
     tenant: &silo_crds::Tenant,
 ) -> anyhow::Result<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     ready_of(tenant.status.clone().context("no status")?.conditions)
-}
-
-fn tenant_yaml(name: &str, spec: &str) -> String {
-    format!(
-        "apiVersion: silo.dev/v1alpha1\nkind: Tenant\nmetadata:\n  name: {name}\nspec:\n{spec}\n"
-    )
 }
 
 /// Connects with the tenant's own credentials from its Secret.
