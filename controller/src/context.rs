@@ -31,6 +31,8 @@ pub struct Context {
     pub resync: Duration,
     /// The router's `host:port` for the Secrets' `router-uri`, when a router is deployed.
     pub router_address: Option<String>,
+    /// `--server-selector`: the DatabaseServers of this install (all when unset).
+    pub server_selector: Option<String>,
     /// Namespaces an `adminSecretRef` may name; empty means any.
     pub admin_secret_namespaces: Vec<String>,
     /// Applied to every Job the controller creates.

@@ -49,6 +49,8 @@ impl Error {
 
     pub fn reason(&self) -> &'static str {
         match self {
+            // A write whose precondition failed (the object changed meanwhile): retry soon.
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
             Error::Kube(_) => "KubernetesApiError",
             Error::ServerNotConnected { .. } => "ServerNotConnected",
             Error::Sql { source, .. } => sql_reason(source),

@@ -214,6 +214,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         ),
         resync: resync_interval,
         router_address,
+        server_selector: server_selector.clone(),
         admin_secret_namespaces,
         job_settings,
         server_failures: Default::default(),

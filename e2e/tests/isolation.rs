@@ -259,7 +259,7 @@ async fn admin_sessions_never_run_a_tenants_functions() {
             .await?;
         let server = ns.server_name("pg");
         ns.add_server(&server, &pg, "").await?;
-        let _ctl = ns.start_controller(&[])?;
+        let ctl = ns.start_controller(&[])?;
         ns.apply_ok(&tenant_yaml("acme", "  {}")).await?;
         ns.wait_phase("acme", TenantPhase::Ready, READY_TIMEOUT)
             .await?;
@@ -282,21 +282,39 @@ async fn admin_sessions_never_run_a_tenants_functions() {
         .execute(&mut tenant)
         .await?;
 
-        // A full provisioning pass (a new connection limit) and a server check run after the
-        // planting.
+        // A controller that starts after the planting (as on any upgrade or failover) opens fresh
+        // admin sessions, which resolve function names anew; then a full provisioning pass (a new
+        // connection limit) and a server check run.
+        drop(ctl);
+        let _ctl = ns.start_controller(&[])?;
         ns.apply_ok(&tenant_yaml("acme", "  connectionLimit: 7"))
             .await?;
         let role = ns.secret_value("acme", "user").await?;
-        wait_for("the new connection limit", READY_TIMEOUT, || async {
-            let limit: i32 =
-                sqlx::query_scalar("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1")
-                    .bind(&role)
-                    .fetch_one(&admin)
-                    .await
-                    .ok()?;
-            (limit == 7).then_some(())
-        })
+        // The whole pass has run once the status reports the new generation.
+        wait_for(
+            "the pass for the new connection limit",
+            READY_TIMEOUT,
+            || async {
+                let t = ns.tenants().get("acme").await.ok()?;
+                let observed = t.status?.observed_generation;
+                let limit: i32 =
+                    sqlx::query_scalar("SELECT rolconnlimit FROM pg_roles WHERE rolname = $1")
+                        .bind(&role)
+                        .fetch_one(&admin)
+                        .await
+                        .ok()?;
+                (limit == 7 && observed == t.metadata.generation).then_some(())
+            },
+        )
         .await?;
+        let calls: Vec<(String, String)> = sqlx::query_as("SELECT who, what FROM public.calls")
+            .fetch_all(&mut tenant)
+            .await?;
+        ensure!(
+            calls.is_empty(),
+            "the controller ran a tenant's function: {calls:?}"
+        );
+
         // One more full pass: the resync repairs a dropped grant.
         sqlx::raw_sql(&format!(
             "REVOKE CONNECT ON DATABASE \"{}\" FROM \"{role}\"",
@@ -309,14 +327,6 @@ async fn admin_sessions_never_run_a_tenants_functions() {
             PgConnection::connect_with(&own_db).await.ok().map(|_| ())
         })
         .await?;
-
-        let calls: Vec<(String, String)> = sqlx::query_as("SELECT who, what FROM public.calls")
-            .fetch_all(&mut tenant)
-            .await?;
-        ensure!(
-            calls.is_empty(),
-            "the controller ran a tenant's function: {calls:?}"
-        );
 
         let hardened = wait_for("the server's Hardened condition", READY_TIMEOUT, || async {
             let s = ns.servers().get(&server).await.ok()?;

@@ -11,7 +11,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
@@ -73,16 +73,27 @@ async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Acti
 
 /// The server the tenant is placed on, when that server exists but is not one of this
 /// controller's (`--server-selector`): the tenant belongs to another install sharing the cluster.
-/// A server that does not exist at all is this controller's concern (it reports it).
+/// A server that does not exist at all is this controller's concern (it reports it). Asked of the
+/// API server rather than the cache, which may not be filled yet when a reconcile starts.
 async fn foreign_server(tenant: &Tenant, ctx: &Context) -> Result<Option<String>> {
-    let Some(server) = known_server(tenant, ctx) else {
+    let (Some(server), Some(selector)) = (known_server(tenant, ctx), &ctx.server_selector) else {
         return Ok(None);
     };
     if ctx.servers.get(&ObjectRef::new(&server)).is_some() {
         return Ok(None);
     }
     let api: Api<silo_crds::DatabaseServer> = Api::all(ctx.client.clone());
-    Ok(api.get_opt(&server).await?.map(|_| server))
+    let by_name = ListParams::default().fields(&format!("metadata.name={server}"));
+    if !api
+        .list_metadata(&by_name.clone().labels(selector))
+        .await?
+        .items
+        .is_empty()
+    {
+        return Ok(None);
+    }
+    let exists = !api.list_metadata(&by_name).await?.items.is_empty();
+    Ok(exists.then_some(server))
 }
 
 /// What a tenant reconcile reacts to: a new generation (spec or deletion), or changed finalizers.
