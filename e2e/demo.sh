@@ -54,8 +54,15 @@ if [[ -n "${SILO_E2E_NODE_HOST:-}" ]]; then
     --set image.repository=localhost/silo,image.tag=demo,image.pullPolicy=Never,router.replicas=1 \
     --wait --timeout 180s
   kubectl get pods -n silo-system
-  # The router's Service, on this machine's loopback, for psql below.
-  kubectl port-forward -n silo-system svc/silo-router "$ROUTER_PORT:6432" >"$WORK/port-forward.log" 2>&1 &
+  # The router's Service, on this machine's loopback, for psql below. A port-forward ends with the
+  # pod it picked; started again, it picks a live one, so the demo rides out a router restart.
+  (trap 'kill "$forward" 2>/dev/null; exit 0' TERM
+   while true; do
+     kubectl port-forward -n silo-system svc/silo-router "$ROUTER_PORT:6432" >>"$WORK/port-forward.log" 2>&1 &
+     forward=$!
+     wait "$forward" || true  # it ends with its pod: start it again
+     sleep 1
+   done) &
   PIDS+=($!)
   ROUTER_IN_CLUSTER="silo-router.silo-system.svc:6432"
 else
