@@ -156,7 +156,8 @@ pub struct TenantStatus {
     /// Lifecycle phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<TenantPhase>,
-    /// Standard conditions: `Ready` (summary) and `DatabaseReady`.
+    /// Standard conditions: `Ready` (summary), `DatabaseReady`, and `Routed` (whether the routes of
+    /// `spec.routing` are this tenant's, or claimed first by another Tenant).
     #[serde(default)]
     #[schemars(schema_with = "crate::conditions::schema")]
     pub conditions: Vec<Condition>,
