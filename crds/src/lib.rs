@@ -15,7 +15,9 @@ pub use tenant::{
     TenantStatus,
 };
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 /// The API group of every Silo resource.
@@ -29,7 +31,61 @@ pub const FINALIZER: &str = "silo.dev/cleanup";
 
 /// Every CRD Silo defines, in the order they are written out.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![DatabaseServer::crd(), Tenant::crd()]
+    let mut crds = vec![DatabaseServer::crd(), Tenant::crd()];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                unwrap_descriptions(schema);
+            }
+        }
+    }
+    crds
+}
+
+/// Doc comments are wrapped at 100 columns; `kubectl explain` wraps text itself, so the line
+/// breaks inside a paragraph would split sentences mid-line. Paragraphs stay apart.
+fn unwrap_descriptions(schema: &mut JSONSchemaProps) {
+    if let Some(description) = schema.description.as_mut() {
+        *description = unwrap_paragraphs(description);
+    }
+    let children = schema
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(schema.items.iter_mut().filter_map(|items| match items {
+            JSONSchemaPropsOrArray::Schema(s) => Some(s.as_mut()),
+            JSONSchemaPropsOrArray::Schemas(_) => None,
+        }))
+        .chain(
+            schema
+                .additional_properties
+                .iter_mut()
+                .filter_map(|a| match a {
+                    JSONSchemaPropsOrBool::Schema(s) => Some(s.as_mut()),
+                    JSONSchemaPropsOrBool::Bool(_) => None,
+                }),
+        );
+    for child in children {
+        unwrap_descriptions(child);
+    }
+}
+
+/// `text` with the single line breaks inside each paragraph turned into spaces.
+fn unwrap_paragraphs(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            paragraph
+                .split('\n')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// The YAML that `crdgen` writes for one CRD; the golden test compares the committed files with it.
@@ -43,4 +99,25 @@ pub fn to_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml::Err
 /// The file name `crdgen` uses for one CRD, e.g. `tenants.silo.dev.yaml`.
 pub fn file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_read_as_prose() {
+        assert_eq!(unwrap_paragraphs("one\ntwo\n\nthree"), "one two\n\nthree");
+        let yaml: Vec<String> = all()
+            .iter()
+            .map(|crd| serde_yaml::to_string(crd).unwrap_or_default())
+            .collect();
+        let tenant = &yaml[1];
+        assert!(
+            tenant.contains(
+                "A suspended tenant cannot log in (its role is NOLOGIN) and its sessions are ended;"
+            ),
+            "a description still breaks mid-sentence"
+        );
+    }
 }
