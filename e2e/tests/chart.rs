@@ -605,6 +605,33 @@ fn the_controller_is_told_its_tenant_selector_and_admin_secret_namespaces() -> a
     Ok(())
 }
 
+#[test]
+fn the_router_is_told_its_login_cap_and_whether_tls_is_required() -> anyhow::Result<()> {
+    let env = deployment_env(&render("silo", &[])?, "router")?;
+    ensure!(
+        env.get("SILO_ROUTER_MAX_LOGINS").map(String::as_str) == Some("256")
+            && !env.contains_key("SILO_ROUTER_REQUIRE_TLS"),
+        "defaults: {env:?}"
+    );
+    let sets = [
+        "router.maxLoginsInProgress=1000",
+        "router.tls.secretName=router-tls,router.tls.require=true",
+    ];
+    let env = deployment_env(&render("silo", &sets)?, "router")?;
+    ensure!(
+        env.get("SILO_ROUTER_MAX_LOGINS").map(String::as_str) == Some("1000")
+            && env.get("SILO_ROUTER_REQUIRE_TLS").map(String::as_str) == Some("true"),
+        "{}: {env:?}",
+        described(&sets)
+    );
+    let refused = render("silo", &["router.tls.require=true"]).err();
+    ensure!(
+        refused.is_some_and(|e| e.to_string().contains("needs router.tls.secretName")),
+        "TLS required without a certificate was rendered"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_installs_upgrades_and_uninstalls_silo() {
     if !node::own_cluster("the_chart_installs_upgrades_and_uninstalls_silo") {

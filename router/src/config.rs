@@ -66,6 +66,22 @@ pub struct Args {
     #[arg(long, env = "SILO_ROUTER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Refuse clients that do not ask for TLS (FATAL 28000 "TLS is required"), as a `hostssl`
+    /// line does in PostgreSQL. Needs `--tls-cert`.
+    #[arg(long, env = "SILO_ROUTER_REQUIRE_TLS")]
+    pub require_tls: bool,
+
+    /// Connections that may be logging in at once. Over the cap, the connection that has been
+    /// logging in the longest is closed (53300 "too many connections logging in") to make room:
+    /// idle sockets cannot lock out clients that log in promptly, and memory stays bounded.
+    #[arg(
+        long,
+        env = "SILO_ROUTER_MAX_LOGINS",
+        default_value_t = 256,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    pub max_logins_in_progress: usize,
+
     /// With TLS, a client's SNI host name `tenant.<this domain>` names its tenant.
     #[arg(long, env = "SILO_ROUTER_SNI_DOMAIN")]
     pub sni_domain: Option<String>,
@@ -148,6 +164,21 @@ mod tests {
         for bad in ["Shop", "shop_eu", "-shop", "shop-", &"a".repeat(64)] {
             assert!(parse(&["--namespaces", bad]).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn require_tls_and_the_login_cap_are_flags_and_variables() {
+        let parse = |args: &[&str]| {
+            Args::try_parse_from(["silo-router"].iter().chain(args))
+                .map(|a| (a.require_tls, a.max_logins_in_progress))
+                .map_err(|e| e.kind())
+        };
+        assert_eq!(parse(&[]), Ok((false, 256)));
+        assert_eq!(
+            parse(&["--require-tls", "--max-logins-in-progress", "10"]),
+            Ok((true, 10))
+        );
+        assert!(parse(&["--max-logins-in-progress", "0"]).is_err());
     }
 
     #[test]

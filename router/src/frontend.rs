@@ -1,5 +1,6 @@
-//! The client side: accept loop, startup and SCRAM login, then relaying frames between the client
-//! and a pooled server connection (held for the session, or per transaction).
+//! The client side: accept loop, startup and SCRAM login, then the session ([`relay`]): frames
+//! relayed between the client and a pooled server connection (held for the session, or per
+//! transaction).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -7,22 +8,24 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::auth::{ScramKeys, ScramServer};
-use crate::pool::{PoolError, PooledConn, Pools};
-use crate::prepared::ClientStatements;
+use crate::admission::{LoginSlot, LoginSlots};
+use crate::auth::{Scram, ScramServer};
+use crate::pool::Pools;
 use crate::protocol::backend::{self, parse_sasl_initial_response};
 use crate::protocol::startup::{Startup, read_startup};
-use crate::protocol::{Frame, ProtocolError, read_frame, split_frame};
+use crate::protocol::{Frame, MAX_LOGIN_MESSAGE, ProtocolError, read_frame_limited};
 use crate::routing::{
     Lookup, RoutingTable, TenantRoute, TenantState, tenant_from_sni, tenant_from_startup,
 };
+
+mod relay;
 
 /// When a server connection goes back to the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -42,6 +45,12 @@ pub struct Settings {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// With TLS, SNI `tenant.<domain>` names the tenant.
     pub sni_domain: Option<String>,
+    /// Refuse clients that do not ask for TLS (28000). Cancel requests may still come in
+    /// plaintext, as PostgreSQL takes them: their random key is their credential, and libpq
+    /// before version 17 sends them unencrypted.
+    pub require_tls: bool,
+    /// How many connections may be logging in at once (see [`crate::admission`]).
+    pub max_logins: usize,
 }
 
 type CancelTarget = Arc<Mutex<Option<(SocketAddr, i32, i32)>>>;
@@ -52,7 +61,8 @@ pub struct Shared {
     pub pools: Pools,
     pub settings: Settings,
     pub metrics: crate::metrics::Metrics,
-    scram_keys: Mutex<HashMap<String, (String, ScramKeys)>>,
+    scram: Scram,
+    login_slots: Arc<LoginSlots>,
     cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
     /// Per tenant, a token its sessions watch: cancelled when the tenant stops being Ready.
     tenant_sessions: Mutex<HashMap<String, CancellationToken>>,
@@ -63,9 +73,10 @@ impl Shared {
         Shared {
             table,
             pools: Pools::default(),
+            login_slots: LoginSlots::new(settings.max_logins),
             settings,
             metrics: Default::default(),
-            scram_keys: Mutex::new(HashMap::new()),
+            scram: Scram::default(),
             cancels: Mutex::new(HashMap::new()),
             tenant_sessions: Mutex::new(HashMap::new()),
         }
@@ -76,6 +87,8 @@ impl Shared {
     pub fn set_table(&self, table: RoutingTable) {
         let old = self.table.swap(Arc::new(table));
         let new = self.table.load();
+        let live: std::collections::HashSet<String> = new.routes().map(|r| r.key()).collect();
+        self.scram.retain(|tenant| live.contains(tenant));
         let mut sessions = lock(&self.tenant_sessions);
         for route in old.routes().filter(|r| r.state == TenantState::Ready) {
             let still_ready = matches!(new.lookup(&route.key()), Lookup::Found(r) if r.state == TenantState::Ready);
@@ -91,19 +104,6 @@ impl Shared {
             .entry(route.key())
             .or_default()
             .child_token()
-    }
-
-    /// SCRAM keys for a tenant's current password, derived once (PBKDF2 is deliberately slow).
-    fn keys(&self, route: &TenantRoute) -> ScramKeys {
-        let mut cache = lock(&self.scram_keys);
-        match cache.get(&route.key()) {
-            Some((password, keys)) if *password == route.password => keys.clone(),
-            _ => {
-                let keys = ScramKeys::derive(&route.password);
-                cache.insert(route.key(), (route.password.clone(), keys.clone()));
-                keys
-            }
-        }
     }
 }
 
@@ -123,16 +123,69 @@ impl Refusal {
     }
 }
 
-impl From<PoolError> for Refusal {
-    fn from(e: PoolError) -> Self {
-        match e {
-            PoolError::Exhausted { .. } | PoolError::ServerBudget { .. } => {
-                Refusal::new("53300", e.to_string())
+/// Why a connection ends before its session begins. The client is told (as a FATAL error with
+/// [`LoginError::sqlstate`]) unless the connection is gone.
+#[derive(thiserror::Error, Debug)]
+enum LoginError {
+    #[error("startup took too long")]
+    TimedOut,
+    #[error("too many connections logging in; try again")]
+    Crowded,
+    #[error(
+        "TLS is required: this router accepts encrypted connections only (connect with sslmode=require or stronger)"
+    )]
+    TlsRequired,
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("no user name in the startup packet")]
+    NoUser,
+    #[error("unsupported SASL mechanism {0}")]
+    Mechanism(String),
+    #[error("password authentication failed for user \"{0}\"")]
+    BadPassword(String),
+    #[error("tenant name \"{tenant}\" exists in several namespaces; use one of {}", .keys.join(", "))]
+    Ambiguous { tenant: String, keys: Vec<String> },
+    #[error("tenant \"{tenant}\" {why}")]
+    Unavailable { tenant: String, why: &'static str },
+    #[error("the tenant's credentials could not be prepared")]
+    Keys,
+    #[error("protocol violation before login: {0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+impl From<std::io::Error> for LoginError {
+    fn from(e: std::io::Error) -> Self {
+        LoginError::Protocol(e.into())
+    }
+}
+
+impl LoginError {
+    /// What the client is told, or `None` when it cannot be told any more.
+    fn sqlstate(&self) -> Option<&'static str> {
+        match self {
+            LoginError::TimedOut => Some("08P01"),
+            LoginError::Crowded => Some("53300"),
+            LoginError::TlsRequired | LoginError::NoUser | LoginError::Mechanism(_) => {
+                Some("28000")
             }
-            PoolError::Server(e) => {
-                Refusal::new("08001", format!("cannot reach the tenant's database: {e}"))
-            }
+            LoginError::BadPassword(_) => Some("28P01"),
+            LoginError::Ambiguous { .. } => Some("3D000"),
+            LoginError::Unavailable { .. } => Some("57P03"),
+            LoginError::Keys => Some("XX000"),
+            LoginError::Protocol(ProtocolError::Closed | ProtocolError::Io(_))
+            | LoginError::Tls(_) => None,
+            LoginError::Protocol(_) => Some("08P01"),
         }
+    }
+}
+
+/// Why a known tenant refuses connections, in words a person understands.
+fn unavailable(state: TenantState) -> Option<&'static str> {
+    match state {
+        TenantState::Ready => None,
+        TenantState::Suspended => Some("is suspended: it accepts no connections until resumed"),
+        TenantState::Deleting => Some("is being deleted"),
+        TenantState::Pending => Some("is not ready yet: its database is still being set up"),
     }
 }
 
@@ -151,11 +204,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: Cancell
                 }
             },
         };
+        // Taken here, in the accept loop, so that connections are ranked by arrival.
+        let slot = shared.login_slots.admit();
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _ = stream.set_nodelay(true);
-            if let Err(e) = handle_client(stream, &shared, shutdown).await {
+            if let Err(e) = handle_client(stream, slot, &shared, shutdown).await {
                 debug!(%peer, error = %e, "client session ended with an error");
             }
         });
@@ -178,7 +233,7 @@ enum Negotiated {
     Done,
 }
 
-async fn negotiate(stream: &mut TcpStream, shared: &Shared) -> Result<Negotiated, ProtocolError> {
+async fn negotiate(stream: &mut TcpStream, shared: &Shared) -> Result<Negotiated, LoginError> {
     loop {
         match read_startup(stream).await? {
             Startup::Ssl if shared.settings.tls.is_some() => {
@@ -189,84 +244,139 @@ async fn negotiate(stream: &mut TcpStream, shared: &Shared) -> Result<Negotiated
             // (its password never crosses the wire: SCRAM proves it without sending it).
             Startup::Ssl | Startup::GssEnc => stream.write_all(b"N").await?,
             Startup::Cancel { pid, key } => {
-                let target = lock(&shared.cancels)
-                    .get(&(pid, key))
-                    .and_then(|t| *lock(t));
-                if let Some((addr, server_pid, server_key)) = target {
-                    let _ = crate::server::cancel(addr, server_pid, server_key).await;
-                }
+                cancel(shared, pid, key).await;
                 return Ok(Negotiated::Done);
+            }
+            Startup::Params(_) if shared.settings.require_tls => {
+                return Err(LoginError::TlsRequired);
             }
             Startup::Params(params) => return Ok(Negotiated::Plain(params)),
         }
     }
 }
 
+/// Passes a client's cancel request on to the server running its query, if any.
+async fn cancel(shared: &Shared, pid: i32, key: i32) {
+    let target = lock(&shared.cancels)
+        .get(&(pid, key))
+        .and_then(|t| *lock(t));
+    if let Some((addr, server_pid, server_key)) = target {
+        let _ = crate::server::cancel(addr, server_pid, server_key).await;
+    }
+}
+
+/// Runs one step of logging in, within the startup deadline and for as long as no newer
+/// connection needs the slot.
+async fn step<T>(
+    slot: &LoginSlot,
+    deadline: tokio::time::Instant,
+    step: impl Future<Output = Result<T, LoginError>>,
+) -> Result<T, LoginError> {
+    tokio::select! {
+        result = tokio::time::timeout_at(deadline, step) => {
+            result.unwrap_or(Err(LoginError::TimedOut))
+        }
+        _ = slot.evicted() => Err(LoginError::Crowded),
+    }
+}
+
+/// Tells a client why it is refused, when it can still be told.
+async fn refuse_login<W: AsyncWrite + Unpin>(shared: &Shared, writer: &mut W, e: LoginError) {
+    match e.sqlstate() {
+        Some(code) => {
+            let _ = refuse(shared, writer, Refusal::new(code, e.to_string())).await;
+        }
+        None => debug!(error = %e, "client left before logging in"),
+    }
+}
+
 async fn handle_client(
     mut stream: TcpStream,
+    slot: LoginSlot,
     shared: &Shared,
     shutdown: CancellationToken,
 ) -> Result<(), ProtocolError> {
     let deadline = tokio::time::Instant::now() + shared.settings.startup_timeout;
-    let too_slow = Refusal::new("08P01", "startup took too long");
-    let negotiated = match tokio::time::timeout_at(deadline, negotiate(&mut stream, shared)).await {
-        Err(_) => {
-            let _ = stream
-                .write_all(
-                    &backend::error_response("FATAL", too_slow.code, &too_slow.message).bytes,
-                )
-                .await;
+    let negotiated = match step(&slot, deadline, negotiate(&mut stream, shared)).await {
+        Ok(negotiated) => negotiated,
+        Err(e) => {
+            refuse_login(shared, &mut stream, e).await;
             return Ok(());
         }
-        Ok(result) => result?,
     };
     match negotiated {
         Negotiated::Done => Ok(()),
         Negotiated::Plain(params) => {
             let (reader, writer) = stream.into_split();
-            session(reader, writer, params, None, deadline, shared, shutdown).await
+            let client = LoggingIn {
+                params,
+                sni: None,
+                slot,
+                deadline,
+            };
+            session(reader, writer, client, shared, shutdown).await
         }
         Negotiated::Tls => {
             let Some(acceptor) = shared.settings.tls.clone() else {
                 return Ok(());
             };
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return Err(e.into()),
-                Err(_) => return Ok(()),
-            };
-            let sni = tls.get_ref().1.server_name().map(str::to_string);
-            let (mut reader, mut writer) = tokio::io::split(tls);
-            let params = match tokio::time::timeout_at(deadline, read_startup(&mut reader)).await {
-                Ok(Ok(Startup::Params(params))) => params,
-                Ok(Ok(_)) => {
-                    return Err(ProtocolError::Malformed {
-                        what: "startup packet after TLS",
-                    });
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    let _ = send(
-                        &mut writer,
-                        &backend::error_response("FATAL", too_slow.code, &too_slow.message),
-                    )
-                    .await;
+            let handshake = async { acceptor.accept(stream).await.map_err(LoginError::Tls) };
+            // A failed or abandoned handshake cannot be answered in the protocol: just close.
+            let tls = match step(&slot, deadline, handshake).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    debug!(error = %e, "TLS handshake did not complete");
                     return Ok(());
                 }
             };
-            session(reader, writer, params, sni, deadline, shared, shutdown).await
+            let sni = tls.get_ref().1.server_name().map(str::to_string);
+            let (mut reader, mut writer) = tokio::io::split(tls);
+            let startup = async { Ok(read_startup(&mut reader).await?) };
+            match step(&slot, deadline, startup).await {
+                Ok(Startup::Params(params)) => {
+                    let client = LoggingIn {
+                        params,
+                        sni,
+                        slot,
+                        deadline,
+                    };
+                    session(reader, writer, client, shared, shutdown).await
+                }
+                // Clients that encrypt everything send their cancel requests over TLS too.
+                Ok(Startup::Cancel { pid, key }) => {
+                    cancel(shared, pid, key).await;
+                    Ok(())
+                }
+                Ok(Startup::Ssl | Startup::GssEnc) => {
+                    let e = ProtocolError::Malformed {
+                        what: "startup packet (a second encryption request, inside TLS)",
+                    };
+                    refuse_login(shared, &mut writer, e.into()).await;
+                    Ok(())
+                }
+                Err(e) => {
+                    refuse_login(shared, &mut writer, e).await;
+                    Ok(())
+                }
+            }
         }
     }
 }
 
+/// A client between its startup packet and the end of its login.
+struct LoggingIn {
+    params: Vec<(String, String)>,
+    /// The server name it sent in its TLS handshake, if any.
+    sni: Option<String>,
+    slot: LoginSlot,
+    deadline: tokio::time::Instant,
+}
+
 /// Login and relay for one client, over plain TCP or TLS.
-#[allow(clippy::too_many_arguments)]
 async fn session<R, W>(
     mut reader: R,
     mut writer: W,
-    params: Vec<(String, String)>,
-    sni: Option<String>,
-    deadline: tokio::time::Instant,
+    client: LoggingIn,
     shared: &Shared,
     shutdown: CancellationToken,
 ) -> Result<(), ProtocolError>
@@ -274,48 +384,27 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let login = tokio::time::timeout_at(
+    let LoggingIn {
+        params,
+        sni,
+        slot,
         deadline,
-        login(&mut reader, &mut writer, shared, params, sni),
-    )
-    .await;
-    let (route, user) = match login {
-        Err(_) => {
-            let refusal = Refusal::new("08P01", "startup took too long");
-            let _ = send(
-                &mut writer,
-                &backend::error_response("FATAL", refusal.code, &refusal.message),
-            )
-            .await;
+    } = client;
+    let login = login(&mut reader, &mut writer, shared, params.clone(), sni);
+    let (route, user) = match step(&slot, deadline, login).await {
+        Ok(login) => login,
+        Err(e) => {
+            refuse_login(shared, &mut writer, e).await;
             return Ok(());
         }
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(None)) => return Ok(()),
-        Ok(Ok(Some(login))) => login,
     };
+    // Authenticated: no longer counts against the cap on connections logging in.
+    drop(slot);
 
     let pool = shared.pools.get(&route);
-    let mut server: Option<PooledConn> = None;
-    let params = match shared.settings.mode {
-        PoolMode::Session => match checkout(shared, &pool).await {
-            Ok(mut conn) => {
-                let params = conn.conn().params.clone();
-                server = Some(conn);
-                params
-            }
-            Err(e) => return refuse(shared, &mut writer, e.into()).await,
-        },
-        PoolMode::Transaction => match pool.params() {
-            Some(params) => params,
-            None => match checkout(shared, &pool).await {
-                Ok(mut conn) => {
-                    let params = conn.conn().params.clone();
-                    conn.release();
-                    params
-                }
-                Err(e) => return refuse(shared, &mut writer, e.into()).await,
-            },
-        },
+    let (mut server, params) = match relay::attach(shared, &pool, &params).await {
+        Ok(attached) => attached,
+        Err(refused) => return refused.send(shared, &mut writer).await,
     };
 
     // The client's cancel key is the router's own; it maps to whichever server runs its query.
@@ -326,7 +415,7 @@ where
     }
     let mut hello = BytesMut::new();
     hello.extend_from_slice(&backend::authentication_ok().bytes);
-    for (name, value) in &params {
+    for (name, value) in params.reported() {
         hello.extend_from_slice(&backend::parameter_status(name, value).bytes);
     }
     hello.extend_from_slice(&backend::backend_key_data(pid, key).bytes);
@@ -340,342 +429,118 @@ where
         .inc();
     shared.metrics.sessions.inc();
 
-    let session = Session {
+    let session = relay::Session {
         shared,
         pool: &pool,
         target: &target,
         shutdown,
         ended: shared.sessions_of(&route),
+        params,
     };
-    let result = relay(&mut reader, &mut writer, &mut server, session).await;
+    let result = relay::relay(&mut reader, &mut writer, &mut server, session).await;
     lock(&shared.cancels).remove(&(pid, key));
     shared.metrics.sessions.dec();
     result
 }
 
-/// Startup, tenant resolution and SCRAM. `None` when the connection was a cancel request or was
-/// refused (the refusal has been sent).
+/// Startup, tenant resolution and SCRAM. Every name gets the same exchange, with a salt made the
+/// same way whether or not a tenant answers to it (see [`crate::auth`]); what a name leads to
+/// (nothing, several tenants, a suspended one) is told only to a client that proved a password.
 async fn login<R, W>(
     reader: &mut R,
     writer: &mut W,
     shared: &Shared,
     params: Vec<(String, String)>,
     sni: Option<String>,
-) -> Result<Option<(Arc<TenantRoute>, String)>, ProtocolError>
+) -> Result<(Arc<TenantRoute>, String), LoginError>
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    let Some(user) = Startup::param(&params, "user").map(str::to_string) else {
-        refuse(
-            shared,
-            writer,
-            Refusal::new("28000", "no user name in the startup packet"),
-        )
-        .await?;
-        return Ok(None);
-    };
+    let user = Startup::param(&params, "user")
+        .ok_or(LoginError::NoUser)?
+        .to_string();
     let sni_tenant = sni
         .as_deref()
         .and_then(|name| tenant_from_sni(name, shared.settings.sni_domain.as_deref()));
     let (tenant, _) = tenant_from_startup(&user, Startup::param(&params, "database"), sni_tenant);
-    let route = match shared.table.load().lookup(tenant) {
-        Lookup::Found(route) => route,
-        Lookup::Unknown => {
-            refuse(
-                shared,
-                writer,
-                Refusal::new("3D000", format!("tenant \"{tenant}\" does not exist")),
-            )
-            .await?;
-            return Ok(None);
-        }
-        Lookup::Ambiguous(keys) => {
-            let message = format!(
-                "tenant name \"{tenant}\" exists in several namespaces; use one of {}",
-                keys.join(", ")
-            );
-            refuse(shared, writer, Refusal::new("3D000", message)).await?;
-            return Ok(None);
+    // The tenants the name may mean: one, several (a bare name used in several namespaces), or none.
+    let (candidates, ambiguous) = {
+        let table = shared.table.load();
+        match table.lookup(tenant) {
+            Lookup::Found(route) => (vec![route], None),
+            Lookup::Unknown => (Vec::new(), None),
+            Lookup::Ambiguous(keys) => {
+                let routes = keys
+                    .iter()
+                    .filter_map(|key| match table.lookup(key) {
+                        Lookup::Found(route) => Some(route),
+                        _ => None,
+                    })
+                    .collect();
+                (routes, Some(keys))
+            }
         }
     };
-    let refusal = match route.state {
-        TenantState::Ready => None,
-        TenantState::Suspended => Some(format!("tenant \"{tenant}\" is suspended")),
-        TenantState::Deleting => Some(format!("tenant \"{tenant}\" is being deleted")),
-        TenantState::Pending => Some(format!("tenant \"{tenant}\" is not ready yet")),
-    };
-    if let Some(message) = refusal {
-        refuse(shared, writer, Refusal::new("57P03", message)).await?;
-        return Ok(None);
-    }
 
-    // SCRAM-SHA-256 against the tenant's credentials.
     send(writer, &backend::authentication_sasl()).await?;
-    let (mechanism, client_first) = parse_sasl_initial_response(&read_frame(reader).await?)?;
+    let first = read_frame_limited(reader, MAX_LOGIN_MESSAGE).await?;
+    let (mechanism, client_first) = parse_sasl_initial_response(&first)?;
     if mechanism != "SCRAM-SHA-256" {
-        refuse(
-            shared,
-            writer,
-            Refusal::new("28000", format!("unsupported SASL mechanism {mechanism}")),
-        )
-        .await?;
-        return Ok(None);
+        return Err(LoginError::Mechanism(mechanism));
     }
-    let bad_password = || {
-        Refusal::new(
-            "28P01",
-            format!("password authentication failed for user \"{user}\""),
-        )
-    };
-    let Ok((exchange, server_first)) = ScramServer::start(shared.keys(&route), &client_first)
-    else {
-        refuse(shared, writer, bad_password()).await?;
-        return Ok(None);
-    };
+    let bad_password = || LoginError::BadPassword(user.clone());
+    let (exchange, server_first) = ScramServer::start(&shared.scram.salt(tenant), &client_first)
+        .map_err(|_| bad_password())?;
     send(
         writer,
         &backend::authentication(11, server_first.as_bytes()),
     )
     .await?;
-    let client_final = read_frame(reader).await?;
+    let client_final = read_frame_limited(reader, MAX_LOGIN_MESSAGE).await?;
     if client_final.tag != b'p' {
         return Err(ProtocolError::Unexpected {
             got: client_final.tag as char,
             during: "SASL authentication",
+        }
+        .into());
+    }
+    let proof = exchange
+        .finish(client_final.body())
+        .map_err(|_| bad_password())?;
+    let mut proven = None;
+    for route in candidates {
+        let keys = shared
+            .scram
+            .keys(&route.key(), tenant, &route.password)
+            .await
+            .map_err(|_| LoginError::Keys)?;
+        if let Some(server_final) = proof.verify(&keys) {
+            proven = Some((route, server_final));
+            break;
+        }
+    }
+    let Some((route, server_final)) = proven else {
+        return Err(bad_password());
+    };
+    send(
+        writer,
+        &backend::authentication(12, server_final.as_bytes()),
+    )
+    .await?;
+    if let Some(keys) = ambiguous {
+        return Err(LoginError::Ambiguous {
+            tenant: tenant.to_string(),
+            keys,
         });
     }
-    match exchange.finish(client_final.body()) {
-        Ok(server_final) => {
-            send(
-                writer,
-                &backend::authentication(12, server_final.as_bytes()),
-            )
-            .await?
-        }
-        Err(_) => {
-            refuse(shared, writer, bad_password()).await?;
-            return Ok(None);
-        }
+    if let Some(why) = unavailable(route.state) {
+        return Err(LoginError::Unavailable {
+            tenant: tenant.to_string(),
+            why,
+        });
     }
-    Ok(Some((route, user)))
-}
-
-/// What a logged-in session relays with.
-struct Session<'a> {
-    shared: &'a Shared,
-    pool: &'a Arc<crate::pool::TenantPool>,
-    /// Where this client's cancel requests go: the server running its query, if any.
-    target: &'a CancelTarget,
-    shutdown: CancellationToken,
-    /// Cancelled when the tenant stops being Ready.
-    ended: CancellationToken,
-}
-
-async fn relay<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    server: &mut Option<PooledConn>,
-    session: Session<'_>,
-) -> Result<(), ProtocolError>
-where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-{
-    let Session {
-        shared,
-        pool,
-        target,
-        shutdown,
-        ended,
-    } = session;
-    let mode = shared.settings.mode;
-    let mut from_client = BytesMut::with_capacity(8 * 1024);
-    let mut from_server = BytesMut::with_capacity(64 * 1024);
-    let mut to_server = BytesMut::with_capacity(8 * 1024);
-    let mut server_idle = true;
-    // ReadyForQuery messages still owed by the server: one per Sync, simple Query or FunctionCall
-    // sent. A pipelining client can have several in flight; the server is only free at zero.
-    let mut owed: usize = 0;
-    let mut statements = ClientStatements::default();
-    // Registered once, not on every turn of the loop.
-    let shutting_down = shutdown.cancelled();
-    let tenant_gone = ended.cancelled();
-    tokio::pin!(shutting_down, tenant_gone);
-    loop {
-        tokio::select! {
-            read = reader.read_buf(&mut from_client) => {
-                if read? == 0 {
-                    break;
-                }
-                // A server for the next transaction, unless the client is leaving.
-                if server.is_none() && matches!(frame_at(&from_client, 0)?, Some((tag, _)) if tag != b'X') {
-                    match checkout(shared, pool).await {
-                        Ok(mut conn) => {
-                            let c = conn.conn();
-                            *lock(target) = Some((c.addr, c.pid, c.key));
-                            *server = Some(conn);
-                        }
-                        Err(e) => {
-                            let _ = refuse(shared, writer, e.into()).await;
-                            return Ok(());
-                        }
-                    }
-                }
-                // Fast path: nothing to rewrite or intercept, so forward the buffer as it is.
-                if server.is_some() {
-                    let mut end = 0;
-                    let mut plain = true;
-                    let mut syncs = 0;
-                    while let Some((tag, len)) = frame_at(&from_client, end)? {
-                        match tag {
-                            b'X' => plain = false,
-                            b'P' | b'B' | b'D' | b'C' if mode == PoolMode::Transaction => plain = false,
-                            b'S' | b'Q' | b'F' => syncs += 1,
-                            _ => {}
-                        }
-                        if !plain {
-                            break;
-                        }
-                        end += len;
-                    }
-                    if plain && end > 0 && let Some(conn) = server.as_mut() {
-                        conn.conn().writer.write_all(&from_client[..end]).await?;
-                        from_client.advance(end);
-                        owed += syncs;
-                        if mode == PoolMode::Transaction {
-                            for _ in 0..syncs {
-                                statements.expect_ready();
-                            }
-                        }
-                        server_idle = false;
-                        continue;
-                    }
-                }
-                let mut frames = Vec::new();
-                let mut terminate = false;
-                while let Some(frame) = split_frame(&mut from_client)? {
-                    if frame.tag == b'X' {
-                        terminate = true;
-                        break;
-                    }
-                    frames.push(frame);
-                }
-                // The server was checked out above when the first frame was not a Terminate.
-                if !frames.is_empty() {
-                    if let Some(conn) = server.as_mut() {
-                        let conn = conn.conn();
-                        for frame in &frames {
-                            if matches!(frame.tag, b'S' | b'Q' | b'F') {
-                                owed += 1;
-                            }
-                            match mode {
-                                PoolMode::Transaction => statements.rewrite(frame, &mut conn.prepared, &mut to_server)?,
-                                PoolMode::Session => to_server.extend_from_slice(&frame.bytes),
-                            }
-                        }
-                        conn.writer.write_all(&to_server).await?;
-                        server_idle = false;
-                    }
-                    to_server.clear();
-                }
-                if terminate {
-                    break;
-                }
-            }
-            read = read_server(server, &mut from_server) => {
-                if read? == 0 {
-                    *server = None;
-                    let refusal = Refusal::new("08006", "the tenant's database server closed the connection");
-                    let _ = refuse(shared, writer, refusal).await;
-                    return Ok(());
-                }
-                // Forward whole frames straight from the read buffer; only the completions of
-                // messages the router injected are cut out.
-                let mut end = 0;
-                while let Some((tag, len)) = frame_at(&from_server, end)? {
-                    if tag == b'Z' {
-                        owed = owed.saturating_sub(1);
-                        server_idle = from_server.get(end + 5) == Some(&b'I') && owed == 0;
-                    }
-                    if mode == PoolMode::Transaction && !statements.forward_tag(tag) {
-                        writer.write_all(&from_server[..end]).await?;
-                        from_server.advance(end + len);
-                        end = 0;
-                        continue;
-                    }
-                    end += len;
-                }
-                writer.write_all(&from_server[..end]).await?;
-                from_server.advance(end);
-                if mode == PoolMode::Transaction && server_idle && from_server.is_empty() {
-                    if let Some(conn) = server.take() {
-                        conn.release();
-                    }
-                    *lock(target) = None;
-                }
-            }
-            _ = &mut shutting_down, if server.is_none() || server_idle => break,
-            _ = &mut tenant_gone => {
-                let state = match shared.table.load().lookup(&pool.route.key()) {
-                    Lookup::Found(r) => format!("{:?}", r.state).to_lowercase(),
-                    _ => "deleted".to_string(),
-                };
-                let message = format!("terminating connection: tenant \"{}\" is {state}", pool.route.name);
-                let _ = send(writer, &backend::error_response("FATAL", "57P01", &message)).await;
-                // The server may be mid-transaction: close it rather than reuse it.
-                *server = None;
-                return Ok(());
-            }
-        }
-    }
-    // Session over: an idle server goes back, reset; one mid-transaction is closed.
-    if let Some(mut conn) = server.take()
-        && server_idle
-        && from_server.is_empty()
-        && conn.conn().reset().await
-    {
-        conn.release();
-    }
-    Ok(())
-}
-
-/// The tag and total length of the complete frame starting at `at`, if the buffer holds one.
-fn frame_at(buf: &[u8], at: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
-    let Some(header) = buf.get(at..at + 5) else {
-        return Ok(None);
-    };
-    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as i64;
-    if len < 4 || len as usize > crate::protocol::MAX_FRAME {
-        return Err(ProtocolError::BadLength(len));
-    }
-    let total = len as usize + 1;
-    Ok((buf.len() - at >= total).then_some((header[0], total)))
-}
-
-/// Reads from the checked-out server, or waits forever when there is none.
-async fn read_server(
-    server: &mut Option<PooledConn>,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
-    match server.as_mut() {
-        Some(conn) => conn.conn().reader.read_buf(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// A server connection from `pool`, timing the wait.
-async fn checkout(
-    shared: &Shared,
-    pool: &Arc<crate::pool::TenantPool>,
-) -> Result<PooledConn, PoolError> {
-    let started = std::time::Instant::now();
-    let result = pool.checkout(shared.settings.checkout_timeout).await;
-    shared
-        .metrics
-        .checkout_wait
-        .observe(started.elapsed().as_secs_f64());
-    result
+    Ok((route, user))
 }
 
 fn register_cancel(shared: &Shared) -> (i32, i32, CancelTarget) {

@@ -1,12 +1,15 @@
 //! `silo-router`: one PostgreSQL address for every tenant. Clients name their tenant, log in with
 //! SCRAM-SHA-256 against the tenant's credentials, and get a pooled connection to its database.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod frontend;
+pub mod inspect;
 pub mod metrics;
+pub mod params;
 pub mod pool;
 pub mod prepared;
 pub mod protocol;
@@ -54,7 +57,9 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         idle_timeout,
         tls_cert,
         tls_key,
+        require_tls,
         sni_domain,
+        max_logins_in_progress,
         worker_threads: _,
         log_filter: _,
     } = args;
@@ -68,6 +73,11 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         (Some(cert), Some(key)) => Some(tls_acceptor(&cert, &key)?),
         _ => None,
     };
+    if require_tls && tls.is_none() {
+        return Err(RunError::Config(
+            "--require-tls needs a certificate: --tls-cert and --tls-key".into(),
+        ));
+    }
     let settings = Settings {
         mode: pool_mode,
         checkout_timeout: seconds(checkout_timeout, "checkout-timeout")
@@ -75,6 +85,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         startup_timeout: seconds(startup_timeout, "startup-timeout").map_err(RunError::Config)?,
         tls,
         sni_domain,
+        require_tls,
+        max_logins: max_logins_in_progress,
     };
     let idle_timeout = seconds(idle_timeout, "idle-timeout").map_err(RunError::Config)?;
     let shutdown = CancellationToken::new();

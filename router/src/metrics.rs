@@ -9,8 +9,15 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
-    /// `ok`, or the SQLSTATE of the refusal.
+    /// `ok`, the SQLSTATE of the router's refusal, or `server` when the server refused (the
+    /// client's startup parameters, say) and the client got the server's own error.
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PinReason {
+    /// [`crate::inspect::Pin::reason`].
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,6 +30,8 @@ pub struct Metrics {
     pub logins: Family<Outcome, Counter>,
     pub sessions: Gauge,
     pub checkout_wait: Histogram,
+    /// Transaction-pooled sessions that kept their server connection, by the first reason.
+    pub pinned: Family<PinReason, Counter>,
     pub server_connections: Family<StateLabel, Gauge>,
     pub tenants: Family<StateLabel, Gauge>,
 }
@@ -33,6 +42,7 @@ impl Default for Metrics {
         let logins = Family::<Outcome, Counter>::default();
         let sessions = Gauge::default();
         let checkout_wait = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let pinned = Family::<PinReason, Counter>::default();
         let server_connections = Family::<StateLabel, Gauge>::default();
         let tenants = Family::<StateLabel, Gauge>::default();
         registry.register(
@@ -47,6 +57,11 @@ impl Default for Metrics {
             checkout_wait.clone(),
         );
         registry.register(
+            "pinned_sessions",
+            "Transaction-pooled sessions that kept their server connection until they ended, by reason",
+            pinned.clone(),
+        );
+        registry.register(
             "server_connections",
             "Server connections by state (idle, in_use)",
             server_connections.clone(),
@@ -57,6 +72,7 @@ impl Default for Metrics {
             logins,
             sessions,
             checkout_wait,
+            pinned,
             server_connections,
             tenants,
         }

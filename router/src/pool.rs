@@ -1,5 +1,6 @@
 //! One pool of server connections per tenant: created on first use, capped by the tenant's
 //! connection limit, with a checkout queue that times out; connections come back on release.
+//! A checkout prefers an idle connection whose session parameters already match the client's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::budget::{ServerBudget, Slot};
+use crate::params::{ClientParams, Setting};
 use crate::routing::TenantRoute;
 use crate::server::{ServerConn, ServerError};
 
@@ -38,9 +40,13 @@ pub struct TenantPool {
     budget: Option<Arc<ServerBudget>>,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
-    /// Server parameters reported at login, replayed to clients in transaction mode.
-    params: Mutex<Option<Vec<(String, String)>>>,
+    /// What clients were told at login for the startup settings they sent, once a server took
+    /// them: in transaction pooling, a client asking the same again needs no server to log in.
+    established: Mutex<HashMap<Vec<Setting>, ClientParams>>,
 }
+
+/// Distinct startup settings remembered per tenant; past this the memory starts over.
+const MAX_ESTABLISHED: usize = 64;
 
 impl TenantPool {
     fn new(route: Arc<TenantRoute>, budget: Option<Arc<ServerBudget>>) -> Self {
@@ -50,13 +56,19 @@ impl TenantPool {
             budget,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(cap)),
-            params: Mutex::new(None),
+            established: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A connection for exclusive use until the guard is released or dropped. Opens a new one when
-    /// none is idle and the cap allows, so a burst on a cold tenant connects in parallel.
-    pub async fn checkout(self: &Arc<Self>, timeout: Duration) -> Result<PooledConn, PoolError> {
+    /// A connection for exclusive use until the guard is released or dropped: the most recently
+    /// used idle one whose parameters' fingerprint is `prefer`, else the most recently used.
+    /// Opens a new one when none is idle and the cap allows, so a burst on a cold tenant connects
+    /// in parallel.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        timeout: Duration,
+        prefer: Option<u64>,
+    ) -> Result<PooledConn, PoolError> {
         let started = Instant::now();
         let permit = match tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await
         {
@@ -91,14 +103,18 @@ impl TenantPool {
             }
             None => None,
         };
-        let idle = lock(&self.idle).pop();
+        let idle = {
+            let mut idle = lock(&self.idle);
+            let matching =
+                prefer.and_then(|f| idle.iter().rposition(|c| c.params.fingerprint() == f));
+            match matching {
+                Some(i) => Some(idle.remove(i)),
+                None => idle.pop(),
+            }
+        };
         let conn = match idle {
             Some(conn) => conn,
-            None => {
-                let conn = ServerConn::connect(&self.route).await?;
-                lock(&self.params).get_or_insert_with(|| conn.params.clone());
-                conn
-            }
+            None => ServerConn::connect(&self.route).await?,
         };
         Ok(PooledConn {
             conn: Some(conn),
@@ -108,8 +124,17 @@ impl TenantPool {
         })
     }
 
-    pub fn params(&self) -> Option<Vec<(String, String)>> {
-        lock(&self.params).clone()
+    /// What a client sending these startup settings was told, if one did.
+    pub fn established(&self, settings: &[Setting]) -> Option<ClientParams> {
+        lock(&self.established).get(settings).cloned()
+    }
+
+    pub fn remember(&self, settings: Vec<Setting>, client: &ClientParams) {
+        let mut established = lock(&self.established);
+        if established.len() >= MAX_ESTABLISHED {
+            established.clear();
+        }
+        established.insert(settings, client.clone());
     }
 
     pub fn idle_count(&self) -> usize {

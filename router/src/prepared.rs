@@ -140,12 +140,22 @@ impl ClientStatements {
         }
         let prepared = self.by_name.get(name)?;
         if !on_server.contains(&prepared.server_name) {
+            // Closed first: the router's record errs on the side of "not there" (a DEALLOCATE
+            // that failed, one seen before the server ran it), and a second Parse would fail.
+            out.extend_from_slice(&close_statement(&prepared.server_name).bytes);
             out.extend_from_slice(&prepared.parse);
-            self.expected
-                .push_back(Expect::Completion { injected: true });
+            for _ in 0..2 {
+                self.expected
+                    .push_back(Expect::Completion { injected: true });
+            }
             on_server.insert(prepared.server_name.clone());
         }
         Some(prepared.server_name.clone())
+    }
+
+    /// The client dropped all its prepared statements (`DEALLOCATE ALL`, `DISCARD ALL`).
+    pub fn forget_all(&mut self) {
+        self.by_name.clear();
     }
 
     /// Whether a server frame is to be forwarded to the client (false for completions of
@@ -260,15 +270,21 @@ mod tests {
         assert!(client.forward(&Frame::new(b'1', b"")));
         assert!(client.forward(&Frame::new(b'Z', b"I")));
 
-        // On another server, Bind first prepares the statement again, and hides that completion.
+        // On another server, Bind first prepares the statement again, and hides those completions.
         let mut server_b = HashSet::new();
         let mut out = BytesMut::new();
         client.rewrite(&bind("s1"), &mut server_b, &mut out).ok();
         assert_eq!(
             frames(out),
-            vec![(b'P', shared.clone()), (b'B', shared.clone())]
+            vec![
+                (b'C', shared.clone()),
+                (b'P', shared.clone()),
+                (b'B', shared.clone())
+            ]
         );
+        assert!(!client.forward(&Frame::new(b'3', b"")));
         assert!(!client.forward(&Frame::new(b'1', b"")));
+        assert!(client.forward(&Frame::new(b'2', b"")));
         assert!(server_b.contains(&shared));
     }
 

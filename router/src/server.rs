@@ -1,13 +1,15 @@
-//! Connections to PostgreSQL servers: startup and SCRAM login as the tenant's role.
+//! Connections to PostgreSQL servers: startup and SCRAM login as the tenant's role; their session
+//! parameters set for a client; reset and liveness before reuse.
 
 use std::time::Instant;
 
 use bytes::BytesMut;
+use futures::FutureExt;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
@@ -18,8 +20,9 @@ use tokio_rustls::rustls::crypto::{
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{self, DigitallySignedStruct, SignatureScheme};
 
+use crate::params::{ClientParams, Reported, ServerParams, Setting, establish_query};
 use crate::protocol::backend::error_fields;
-use crate::protocol::{Frame, ProtocolError, read_frame};
+use crate::protocol::{Frame, ProtocolError, read_cstr, read_frame};
 use crate::routing::TenantRoute;
 
 #[derive(thiserror::Error, Debug)]
@@ -33,6 +36,9 @@ pub enum ServerError {
     Protocol(#[from] ProtocolError),
     #[error("server refused the login ({code}): {message}")]
     Refused { code: String, message: String },
+    /// A query the router sent for a client (its parameters), refused: the client is told.
+    #[error("server refused the session's parameters ({code}): {message}")]
+    Rejected { code: String, message: String },
     #[error("server asked for an authentication method the router does not speak ({0})")]
     UnsupportedAuth(i32),
     #[error("SCRAM with the server: {0}")]
@@ -60,7 +66,7 @@ pub type ServerWriter = Box<dyn AsyncWrite + Unpin + Send>;
 pub struct ServerConn {
     pub reader: ServerReader,
     pub writer: ServerWriter,
-    pub params: Vec<(String, String)>,
+    pub params: ServerParams,
     pub pid: i32,
     pub key: i32,
     pub addr: std::net::SocketAddr,
@@ -98,7 +104,7 @@ impl ServerConn {
         writer.write_all(&buf).await.map_err(ProtocolError::from)?;
 
         let mut scram: Option<ScramSha256> = None;
-        let mut params = Vec::new();
+        let mut params = Reported::default();
         let (mut pid, mut key) = (0, 0);
         loop {
             let frame = read_frame(&mut reader).await?;
@@ -145,10 +151,8 @@ impl ServerConn {
                     writer.write_all(&buf).await.map_err(ProtocolError::from)?;
                 }
                 b'S' => {
-                    let mut body = frame.body();
-                    let name = crate::protocol::read_cstr(&mut body, "parameter status")?;
-                    let value = crate::protocol::read_cstr(&mut body, "parameter status")?;
-                    params.push((name, value));
+                    let (name, value) = parameter_status(frame.body())?;
+                    params.set(&name, &value);
                 }
                 b'K' => {
                     let b = frame.body();
@@ -161,7 +165,7 @@ impl ServerConn {
                     return Ok(ServerConn {
                         reader,
                         writer,
-                        params,
+                        params: ServerParams::new(params),
                         pid,
                         key,
                         addr: peer,
@@ -189,19 +193,89 @@ impl ServerConn {
     /// waits for the server to be idle again. False when the connection is not reusable.
     pub async fn reset(&mut self) -> bool {
         self.prepared.clear();
-        let query = Frame::new(b'Q', b"DISCARD ALL\0");
-        if self.writer.write_all(&query.bytes).await.is_err() {
-            return false;
+        let reset = self.run("DISCARD ALL").await.is_ok();
+        self.params.reset();
+        reset
+    }
+
+    /// Starts a client's session here: every parameter back to the server's default, then the
+    /// client's startup `settings`, which the server may refuse as it would at a direct login.
+    /// The client's parameters as the server then reports them.
+    pub async fn establish(&mut self, settings: &[Setting]) -> Result<ClientParams, ServerError> {
+        let startup = self.params.startup();
+        let unreported: Vec<Setting> = settings
+            .iter()
+            .filter(|s| !startup.contains(&s.name))
+            .cloned()
+            .collect();
+        if settings.is_empty() {
+            return Ok(ClientParams::new(startup.clone(), unreported));
         }
+        self.run(&establish_query(settings)).await?;
+        let client = ClientParams::new(self.params.reported().clone(), unreported);
+        self.params.applied(&client);
+        Ok(client)
+    }
+
+    /// Makes this session's parameters the client's, with one query when any differ.
+    pub async fn sync(&mut self, client: &ClientParams) -> Result<(), ServerError> {
+        if let Some(query) = self.params.sync_query(client) {
+            // Whatever the query got to do before an error is rolled back with it.
+            self.run(&query).await?;
+            self.params.applied(client);
+        }
+        Ok(())
+    }
+
+    /// Runs a query of the router's own to its end, following the parameters it changes.
+    async fn run(&mut self, query: &str) -> Result<(), ServerError> {
+        let mut body = Vec::with_capacity(query.len() + 1);
+        body.extend_from_slice(query.as_bytes());
+        body.push(0);
+        self.writer
+            .write_all(&Frame::new(b'Q', &body).bytes)
+            .await
+            .map_err(ProtocolError::from)?;
+        let mut refused = None;
         loop {
-            match read_frame(&mut self.reader).await {
-                Ok(f) if f.tag == b'Z' => return f.body() == b"I",
-                Ok(f) if f.tag == b'E' => return false,
-                Ok(_) => {}
-                Err(_) => return false,
+            let frame = read_frame(&mut self.reader).await?;
+            match frame.tag {
+                b'S' => {
+                    let (name, value) = parameter_status(frame.body())?;
+                    self.params.observe(&name, &value);
+                }
+                b'E' => refused = Some(error_fields(&frame)),
+                b'Z' if frame.body() != b"I" => {
+                    return Err(ProtocolError::Unexpected {
+                        got: 'Z',
+                        during: "a query of the router's own (left a transaction open)",
+                    }
+                    .into());
+                }
+                b'Z' => {
+                    return match refused {
+                        Some((code, message)) => Err(ServerError::Rejected { code, message }),
+                        None => Ok(()),
+                    };
+                }
+                _ => {}
             }
         }
     }
+
+    /// Whether an idle connection is still usable: the server has sent nothing since (a server
+    /// ending a backend sends its FATAL error, then closes). Polled once, without waiting: the
+    /// runtime knows the socket's readiness, so this rarely costs a system call.
+    pub fn is_alive(&mut self) -> bool {
+        self.reader.fill_buf().now_or_never().is_none()
+    }
+}
+
+/// The name and value of a ParameterStatus message's body.
+pub fn parameter_status(mut body: &[u8]) -> Result<(String, String), ProtocolError> {
+    let name = read_cstr(&mut body, "parameter status")?;
+    let value = read_cstr(&mut body, "parameter status")?;
+    Ok((name, value))
 }
 
 /// SSLRequest first unless TLS is disabled; then the two halves, encrypted or not.

@@ -238,7 +238,8 @@ async fn refusals_carry_the_right_sqlstate() -> anyhow::Result<()> {
     let cases = [
         (dsn(s.port, "t_acme", "wrong", "acme"), "28P01"),
         (dsn(s.port, "t_acme", "pw-acme", "beta"), "28P01"), // acme's password naming beta
-        (dsn(s.port, "t_acme", "pw-acme", "nosuch"), "3D000"),
+        // No password opens an unknown name, and the router does not say it is unknown.
+        (dsn(s.port, "t_acme", "pw-acme", "nosuch"), "28P01"),
     ];
     for (dsn, code) in cases {
         let err = pg_connect(&dsn).await.err().context("expected a refusal")?;
@@ -315,15 +316,18 @@ async fn half_open_connections_do_not_stop_other_clients() -> anyhow::Result<()>
     let client = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
     let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
     ensure!(one == 1 && started.elapsed() < Duration::from_secs(2));
-    // The startup timeout (2 s here) closes them.
+    // The oldest made room for newer ones (at most 256 log in at once)...
+    let reply = reply_of(&mut idle[0]).await?;
+    ensure!(
+        reply.contains("53300") && reply.contains("too many connections logging in"),
+        "the oldest half-open client got {reply:?}"
+    );
+    // ...and the startup timeout (2 s here) closes the rest.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut buf = [0u8; 64];
-    use tokio::io::AsyncReadExt;
-    let n = tokio::time::timeout(Duration::from_secs(1), idle[0].read(&mut buf)).await??;
-    let reply = String::from_utf8_lossy(&buf[..n]);
+    let reply = reply_of(&mut idle[999]).await?;
     ensure!(
         reply.contains("08P01") && reply.contains("startup took too long"),
-        "half-open client got {reply:?}"
+        "the newest half-open client got {reply:?}"
     );
     Ok(())
 }
@@ -557,5 +561,302 @@ async fn upstream_tls_follows_the_ssl_mode() -> anyhow::Result<()> {
         sqlstate(&err) == "08001" && format!("{err:?}").contains("sslMode is Require"),
         "{err:?}"
     );
+    Ok(())
+}
+
+// Before login: what a client that has not proved a password can do to the router.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Whatever the router sends before closing (or in the next second).
+async fn reply_of(stream: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut reply)).await;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+fn startup_packet(user: &str, database: &str) -> Vec<u8> {
+    let mut body = 196_608i32.to_be_bytes().to_vec();
+    for text in ["user", user, "database", database, ""] {
+        body.extend_from_slice(text.as_bytes());
+        body.push(0);
+    }
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// One message from the router, whole.
+async fn read_message(stream: &mut tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    let mut m = vec![0u8; 5];
+    stream.read_exact(&mut m).await?;
+    let len = i32::from_be_bytes([m[1], m[2], m[3], m[4]]);
+    ensure!((4..65_536).contains(&len), "length {len}");
+    m.resize(len as usize + 1, 0);
+    stream.read_exact(&mut m[5..]).await?;
+    Ok(m)
+}
+
+/// The peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024)
+}
+
+/// Logs in to a real tenant as far as the SASL response, then sends a header claiming a 64 MiB
+/// message and nothing more. Returns what the router answers.
+async fn claim_a_huge_message(port: u16) -> anyhow::Result<String> {
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    c.write_all(&startup_packet("t_acme", "acme")).await?;
+    let sasl = read_message(&mut c).await?;
+    ensure!(sasl[0] == b'R', "expected a SASL request, got {sasl:?}");
+    c.write_all(&[b'p', 0x04, 0, 0, 0]).await?;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_millis(500), c.read_to_end(&mut reply)).await;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// A length header alone once made the router allocate and zero up to 64 MiB before login; a
+/// handful of sockets could exhaust the pod's memory. Measured on the router process itself.
+#[tokio::test]
+async fn unauthenticated_clients_cost_bounded_memory() -> anyhow::Result<()> {
+    const LIMIT_MIB: u64 = 64;
+    let s = setup("transaction").await?;
+    let pid = s.router.id();
+    // 200 headers that each claim 64 MiB, 25 at a time; the router must not allocate for them.
+    for batch in 0..8 {
+        let claims = (0..25).map(|_| claim_a_huge_message(s.port));
+        let replies = futures::future::join_all(claims).await;
+        let peak = peak_rss_mib(pid)?;
+        ensure!(
+            peak < LIMIT_MIB,
+            "after {} claimed 64 MiB messages the router's peak RSS is {peak} MiB",
+            (batch + 1) * 25
+        );
+        for reply in replies {
+            let reply = reply?;
+            ensure!(
+                reply.contains("08P01") && reply.contains("more than the 10000 accepted"),
+                "a 64 MiB claim got {reply:?}"
+            );
+        }
+    }
+    // 1000 sockets that connect and say nothing.
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        idle.push(tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await?);
+    }
+    let client = tokio::time::timeout(
+        Duration::from_secs(5),
+        pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")),
+    )
+    .await
+    .context("a client logging in among 1000 idle sockets")??;
+    let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
+    ensure!(one == 1);
+    let peak = peak_rss_mib(pid)?;
+    ensure!(
+        peak < LIMIT_MIB,
+        "with 1000 idle sockets the router's peak RSS is {peak} MiB"
+    );
+    Ok(())
+}
+
+/// Everything the router sends to a client that names `database` and proves a wrong password:
+/// the SASL request, the server-first message, the final error (or an error at once).
+async fn wrong_password_transcript(port: u16, database: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    c.write_all(&startup_packet("app", database)).await?;
+    let sasl = read_message(&mut c).await?;
+    if sasl[0] != b'R' {
+        return Ok(vec![sasl]);
+    }
+    let mut scram = ScramSha256::new(b"wrong", ChannelBinding::unsupported());
+    let mut initial = b"SCRAM-SHA-256\0".to_vec();
+    initial.extend_from_slice(&(scram.message().len() as i32).to_be_bytes());
+    initial.extend_from_slice(scram.message());
+    c.write_all(&message(b'p', &initial)).await?;
+    let server_first = read_message(&mut c).await?;
+    ensure!(server_first.len() > 9, "{server_first:?}");
+    scram.update(&server_first[9..])?;
+    c.write_all(&message(b'p', scram.message())).await?;
+    let error = read_message(&mut c).await?;
+    Ok(vec![sasl, server_first, error])
+}
+
+/// Messages as text, for failure reports.
+fn readable(messages: &[Vec<u8>]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect()
+}
+
+/// `r=<nonce>,s=<salt>,i=<iterations>` from an AuthenticationSASLContinue message.
+fn server_first_fields(m: &[u8]) -> anyhow::Result<(usize, Vec<u8>, String)> {
+    use base64::Engine;
+    let text = std::str::from_utf8(&m[9..])?;
+    let field = |name: &str| {
+        text.split(',')
+            .find_map(|f| f.strip_prefix(name))
+            .with_context(|| format!("{name} in {text}"))
+    };
+    let salt = base64::engine::general_purpose::STANDARD.decode(field("s=")?)?;
+    Ok((field("r=")?.len(), salt, field("i=")?.to_string()))
+}
+
+/// Before a password is proved, nothing tells an existing tenant (in any state) from a name that
+/// leads nowhere: the same messages, a salt of the same length, the same error.
+#[tokio::test]
+async fn every_name_gets_the_same_exchange_until_a_password_is_proved() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    let p = s.pg.port;
+    let yaml = format!(
+        "{}- {{name: dup, host: 127.0.0.1, port: {p}, database: t_acme, user: t_acme, password: pw-dup1}}\n\
+         - {{name: dup, namespace: other, host: 127.0.0.1, port: {p}, database: t_acme, user: t_acme, password: pw-acme}}\n",
+        tenants_yaml(&s.pg, "Suspended")
+    );
+    std::fs::write(&s.file, yaml)?;
+    // The reload: the suspended tenant's right password gets 57P03, with words a person understands.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match pg_connect(&dsn(s.port, "app", "pw-beta", "beta")).await {
+            Err(e) if sqlstate(&e) == "57P03" => {
+                ensure!(format!("{e:?}").contains("suspended"), "{e:?}");
+                break;
+            }
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => anyhow::bail!("the suspended tenant was not reported: {:?}", other.err()),
+        }
+    }
+
+    // A wrong password: unknown, suspended, ambiguous and real names all see the same thing.
+    let real = wrong_password_transcript(s.port, "acme").await?;
+    let [sasl, first, error] = real.as_slice() else {
+        anyhow::bail!("a real tenant: {:?}", readable(&real));
+    };
+    ensure!(sasl[0] == b'R' && error[0] == b'E', "{:?}", readable(&real));
+    let (nonce_len, salt, iterations) = server_first_fields(first)?;
+    ensure!(
+        salt.len() == 16 && iterations == "4096",
+        "{salt:?} {iterations}"
+    );
+    let mut salts = vec![salt];
+    for name in ["nosuch", "beta", "dup", "default.nosuch", "nosuch"] {
+        let other = wrong_password_transcript(s.port, name).await?;
+        let [s2, f2, e2] = other.as_slice() else {
+            anyhow::bail!("{name}: {:?}", readable(&other));
+        };
+        ensure!(s2 == sasl, "{name}: SASL request {s2:?}, not {sasl:?}");
+        ensure!(f2.len() == first.len(), "{name}: server-first {f2:?}");
+        let (n2, salt2, i2) = server_first_fields(f2)?;
+        ensure!(
+            (n2, salt2.len(), i2.as_str()) == (nonce_len, 16, "4096"),
+            "{name}: server-first {f2:?}"
+        );
+        ensure!(
+            e2 == error,
+            "{name}: error {:?}",
+            String::from_utf8_lossy(e2)
+        );
+        salts.push(salt2);
+    }
+    let text = String::from_utf8_lossy(error);
+    ensure!(
+        text.contains("28P01") && text.contains("password authentication failed for user \"app\""),
+        "{text}"
+    );
+    // As PostgreSQL's mock authentication: a name keeps its salt, and names do not share one.
+    ensure!(
+        salts[1] == salts[5],
+        "an unknown name's salt changed between tries"
+    );
+    let distinct: std::collections::HashSet<_> = salts[..5].iter().collect();
+    ensure!(distinct.len() == 5, "salts shared between names: {salts:?}");
+
+    // The right password learns what the name leads to.
+    let err = pg_connect(&dsn(s.port, "app", "pw-acme", "dup"))
+        .await
+        .err()
+        .context("an ambiguous name")?;
+    ensure!(
+        sqlstate(&err) == "3D000" && format!("{err:?}").contains("default.dup, other.dup"),
+        "{err:?}"
+    );
+    let client = pg_connect(&dsn(s.port, "app", "pw-acme", "other.dup")).await?;
+    let one: i32 = client.query_one("SELECT 1", &[]).await?.get(0);
+    ensure!(one == 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn require_tls_refuses_plaintext_clients() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("silo-router-require-tls-{}", free_port()?));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = silo_e2e::postgres::self_signed_cert(&dir, "localhost")?;
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+
+    // Not without a certificate.
+    let out = Command::new(env!("CARGO_BIN_EXE_silo-router"))
+        .args(["--require-tls", "--config", "/nonexistent.yaml"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("--require-tls needs a certificate"),
+        "{stderr}"
+    );
+
+    let s = setup_with(
+        "transaction",
+        &["--tls-cert", &cert, "--tls-key", &key, "--require-tls"],
+    )
+    .await?;
+    let err = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme"))
+        .await
+        .err()
+        .context("a plaintext client was let in")?;
+    ensure!(
+        sqlstate(&err) == "28000" && format!("{err:?}").contains("TLS is required"),
+        "{err:?}"
+    );
+    let psql = |sslmode: &str| {
+        Command::new("psql")
+            .arg(format!(
+                "host=127.0.0.1 port={} user=t_acme password=pw-acme dbname=acme",
+                s.port
+            ))
+            .args(["-XAtc", "SELECT current_database()"])
+            .env("PGSSLMODE", sslmode)
+            .output()
+    };
+    let out = psql("disable")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("TLS is required"),
+        "{stderr}"
+    );
+    let out = psql("require")?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "t_acme",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

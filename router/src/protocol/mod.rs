@@ -11,6 +11,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// a router has no business buffering that much).
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
+/// Largest message read before a client has logged in: startup packets (PostgreSQL's own limit,
+/// 10,000 bytes) and SASL messages (a few hundred bytes for SCRAM). Whoever has not proved a
+/// password gets no more of the router's memory than this per connection.
+pub const MAX_LOGIN_MESSAGE: usize = 10_000;
+
 /// Protocol errors: malformed input is an error for that connection only.
 #[derive(thiserror::Error, Debug)]
 pub enum ProtocolError {
@@ -20,6 +25,8 @@ pub enum ProtocolError {
     Io(#[from] std::io::Error),
     #[error("message length {0} is out of range")]
     BadLength(i64),
+    #[error("a message of {len} bytes is more than the {max} accepted here")]
+    TooLarge { len: i64, max: usize },
     #[error("malformed {what}")]
     Malformed { what: &'static str },
     #[error("unexpected message {got:?} while {during}")]
@@ -51,8 +58,17 @@ impl Frame {
     }
 }
 
-/// Reads one regular message. A clean EOF before the first byte is `Closed`.
+/// Reads one regular message of at most [`MAX_FRAME`] bytes. A clean EOF before the first byte
+/// is `Closed`.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, ProtocolError> {
+    read_frame_limited(r, MAX_FRAME).await
+}
+
+/// Reads one regular message of at most `max` bytes (length header included, as in the header).
+pub async fn read_frame_limited<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Frame, ProtocolError> {
     let mut header = [0u8; 5];
     match r.read_exact(&mut header[..1]).await {
         Ok(_) => {}
@@ -63,17 +79,40 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, Protoc
     }
     r.read_exact(&mut header[1..]).await?;
     let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as i64;
-    if len < 4 || len as usize > MAX_FRAME {
-        return Err(ProtocolError::BadLength(len));
-    }
-    let mut buf = BytesMut::with_capacity(len as usize + 1);
-    buf.put_slice(&header);
-    buf.resize(len as usize + 1, 0);
-    r.read_exact(&mut buf[5..]).await?;
+    let body_len = checked_length(len, 4, max)?;
+    let mut bytes = header.to_vec();
+    read_exactly(r, body_len, &mut bytes).await?;
     Ok(Frame {
         tag: header[0],
-        bytes: buf.freeze(),
+        bytes: bytes.into(),
     })
+}
+
+/// The body length a length header announces (the header counts itself, `header` bytes), if it
+/// is at least `header` and at most `max`.
+fn checked_length(len: i64, header: usize, max: usize) -> Result<usize, ProtocolError> {
+    if len > max as i64 {
+        return Err(ProtocolError::TooLarge { len, max });
+    }
+    if len < header as i64 {
+        return Err(ProtocolError::BadLength(len));
+    }
+    Ok(len as usize - header)
+}
+
+/// Appends exactly `n` bytes from `r` to `buf`. The buffer grows with the bytes that arrive, not
+/// with the length a peer announced: a header alone costs nothing.
+async fn read_exactly<R: AsyncRead + Unpin>(
+    r: &mut R,
+    n: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    let wanted = buf.len() + n;
+    r.take(n as u64).read_to_end(buf).await?;
+    if buf.len() < wanted {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(())
 }
 
 /// Splits a complete frame out of `buf` if one is there (for decoding from a buffer in tests and fuzzing).
@@ -82,10 +121,7 @@ pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
         return Ok(None);
     }
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as i64;
-    if len < 4 || len as usize > MAX_FRAME {
-        return Err(ProtocolError::BadLength(len));
-    }
-    let total = len as usize + 1;
+    let total = checked_length(len, 4, MAX_FRAME)? + 5;
     if buf.len() < total {
         return Ok(None);
     }
@@ -132,7 +168,7 @@ mod tests {
         let mut huge: &[u8] = &[b'Q', 0x7f, 0xff, 0xff, 0xff];
         assert!(matches!(
             read_frame(&mut huge).await,
-            Err(ProtocolError::BadLength(_))
+            Err(ProtocolError::TooLarge { .. })
         ));
         let mut negative: &[u8] = &[b'Q', 0, 0, 0, 2];
         assert!(matches!(
@@ -143,6 +179,28 @@ mod tests {
         assert!(matches!(
             read_frame(&mut empty).await,
             Err(ProtocolError::Closed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn login_messages_are_limited() {
+        let body = vec![b'x'; MAX_LOGIN_MESSAGE - 4];
+        let f = Frame::new(b'p', &body);
+        let mut r: &[u8] = &f.bytes;
+        let read = read_frame_limited(&mut r, MAX_LOGIN_MESSAGE).await;
+        assert_eq!(read.ok(), Some(f), "a message of exactly the limit");
+
+        let f = Frame::new(b'p', &[body.as_slice(), b"x"].concat());
+        let mut r: &[u8] = &f.bytes;
+        assert!(matches!(
+            read_frame_limited(&mut r, MAX_LOGIN_MESSAGE).await,
+            Err(ProtocolError::TooLarge { len, max: MAX_LOGIN_MESSAGE }) if len == MAX_LOGIN_MESSAGE as i64 + 1
+        ));
+        // A header claiming 64 MiB is refused before a byte of its body is awaited.
+        let mut r: &[u8] = &[b'p', 4, 0, 0, 0];
+        assert!(matches!(
+            read_frame_limited(&mut r, MAX_LOGIN_MESSAGE).await,
+            Err(ProtocolError::TooLarge { .. })
         ));
     }
 

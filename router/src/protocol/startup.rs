@@ -3,14 +3,12 @@
 use bytes::Buf;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{ProtocolError, read_cstr};
+use super::{MAX_LOGIN_MESSAGE, ProtocolError, checked_length, read_cstr, read_exactly};
 
 pub const PROTOCOL_3_0: i32 = 196_608;
 pub const SSL_REQUEST: i32 = 80_877_103;
 pub const GSSENC_REQUEST: i32 = 80_877_104;
 pub const CANCEL_REQUEST: i32 = 80_877_102;
-/// Startup packets larger than this are refused (PostgreSQL uses 10,000 bytes too).
-pub const MAX_STARTUP: usize = 10_000;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Startup {
@@ -39,11 +37,12 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<Startup, Pr
         Err(e) => return Err(e.into()),
     }
     let len = i32::from_be_bytes(len) as i64;
-    if !(8..=MAX_STARTUP as i64).contains(&len) {
+    let body_len = checked_length(len, 4, MAX_LOGIN_MESSAGE)?;
+    if body_len < 4 {
         return Err(ProtocolError::BadLength(len));
     }
-    let mut body = vec![0u8; len as usize - 4];
-    r.read_exact(&mut body).await?;
+    let mut body = Vec::new();
+    read_exactly(r, body_len, &mut body).await?;
     let mut cursor: &[u8] = &body;
     let code = cursor.get_i32();
     match code {
@@ -111,8 +110,16 @@ mod tests {
         assert!(read_startup(&mut r).await.is_err(), "unknown version");
         let mut r: &[u8] = &[0, 1, 0, 0, 0, 3, 0, 0];
         assert!(
-            matches!(read_startup(&mut r).await, Err(ProtocolError::BadLength(_))),
+            matches!(
+                read_startup(&mut r).await,
+                Err(ProtocolError::TooLarge { .. })
+            ),
             "oversized"
+        );
+        let mut r: &[u8] = &[0, 0, 0, 7, 0, 0, 0];
+        assert!(
+            matches!(read_startup(&mut r).await, Err(ProtocolError::BadLength(7))),
+            "too short for a code"
         );
     }
 }
