@@ -4,6 +4,11 @@
 //! statement), prepares it again on whichever server the client gets, and hides the completions
 //! of what it injected. Only Parse, Bind, Describe and Close are re-encoded; everything else is
 //! relayed as it came.
+//!
+//! What is prepared on each server is the router's record (`ServerConn::prepared`). A statement
+//! that drops prepared statements (`DEALLOCATE`, `DISCARD ALL`, from whichever client, in a simple
+//! Query or a Parse) empties it before the server runs it, and again when the server says it ran
+//! it; a statement is then prepared again (Close first, then Parse) where it is next used.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
