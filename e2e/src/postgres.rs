@@ -10,6 +10,13 @@ use sqlx::{ConnectOptions, PgPool};
 
 pub const ADMIN_USER: &str = "silo_admin";
 
+/// What [`PgServer::exists`] looks for.
+#[derive(Clone, Copy, Debug)]
+pub enum Catalog {
+    Role,
+    Database,
+}
+
 /// A running PostgreSQL server owned by one test.
 pub struct PgServer {
     /// The address the cluster reaches it at: the node link's host address when the e2e cluster
@@ -193,6 +200,18 @@ impl PgServer {
             .max_connections(2)
             .connect_with(self.admin_options())
             .await?)
+    }
+
+    /// Whether a role (`pg_roles`) or database (`pg_database`) of that name exists on the server.
+    pub async fn exists(&self, catalog: Catalog, name: &str) -> anyhow::Result<bool> {
+        let admin = self.admin_pool().await?;
+        let sql = match catalog {
+            Catalog::Role => "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+            Catalog::Database => "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+        };
+        let found = sqlx::query_scalar(sql).bind(name).fetch_one(&admin).await?;
+        admin.close().await;
+        Ok(found)
     }
 
     /// Stops the server at once (used to simulate an outage as well as on drop).

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use silo_crds::TenantPhase;
 use silo_e2e::kube_env::{TEST_LABEL, with_temp_ns};
+use silo_e2e::postgres::Catalog;
 use silo_e2e::{ControllerProcess, PgServer, TestNs, tenant_yaml, wait_for};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -37,20 +38,6 @@ async fn ready_reason(ns: &TestNs, tenant: &str) -> anyhow::Result<(String, Stri
         .find(|c| c.type_ == "Ready")
         .context("no Ready condition")?;
     Ok((ready.reason, ready.message))
-}
-
-async fn exists(admin: &sqlx::PgPool, catalog: &str, name: &str) -> anyhow::Result<bool> {
-    let column = if catalog == "pg_roles" {
-        "rolname"
-    } else {
-        "datname"
-    };
-    Ok(sqlx::query_scalar(&format!(
-        "SELECT EXISTS (SELECT 1 FROM {catalog} WHERE {column} = $1)"
-    ))
-    .bind(name)
-    .fetch_one(admin)
-    .await?)
 }
 
 /// A namespace equal to the first 50 characters of a victim's long namespace, and a Tenant named
@@ -135,9 +122,8 @@ async fn a_long_namespace_cannot_derive_another_tenants_names() {
                 ])
                 .await?;
             ensure!(out.success, "{}", out.stderr);
-            let admin = pg.admin_pool().await?;
             ensure!(
-                !exists(&admin, "pg_database", &attacker_db).await?,
+                !pg.exists(Catalog::Database, &attacker_db).await?,
                 "attacker's database kept"
             );
             let mut conn = PgConnection::connect_with(&victim).await?;
@@ -228,15 +214,15 @@ async fn a_role_or_database_of_another_owner_is_never_adopted() {
             .await?;
         ensure!(out.success, "{}", out.stderr);
         ensure!(
-            exists(&admin, "pg_roles", &role).await?,
+            pg.exists(Catalog::Role, &role).await?,
             "a foreign role was dropped"
         );
         ensure!(
-            exists(&admin, "pg_database", &other_db).await?,
+            pg.exists(Catalog::Database, &other_db).await?,
             "a foreign database was dropped"
         );
         ensure!(
-            !exists(&admin, "pg_database", &role).await?,
+            !pg.exists(Catalog::Database, &role).await?,
             "a database was created for a tenant whose role name is taken"
         );
         Ok(())
@@ -517,7 +503,7 @@ spec:
             let server = t.status.and_then(|s| s.server).unwrap_or_default();
             ensure!(server == format!("{}-{pool}", ns.name), "{name} placed on {server}");
             let db = ns.secret_value(name, "dbname").await?;
-            ensure!(exists(&pg.admin_pool().await?, "pg_database", &db).await?);
+            ensure!(pg.exists(Catalog::Database, &db).await?);
             databases.push((pg, db));
         }
 
@@ -548,7 +534,7 @@ spec:
         }
         for (pg, db) in databases {
             ensure!(
-                !exists(&pg.admin_pool().await?, "pg_database", &db).await?,
+                !pg.exists(Catalog::Database, &db).await?,
                 "database {db} survived its Tenant's policy Delete"
             );
         }

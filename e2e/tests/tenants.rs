@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use silo_crds::{DatabaseServer, TenantPhase};
 use silo_e2e::kube_env::with_temp_ns;
+use silo_e2e::postgres::Catalog;
 use silo_e2e::{PgServer, TestNs, tenant_yaml, wait_for};
 use sqlx::{Connection, PgConnection, Row};
 
@@ -527,30 +528,13 @@ async fn g_delete_with_delete_and_with_retain() {
         );
 
         let admin = pg.admin_pool().await?;
-        let exists = |name: String, catalog: &'static str| {
-            let admin = admin.clone();
-            async move {
-                let sql = format!(
-                    "SELECT EXISTS (SELECT 1 FROM {catalog} WHERE {} = $1)",
-                    if catalog == "pg_roles" {
-                        "rolname"
-                    } else {
-                        "datname"
-                    }
-                );
-                sqlx::query_scalar::<_, bool>(&sql)
-                    .bind(name)
-                    .fetch_one(&admin)
-                    .await
-            }
-        };
         // Delete: database, role and Secret gone.
         ensure!(
-            !exists(doomed_db.clone(), "pg_database").await?,
+            !pg.exists(Catalog::Database, &doomed_db).await?,
             "database of Delete tenant still exists"
         );
         ensure!(
-            !exists(doomed_db.clone(), "pg_roles").await?,
+            !pg.exists(Catalog::Role, &doomed_db).await?,
             "role of Delete tenant still exists"
         );
         // The Secret goes with its owner, the Tenant (garbage collection; the controller has
@@ -572,7 +556,7 @@ async fn g_delete_with_delete_and_with_retain() {
 
         // Retain: data kept, locked, visible as retained.
         ensure!(
-            exists(kept_db.clone(), "pg_database").await?,
+            pg.exists(Catalog::Database, &kept_db).await?,
             "retained database was dropped"
         );
         let can_login: bool =
@@ -642,7 +626,7 @@ async fn g_delete_with_delete_and_with_retain() {
             .await?;
         ensure!(out.success, "{}", out.stderr);
         ensure!(
-            exists(squatted.clone(), "pg_database").await?,
+            pg.exists(Catalog::Database, &squatted).await?,
             "a foreign database was dropped"
         );
 
