@@ -458,32 +458,14 @@ spec:
 async fn two_installs_each_act_only_on_their_own_tenants() {
     with_temp_ns("installs", |ns| async move {
         let (pg_a, pg_b) = (PgServer::start()?, PgServer::start()?);
-        let mut yaml = Vec::new();
         for (pool, pg) in [("a", &pg_a), ("b", &pg_b)] {
-            yaml.push(format!(
-                r#"apiVersion: v1
-kind: Secret
-metadata: {{name: admin-{pool}, namespace: {ns}}}
-stringData: {{username: {user}, password: "{password}"}}
----
-apiVersion: silo.dev/v1alpha1
-kind: DatabaseServer
-metadata:
-  name: {ns}-{pool}
-  labels: {{{TEST_LABEL}: {ns}, pool: {pool}}}
-spec:
-  host: {host}
-  port: {port}
-  adminSecretRef: {{namespace: {ns}, name: admin-{pool}}}
-"#,
-                ns = ns.name,
-                user = silo_e2e::postgres::ADMIN_USER,
-                password = pg.admin_password,
-                host = pg.host,
-                port = pg.port,
-            ));
+            let server = format!("{}-{pool}", ns.name);
+            ns.add_server(&server, pg, "").await?;
+            let out = ns
+                .kubectl(&["label", "databaseserver", &server, &format!("pool={pool}")])
+                .await?;
+            ensure!(out.success, "{}", out.stderr);
         }
-        ns.apply_ok(&yaml.join("---\n")).await?;
         let selector = |pool: &str| format!("{TEST_LABEL}={},pool={pool}", ns.name);
         let ctl_a = ns.start_controller(&["--server-selector", &selector("a")])?;
         let ctl_b = ns.start_controller(&["--server-selector", &selector("b")])?;
