@@ -42,6 +42,15 @@ pub struct Context {
 }
 
 impl Context {
+    /// Waits until both caches hold what the API server had at startup. A reconcile reads one
+    /// kind's cache while running for the other: before this, "no such DatabaseServer" could
+    /// mean "not listed yet", and a deletion policy must never be decided on that.
+    pub async fn caches_filled(&self) -> bool {
+        let (tenants, servers) =
+            tokio::join!(store_ready(&self.tenants), store_ready(&self.servers));
+        tenants && servers
+    }
+
     /// Tenants placed on each server: those the cache knows, plus this process's recent placements.
     pub fn tenants_by_server(
         &self,
@@ -77,4 +86,19 @@ pub fn tenant_key(tenant: &Tenant) -> String {
         tenant.metadata.namespace.as_deref().unwrap_or_default(),
         tenant.metadata.name.as_deref().unwrap_or_default()
     )
+}
+
+/// Whether the store was filled. `Store::wait_until_ready` wakes only the last task that polled it
+/// (the controller's own runner polls it too), so poll it again on a short timer.
+pub async fn store_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready()).await {
+            Ok(result) => return result.is_ok(),
+            Err(_) => continue,
+        }
+    }
 }

@@ -6,6 +6,9 @@ pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
 
+    #[error("DatabaseServer {server} does not exist")]
+    ServerGone { server: String },
+
     #[error("DatabaseServer {server} is not connected yet")]
     ServerNotConnected { server: String },
 
@@ -52,6 +55,7 @@ impl Error {
             // A write whose precondition failed (the object changed meanwhile): retry soon.
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "Conflict",
             Error::Kube(_) => "KubernetesApiError",
+            Error::ServerGone { .. } => "ServerGone",
             Error::ServerNotConnected { .. } => "ServerNotConnected",
             Error::Sql { source, .. } => sql_reason(source),
             Error::NameConflict { .. } => "NameConflict",

@@ -265,10 +265,9 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         .for_each(|_| async {});
 
     let ready = {
-        let health = health.clone();
+        let (ctx, health) = (ctx.clone(), health.clone());
         async move {
-            let (a, b) = tokio::join!(store_ready(&tenants), store_ready(&servers));
-            if a && b {
+            if ctx.caches_filled().await {
                 health.ready.store(true, Ordering::Relaxed);
                 info!("caches filled; ready");
             }
@@ -305,26 +304,6 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     }
     info!("stopped");
     result
-}
-
-/// Whether the store was filled. `Store::wait_until_ready` wakes only the last task that polled it
-/// (the controller's own runner polls it too), so poll it again on a short timer.
-async fn store_ready<K>(store: &kube::runtime::reflector::Store<K>) -> bool
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    loop {
-        match tokio::time::timeout(
-            std::time::Duration::from_millis(100),
-            store.wait_until_ready(),
-        )
-        .await
-        {
-            Ok(result) => return result.is_ok(),
-            Err(_) => continue,
-        }
-    }
 }
 
 async fn lost_leadership(rx: &mut tokio::sync::watch::Receiver<bool>) {

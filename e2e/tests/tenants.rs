@@ -644,6 +644,97 @@ async fn g_delete_with_delete_and_with_retain() {
     .await;
 }
 
+/// A Tenant deleted while its DatabaseServer is gone keeps its finalizer, says why, and carries
+/// out its policy once the server is back. The controller used to report ServerGone and then let
+/// the finalizer go (a cleanup that returns Ok is done, for kube's finalizer helper), leaving the
+/// database behind; a controller that had just started took the same path for any server not
+/// listed yet.
+#[tokio::test]
+async fn g_deletion_waits_for_a_deleted_server() {
+    with_temp_ns("gone", |ns| async move {
+        let pg = PgServer::start()?;
+        let server = ns.server_name("pg");
+        ns.add_server(&server, &pg, "").await?;
+        let mut ctl = ns.start_controller(&[])?;
+        ns.apply_ok(&tenant_yaml("orphan", "  deletion: {policy: Delete}"))
+            .await?;
+        ns.wait_phase("orphan", TenantPhase::Ready, READY_TIMEOUT)
+            .await?;
+        let db = ns.secret_value("orphan", "dbname").await?;
+
+        // A fresh controller, so that no pool to the server outlives the DatabaseServer.
+        ctl.kill9();
+        let out = ns.kubectl(&["delete", "databaseserver", &server]).await?;
+        ensure!(out.success, "{}", out.stderr);
+        let out = ns
+            .kubectl(&["delete", "tenant", "orphan", "-n", &ns.name, "--wait=false"])
+            .await?;
+        ensure!(out.success, "{}", out.stderr);
+        let ctl = ns.start_controller(&[])?;
+        let ready = wait_for("the tenant to say ServerGone", READY_TIMEOUT, || async {
+            match ns.tenants().get_opt("orphan").await.ok()? {
+                None => Some(Err(anyhow::anyhow!(
+                    "the Tenant went while its server was gone: its policy Delete was skipped"
+                ))),
+                Some(t) => {
+                    let ready = ready_condition(&t).ok()?;
+                    (ready.reason == "ServerGone").then_some(Ok(ready))
+                }
+            }
+        })
+        .await??;
+        ensure!(
+            ready.message.contains(&server) && ready.message.contains("finalizer"),
+            "{}",
+            ready.message
+        );
+        // Several reconciles later, still waiting (the retry is 30 s; a restart reconciles now).
+        let mut ctl = ctl;
+        ctl.kill9();
+        let ctl = ns.start_controller(&[])?;
+        wait_for(
+            "the restarted controller to look again",
+            READY_TIMEOUT,
+            || async {
+                ctl.log_text()
+                    .contains("tenant deleted while its server is gone")
+                    .then_some(())
+            },
+        )
+        .await?;
+        let t =
+            ns.tenants().get_opt("orphan").await?.context(
+                "the Tenant went while its server was gone: its policy Delete was skipped",
+            )?;
+        ensure!(
+            t.metadata.finalizers.is_some_and(|f| !f.is_empty()),
+            "the finalizer went while the server was gone"
+        );
+        ensure!(
+            pg.exists(Catalog::Database, &db).await?,
+            "database {db} went"
+        );
+
+        // The server is back: the policy is carried out.
+        ns.add_server(&server, &pg, "").await?;
+        wait_for("the tenant to go", READY_TIMEOUT, || async {
+            ns.tenants()
+                .get_opt("orphan")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await?;
+        ensure!(
+            !pg.exists(Catalog::Database, &db).await?,
+            "database {db} survived its Tenant's policy Delete"
+        );
+        Ok(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn h_leader_failover() {
     with_temp_ns("leader", |ns| async move {

@@ -53,6 +53,9 @@ pub fn reconcile(
 
 async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(KIND);
+    if !ctx.caches_filled().await {
+        return Ok(Action::await_change()); // shutting down
+    }
     let name = server.name_any();
     ctx.pools
         .retain(|known| ctx.servers.state().iter().any(|s| s.name_any() == known));

@@ -45,6 +45,9 @@ pub fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> BoxFuture<'static, R
 
 async fn reconcile_tenant(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(KIND);
+    if !ctx.caches_filled().await {
+        return Ok(Action::await_change()); // shutting down
+    }
     // Another install's tenant is not touched at all: no status, no finalizer, no policy.
     if let Some(server) = foreign_server(&tenant, &ctx).await? {
         tracing::debug!(tenant = %tenant_key(&tenant), server = %server, "placed on another install's server; left alone");
@@ -119,6 +122,7 @@ pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> A
     warn!(tenant = %tenant_key(&tenant), reason = error.reason(), error = %error, "tenant reconcile failed");
     Action::requeue(match error.reason() {
         "ServerNotConnected" => Duration::from_secs(3),
+        "ServerGone" => PENDING_RETRY,
         _ => Duration::from_secs(10),
     })
 }
@@ -564,23 +568,22 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     ));
     deleting.write(tenant, ctx).await?;
 
+    // The policy is carried out, never skipped: the finalizer stays until the server is back,
+    // or until a person removes it, knowing the database stays as it is.
+    if ctx.servers.get(&ObjectRef::new(&server)).is_none() {
+        let message = format!(
+            "DatabaseServer {server} no longer exists, so deletion policy {policy:?} cannot be carried out; \
+             re-create the DatabaseServer, or remove the finalizer {FINALIZER} to leave database {} as it is",
+            names.database
+        );
+        warn!(tenant = %key, server = %server, "tenant deleted while its server is gone; waiting");
+        deleting
+            .failing("ServerGone", &message)
+            .write(tenant, ctx)
+            .await?;
+        return Err(Error::ServerGone { server });
+    }
     let Some(handle) = ctx.pools.get(&server) else {
-        if ctx.servers.get(&ObjectRef::new(&server)).is_none() {
-            // The policy is carried out, never skipped: the finalizer stays until the server is
-            // back, or until a person removes it, knowing the database stays as it is.
-            let message = format!(
-                "DatabaseServer {server} no longer exists, so deletion policy {policy:?} cannot be carried out; \
-                 re-create the DatabaseServer, or remove the finalizer {FINALIZER} to leave database {} as it is",
-                names.database
-            );
-            warn!(tenant = %key, server = %server, "tenant deleted while its server is gone; waiting");
-            deleting
-                .failing("ServerGone", &message)
-                .write(tenant, ctx)
-                .await?;
-            return Ok(Action::requeue(PENDING_RETRY));
-        }
-        // Deletion waits for the server: the policy is carried out, never skipped.
         return Err(Error::ServerNotConnected { server });
     };
     let secrets: Api<Secret> =
