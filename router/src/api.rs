@@ -12,9 +12,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::frontend::Shared;
 use crate::metrics::StateLabel;
 use crate::routing::TenantState;
+use crate::state::Shared;
 
 #[derive(Clone)]
 struct Api {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::frontend::PoolMode;
+use crate::state::PoolMode;
 
 #[derive(Parser, Debug, Clone)]
 #[command(

@@ -1,21 +1,22 @@
 //! `silo-router`: one PostgreSQL address for every tenant. Clients name their tenant, log in with
 //! SCRAM-SHA-256 against the tenant's credentials, and get a pooled connection to its database.
 
-pub mod admission;
 pub mod api;
-pub mod auth;
-pub mod budget;
 pub mod config;
-pub mod frontend;
-pub mod inspect;
 pub mod metrics;
-pub mod params;
-pub mod pool;
-pub mod prepared;
 pub mod protocol;
 pub mod routing;
-pub mod server;
 pub mod source;
+
+// A client goes through accept, login, then relay, which carries its session; relay takes
+// server connections (backend) from the pools; all share the state.
+mod accept;
+mod backend;
+mod login;
+mod pools;
+mod relay;
+mod session;
+mod state;
 
 use std::sync::Arc;
 
@@ -24,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{Args, seconds, served_namespaces};
-use crate::frontend::{Settings, Shared};
+use crate::state::{Settings, Shared};
 
 #[derive(thiserror::Error, Debug)]
 pub enum RunError {
@@ -148,7 +149,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             source,
         })?;
     info!(addr = %listener.local_addr().map_err(|source| RunError::Listen { addr: listen, source })?, mode = ?pool_mode, "accepting PostgreSQL clients");
-    frontend::serve(listener, shared, shutdown).await;
+    accept::serve(listener, shared, shutdown).await;
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "http api stopped with an error");
     }

@@ -16,7 +16,7 @@ pub struct Outcome {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PinReason {
-    /// [`crate::inspect::Pin::reason`].
+    /// Why a client keeps its server connection: `session::inspect::Pin::reason`.
     pub reason: &'static str,
 }
 

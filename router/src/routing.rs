@@ -26,7 +26,7 @@ pub struct TenantRoute {
     pub connection_limit: usize,
     pub state: TenantState,
     /// TLS toward the tenant's server.
-    pub upstream_tls: crate::server::UpstreamTls,
+    pub upstream_tls: crate::backend::UpstreamTls,
     /// The DatabaseServer the tenant is on, and that server's connection budget, if known.
     pub server: Option<(String, usize)>,
     /// Host names and path prefixes the HTTP resolve API matches.

@@ -56,7 +56,7 @@ struct FileTenant {
     server: Option<String>,
     /// TLS toward the server: Disable, Prefer (default) or Require.
     #[serde(default)]
-    ssl_mode: crate::server::UpstreamTls,
+    ssl_mode: crate::backend::UpstreamTls,
     #[serde(default)]
     hosts: Vec<String>,
     #[serde(default)]
@@ -133,7 +133,7 @@ pub fn load(path: &Path, default_limit: usize) -> Result<RoutingTable, FileError
 pub async fn watch(
     path: PathBuf,
     default_limit: usize,
-    shared: Arc<crate::frontend::Shared>,
+    shared: Arc<crate::state::Shared>,
     shutdown: CancellationToken,
 ) {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();

@@ -24,9 +24,9 @@ use silo_crds::{DatabaseServer, SslMode, Tenant, TenantPhase};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::frontend::Shared;
+use crate::backend::UpstreamTls;
 use crate::routing::{RoutingTable, TenantRoute, TenantState};
-use crate::server::UpstreamTls;
+use crate::state::Shared;
 
 /// The only key of a tenant's Secret the router reads.
 const PASSWORD_KEY: &str = contract::keys::PASSWORD;

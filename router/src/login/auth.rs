@@ -17,19 +17,19 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-pub const ITERATIONS: u32 = 4096;
-pub const SALT_LEN: usize = 16;
+const ITERATIONS: u32 = 4096;
+const SALT_LEN: usize = 16;
 
 /// The keys derived from a password and a salt, reusable across logins.
 #[derive(Clone)]
-pub struct ScramKeys {
+pub(crate) struct ScramKeys {
     stored_key: [u8; 32],
     server_key: [u8; 32],
 }
 
 impl ScramKeys {
     /// PBKDF2 with [`ITERATIONS`] rounds: slow on purpose, milliseconds of CPU.
-    pub fn derive(password: &str, salt: &[u8]) -> ScramKeys {
+    fn derive(password: &str, salt: &[u8]) -> ScramKeys {
         let mut salted = [0u8; 32];
         pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt, ITERATIONS, &mut salted);
         let client_key = hmac(&salted, b"Client Key");
@@ -48,7 +48,7 @@ fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
 }
 
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
-pub enum ScramError {
+pub(crate) enum ScramError {
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
     #[error("channel binding is not supported here")]
@@ -60,7 +60,7 @@ pub enum ScramError {
 }
 
 /// Salts and derived keys for the life of this process.
-pub struct Scram {
+pub(crate) struct Scram {
     secret: [u8; 32],
     /// By (tenant key, name the client gave): the salt depends on the name, so a tenant reached
     /// as `acme` and as `ns.acme` has two entries, and a name several tenants share has one per
@@ -85,14 +85,14 @@ impl Default for Scram {
 
 impl Scram {
     /// The salt offered to a client that names `name`.
-    pub fn salt(&self, name: &str) -> [u8; SALT_LEN] {
+    pub(crate) fn salt(&self, name: &str) -> [u8; SALT_LEN] {
         let mut salt = [0u8; SALT_LEN];
         salt.copy_from_slice(&hmac(&self.secret, name.as_bytes())[..SALT_LEN]);
         salt
     }
 
     /// The keys of `tenant`'s `password` under the salt of `name`, derived on first use.
-    pub async fn keys(
+    pub(crate) async fn keys(
         &self,
         tenant: &str,
         name: &str,
@@ -143,14 +143,14 @@ impl Scram {
     }
 
     /// Forgets the keys of tenants `live` says are gone.
-    pub fn retain(&self, live: impl Fn(&str) -> bool) {
+    pub(crate) fn retain(&self, live: impl Fn(&str) -> bool) {
         let mut cache = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         cache.retain(|(tenant, _), _| live(tenant));
     }
 }
 
 /// One server-side exchange, up to the client's proof.
-pub struct ScramServer {
+pub(crate) struct ScramServer {
     client_first_bare: String,
     server_first: String,
     nonce: String,
@@ -158,7 +158,10 @@ pub struct ScramServer {
 
 impl ScramServer {
     /// Takes the client-first message; returns the exchange and the server-first message.
-    pub fn start(salt: &[u8], client_first: &[u8]) -> Result<(ScramServer, String), ScramError> {
+    pub(crate) fn start(
+        salt: &[u8],
+        client_first: &[u8],
+    ) -> Result<(ScramServer, String), ScramError> {
         let client_first =
             std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         // gs2 header: "n,," (no binding) or "y,," (client supports it, we did not offer it).
@@ -191,7 +194,7 @@ impl ScramServer {
 
     /// Reads the client-final message: the proof, to be checked against the keys of whichever
     /// tenants the client's name may mean.
-    pub fn finish(self, client_final: &[u8]) -> Result<ClientProof, ScramError> {
+    pub(crate) fn finish(self, client_final: &[u8]) -> Result<ClientProof, ScramError> {
         let client_final =
             std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = client_final
@@ -220,14 +223,14 @@ impl ScramServer {
 }
 
 /// A client's proof of a password, not yet checked.
-pub struct ClientProof {
+pub(crate) struct ClientProof {
     auth_message: String,
     proof: [u8; 32],
 }
 
 impl ClientProof {
     /// The server-final message (`v=...`) when the proof was made with the password behind `keys`.
-    pub fn verify(&self, keys: &ScramKeys) -> Option<String> {
+    pub(crate) fn verify(&self, keys: &ScramKeys) -> Option<String> {
         let signature = hmac(&keys.stored_key, self.auth_message.as_bytes());
         let client_key: Vec<u8> = self
             .proof

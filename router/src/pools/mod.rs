@@ -1,6 +1,10 @@
 //! One pool of server connections per tenant: created on first use, capped by the tenant's
-//! connection limit, with a checkout queue that times out; connections come back on release.
-//! A checkout prefers an idle connection whose session parameters already match the client's.
+//! connection limit and by its server's budget ([`budget`]), with a checkout queue that times out.
+//! The relay stage checks a connection out (opened by [`crate::backend`] when none is idle) and
+//! releases it when the client is done with it. A checkout prefers an idle connection whose
+//! session parameters already match the client's.
+
+mod budget;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -8,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::budget::{ServerBudget, Slot};
-use crate::params::{ClientParams, Setting};
+use crate::backend::{ServerConn, ServerError};
 use crate::routing::TenantRoute;
-use crate::server::{ServerConn, ServerError};
+use crate::session::params::{ClientParams, Setting};
+use budget::{ServerBudget, Slot};
 
 #[derive(thiserror::Error, Debug)]
-pub enum PoolError {
+pub(crate) enum PoolError {
     #[error(
         "all {limit} connections of tenant \"{tenant}\" stayed busy for {waited:?} (its connection limit)"
     )]
@@ -35,8 +39,8 @@ pub enum PoolError {
     Server(#[from] ServerError),
 }
 
-pub struct TenantPool {
-    pub route: Arc<TenantRoute>,
+pub(crate) struct TenantPool {
+    pub(crate) route: Arc<TenantRoute>,
     budget: Option<Arc<ServerBudget>>,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
@@ -64,7 +68,7 @@ impl TenantPool {
     /// used idle one whose parameters' fingerprint is `prefer`, else the most recently used.
     /// Opens a new one when none is idle and the cap allows, so a burst on a cold tenant connects
     /// in parallel.
-    pub async fn checkout(
+    pub(crate) async fn checkout(
         self: &Arc<Self>,
         timeout: Duration,
         prefer: Option<u64>,
@@ -125,11 +129,11 @@ impl TenantPool {
     }
 
     /// What a client sending these startup settings was told, if one did.
-    pub fn established(&self, settings: &[Setting]) -> Option<ClientParams> {
+    pub(crate) fn established(&self, settings: &[Setting]) -> Option<ClientParams> {
         lock(&self.established).get(settings).cloned()
     }
 
-    pub fn remember(&self, settings: Vec<Setting>, client: &ClientParams) {
+    pub(crate) fn remember(&self, settings: Vec<Setting>, client: &ClientParams) {
         let mut established = lock(&self.established);
         if established.len() >= MAX_ESTABLISHED {
             established.clear();
@@ -137,11 +141,11 @@ impl TenantPool {
         established.insert(settings, client.clone());
     }
 
-    pub fn idle_count(&self) -> usize {
+    pub(crate) fn idle_count(&self) -> usize {
         lock(&self.idle).len()
     }
 
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         self.route.connection_limit.max(1) - self.permits.available_permits()
     }
 
@@ -152,7 +156,7 @@ impl TenantPool {
 }
 
 /// A checked-out connection. `release` returns it to the pool; dropping it closes it.
-pub struct PooledConn {
+pub(crate) struct PooledConn {
     conn: Option<ServerConn>,
     _permit: OwnedSemaphorePermit,
     _slot: Option<Slot>,
@@ -160,14 +164,14 @@ pub struct PooledConn {
 }
 
 impl PooledConn {
-    pub fn conn(&mut self) -> &mut ServerConn {
+    pub(crate) fn conn(&mut self) -> &mut ServerConn {
         // Present until release consumes the guard.
         self.conn
             .as_mut()
             .unwrap_or_else(|| unreachable!("connection taken before release"))
     }
 
-    pub fn release(mut self) {
+    pub(crate) fn release(mut self) {
         if let Some(mut conn) = self.conn.take() {
             conn.last_used = Instant::now();
             lock(&self.pool.idle).push(conn);
@@ -177,13 +181,13 @@ impl PooledConn {
 
 /// Pools by tenant key. A pool whose route changed (password, server, limit) is replaced.
 #[derive(Default)]
-pub struct Pools {
+pub(crate) struct Pools {
     pools: Mutex<HashMap<String, Arc<TenantPool>>>,
     budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
 }
 
 impl Pools {
-    pub fn get(&self, route: &Arc<TenantRoute>) -> Arc<TenantPool> {
+    pub(crate) fn get(&self, route: &Arc<TenantRoute>) -> Arc<TenantPool> {
         let mut pools = lock(&self.pools);
         match pools.get(&route.key()) {
             Some(pool) if pool.route == *route || *pool.route == **route => pool.clone(),
@@ -207,7 +211,7 @@ impl Pools {
     }
 
     /// Closes idle connections past `max_idle`, and forgets pools with nothing open.
-    pub fn evict(&self, max_idle: Duration) {
+    pub(crate) fn evict(&self, max_idle: Duration) {
         let mut pools = lock(&self.pools);
         for pool in pools.values() {
             pool.evict_idle(max_idle);
@@ -215,7 +219,7 @@ impl Pools {
         pools.retain(|_, p| p.idle_count() > 0 || p.in_use() > 0 || Arc::strong_count(p) > 1);
     }
 
-    pub fn snapshot(&self) -> Vec<Arc<TenantPool>> {
+    pub(crate) fn snapshot(&self) -> Vec<Arc<TenantPool>> {
         lock(&self.pools).values().cloned().collect()
     }
 }

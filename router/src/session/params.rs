@@ -8,7 +8,7 @@
 //! ...; which ones depends on its version). Those are followed as the client changes them with
 //! `SET`, and restored for it on the next server. The others (`statement_timeout`, `search_path`
 //! before PostgreSQL 18, ...) are carried as the startup packet set them; a client that `SET`s one
-//! of them keeps its server (see [`crate::inspect`]).
+//! of them keeps its server (see [`super::inspect`]).
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
@@ -16,13 +16,13 @@ use std::sync::OnceLock;
 
 /// One `name = value` from a client's startup packet.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Setting {
-    pub name: String,
-    pub value: String,
+pub(crate) struct Setting {
+    pub(crate) name: String,
+    value: String,
 }
 
 impl Setting {
-    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+    fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
         Setting {
             name: name.into(),
             value: value.into(),
@@ -36,7 +36,7 @@ impl Setting {
 
 /// A startup packet the router will not carry out.
 #[derive(thiserror::Error, Debug, PartialEq, Eq)]
-pub enum StartupError {
+pub(crate) enum StartupError {
     #[error(
         "startup option \"{0}\" is not supported by the router: options may only set parameters (-c name=value or --name=value)"
     )]
@@ -48,7 +48,7 @@ pub enum StartupError {
 }
 
 impl StartupError {
-    pub fn sqlstate(&self) -> &'static str {
+    pub(crate) fn sqlstate(&self) -> &'static str {
         match self {
             StartupError::UnsupportedOption(_) | StartupError::Replication => "0A000",
             StartupError::NoValue(_) => "42601",
@@ -60,7 +60,7 @@ impl StartupError {
 /// `replication` and protocol options (`_pq_.…`), and the `-c name=value` and `--name=value`
 /// switches in `options`. As in PostgreSQL, plain entries override `options`, and a later
 /// setting an earlier one. Sorted by name, so that equal requests compare equal.
-pub fn startup_settings(params: &[(String, String)]) -> Result<Vec<Setting>, StartupError> {
+pub(crate) fn startup_settings(params: &[(String, String)]) -> Result<Vec<Setting>, StartupError> {
     let mut settings: Vec<Setting> = Vec::new();
     let mut set = |setting: Setting| {
         settings.retain(|s| !s.is(&setting.name));
@@ -133,10 +133,10 @@ const READ_ONLY: &[&str] = &[
 
 /// Parameters a server reports, by lower-case name: the name as the server spells it, and the value.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reported(BTreeMap<String, (String, String)>);
+pub(crate) struct Reported(BTreeMap<String, (String, String)>);
 
 impl Reported {
-    pub fn set(&mut self, name: &str, value: &str) {
+    pub(crate) fn set(&mut self, name: &str, value: &str) {
         match self.0.get_mut(&name.to_ascii_lowercase()) {
             Some((_, v)) => value.clone_into(v),
             None => {
@@ -148,18 +148,18 @@ impl Reported {
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<&str> {
+    fn get(&self, name: &str) -> Option<&str> {
         self.0
             .get(&name.to_ascii_lowercase())
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.0.contains_key(&name.to_ascii_lowercase())
     }
 
     /// (name, value) pairs, by name.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+    fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.values().map(|(n, v)| (n.as_str(), v.as_str()))
     }
 
@@ -203,7 +203,7 @@ fn fingerprint<'a>(
 /// A client's parameters: the reported ones as the client has been told them, and the settings
 /// it asked for of parameters the server does not report.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientParams {
+pub(crate) struct ClientParams {
     reported: Reported,
     /// Sorted by name.
     unreported: Vec<Setting>,
@@ -213,7 +213,7 @@ pub struct ClientParams {
 }
 
 impl ClientParams {
-    pub fn new(reported: Reported, mut unreported: Vec<Setting>) -> Self {
+    pub(crate) fn new(reported: Reported, mut unreported: Vec<Setting>) -> Self {
         unreported.sort_by_key(|s| s.name.to_ascii_lowercase());
         let mut params = ClientParams {
             reported,
@@ -235,17 +235,17 @@ impl ClientParams {
     }
 
     /// What the client is told at login.
-    pub fn reported(&self) -> impl Iterator<Item = (&str, &str)> {
+    pub(crate) fn reported(&self) -> impl Iterator<Item = (&str, &str)> {
         self.reported.iter()
     }
 
     /// Whether the server reports this parameter, so that a change to it is seen.
-    pub fn is_reported(&self, name: &str) -> bool {
+    pub(crate) fn is_reported(&self, name: &str) -> bool {
         self.reported.contains(name)
     }
 
     /// A ParameterStatus the client was sent: its session's new value.
-    pub fn observe(&mut self, name: &str, value: &str) {
+    pub(crate) fn observe(&mut self, name: &str, value: &str) {
         if self.reported.get(name) != Some(value) {
             self.reported.set(name, value);
             self.refresh();
@@ -253,18 +253,18 @@ impl ClientParams {
     }
 
     /// Whether backslashes in ordinary string literals are literal, as the client's SQL is read.
-    pub fn standard_conforming_strings(&self) -> bool {
+    pub(crate) fn standard_conforming_strings(&self) -> bool {
         self.standard_strings
     }
 
-    pub fn fingerprint(&self) -> u64 {
+    pub(crate) fn fingerprint(&self) -> u64 {
         self.fingerprint
     }
 }
 
 /// A server connection's session parameters.
 #[derive(Clone, Debug)]
-pub struct ServerParams {
+pub(crate) struct ServerParams {
     /// As reported at login: the values a reset returns to.
     startup: Reported,
     /// As last reported.
@@ -276,7 +276,7 @@ pub struct ServerParams {
 }
 
 impl ServerParams {
-    pub fn new(startup: Reported) -> Self {
+    pub(crate) fn new(startup: Reported) -> Self {
         let mut params = ServerParams {
             reported: startup.clone(),
             startup,
@@ -288,16 +288,16 @@ impl ServerParams {
     }
 
     /// The parameters as the server reported them at login.
-    pub fn startup(&self) -> &Reported {
+    pub(crate) fn startup(&self) -> &Reported {
         &self.startup
     }
 
-    pub fn reported(&self) -> &Reported {
+    pub(crate) fn reported(&self) -> &Reported {
         &self.reported
     }
 
     /// A ParameterStatus from the server.
-    pub fn observe(&mut self, name: &str, value: &str) {
+    pub(crate) fn observe(&mut self, name: &str, value: &str) {
         if self.reported.get(name) != Some(value) {
             self.reported.set(name, value);
             self.refresh();
@@ -306,7 +306,7 @@ impl ServerParams {
 
     /// The session was reset (`DISCARD ALL` on a connection nobody holds): every parameter is
     /// back to its value at login.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.reported = self.startup.clone();
         self.applied.clear();
         self.refresh();
@@ -314,7 +314,7 @@ impl ServerParams {
 
     /// Settings the router made may have been undone (`RESET`, `DISCARD ALL`), or not (the
     /// statement failed): reset them for the next client, or set them again.
-    pub fn forget_applied(&mut self) {
+    pub(crate) fn forget_applied(&mut self) {
         if self.applied.iter().any(|(_, value)| value.is_some()) {
             for (_, value) in &mut self.applied {
                 *value = None;
@@ -324,7 +324,7 @@ impl ServerParams {
     }
 
     /// `SET`s made for `client`, and nothing else.
-    pub fn applied(&mut self, client: &ClientParams) {
+    pub(crate) fn applied(&mut self, client: &ClientParams) {
         self.applied = client
             .unreported
             .iter()
@@ -333,7 +333,7 @@ impl ServerParams {
         self.refresh();
     }
 
-    pub fn fingerprint(&self) -> u64 {
+    pub(crate) fn fingerprint(&self) -> u64 {
         self.fingerprint
     }
 
@@ -354,7 +354,7 @@ impl ServerParams {
 
     /// The query that makes this session's parameters the client's, if any differ. Checked on
     /// every checkout: equal fingerprints are taken to mean equal parameters.
-    pub fn sync_query(&self, client: &ClientParams) -> Option<String> {
+    pub(crate) fn sync_query(&self, client: &ClientParams) -> Option<String> {
         if client.fingerprint == self.fingerprint {
             return None;
         }
@@ -380,7 +380,7 @@ impl ServerParams {
 /// The query that starts a client's session on a server: every parameter back to its default,
 /// then the client's settings, each as PostgreSQL reads a startup parameter (`set_config`, not
 /// `SET`, so that `search_path=a,b` is two schemas).
-pub fn establish_query(settings: &[Setting]) -> String {
+pub(crate) fn establish_query(settings: &[Setting]) -> String {
     let sets = settings.iter().map(|s| (s.name.as_str(), s.value.as_str()));
     compose(true, std::iter::empty(), sets).unwrap_or_else(|| "RESET ALL".to_string())
 }

@@ -1,5 +1,9 @@
-//! Connections to PostgreSQL servers: startup and SCRAM login as the tenant's role; their session
-//! parameters set for a client; reset and liveness before reuse.
+//! Connections to PostgreSQL servers, as the pools open them: TLS as the server's `sslMode` says
+//! ([`tls`]), startup and SCRAM login as the tenant's role; then, for the relay stage, a client's
+//! session parameters set, a reset and a liveness check before reuse; and cancel requests passed
+//! on to the server running a client's query.
+
+mod tls;
 
 use std::time::Instant;
 
@@ -7,26 +11,17 @@ use bytes::BytesMut;
 use futures::FutureExt;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use std::sync::Arc;
-
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use tokio_rustls::rustls::crypto::{
-    CryptoProvider, verify_tls12_signature, verify_tls13_signature,
-};
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio_rustls::rustls::{self, DigitallySignedStruct, SignatureScheme};
 
-use crate::params::{ClientParams, Reported, ServerParams, Setting, establish_query};
 use crate::protocol::backend::error_fields;
 use crate::protocol::{Frame, ProtocolError, read_cstr, read_frame};
 use crate::routing::TenantRoute;
+use crate::session::params::{ClientParams, Reported, ServerParams, Setting, establish_query};
+pub use tls::UpstreamTls;
 
 #[derive(thiserror::Error, Debug)]
-pub enum ServerError {
+pub(crate) enum ServerError {
     #[error("connecting to {addr}: {source}")]
     Connect {
         addr: String,
@@ -49,34 +44,24 @@ pub enum ServerError {
     Tls(std::io::Error),
 }
 
-/// TLS toward a server, as its DatabaseServer's `sslMode` says (libpq semantics: `Require`
-/// encrypts without verifying the certificate; `Prefer` encrypts when the server offers it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-pub enum UpstreamTls {
-    Disable,
-    #[default]
-    Prefer,
-    Require,
-}
-
-pub type ServerReader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
-pub type ServerWriter = Box<dyn AsyncWrite + Unpin + Send>;
+type ServerReader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+type ServerWriter = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// A logged-in server connection.
-pub struct ServerConn {
-    pub reader: ServerReader,
-    pub writer: ServerWriter,
-    pub params: ServerParams,
-    pub pid: i32,
-    pub key: i32,
-    pub addr: std::net::SocketAddr,
-    pub last_used: Instant,
+pub(crate) struct ServerConn {
+    pub(crate) reader: ServerReader,
+    pub(crate) writer: ServerWriter,
+    pub(crate) params: ServerParams,
+    pub(crate) pid: i32,
+    pub(crate) key: i32,
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) last_used: Instant,
     /// Statements the router prepared here (transaction mode), by server-side name.
-    pub prepared: std::collections::HashSet<String>,
+    pub(crate) prepared: std::collections::HashSet<String>,
 }
 
 impl ServerConn {
-    pub async fn connect(route: &TenantRoute) -> Result<ServerConn, ServerError> {
+    pub(crate) async fn connect(route: &TenantRoute) -> Result<ServerConn, ServerError> {
         let addr = format!("{}:{}", route.host, route.port);
         let stream = TcpStream::connect(&addr)
             .await
@@ -88,7 +73,7 @@ impl ServerConn {
         let peer = stream
             .peer_addr()
             .map_err(|source| ServerError::Connect { addr, source })?;
-        let (r, mut writer) = negotiate_tls(stream, route).await?;
+        let (r, mut writer) = tls::negotiate(stream, route).await?;
         let mut reader = BufReader::with_capacity(64 * 1024, r);
 
         let mut buf = BytesMut::new();
@@ -191,7 +176,7 @@ impl ServerConn {
 
     /// Resets session state before the connection serves another client (`DISCARD ALL`), and
     /// waits for the server to be idle again. False when the connection is not reusable.
-    pub async fn reset(&mut self) -> bool {
+    pub(crate) async fn reset(&mut self) -> bool {
         self.prepared.clear();
         let reset = self.run("DISCARD ALL").await.is_ok();
         self.params.reset();
@@ -201,7 +186,10 @@ impl ServerConn {
     /// Starts a client's session here: every parameter back to the server's default, then the
     /// client's startup `settings`, which the server may refuse as it would at a direct login.
     /// The client's parameters as the server then reports them.
-    pub async fn establish(&mut self, settings: &[Setting]) -> Result<ClientParams, ServerError> {
+    pub(crate) async fn establish(
+        &mut self,
+        settings: &[Setting],
+    ) -> Result<ClientParams, ServerError> {
         let startup = self.params.startup();
         let unreported: Vec<Setting> = settings
             .iter()
@@ -218,7 +206,7 @@ impl ServerConn {
     }
 
     /// Makes this session's parameters the client's, with one query when any differ.
-    pub async fn sync(&mut self, client: &ClientParams) -> Result<(), ServerError> {
+    pub(crate) async fn sync(&mut self, client: &ClientParams) -> Result<(), ServerError> {
         if let Some(query) = self.params.sync_query(client) {
             // Whatever the query got to do before an error is rolled back with it.
             self.run(&query).await?;
@@ -266,124 +254,20 @@ impl ServerConn {
     /// Whether an idle connection is still usable: the server has sent nothing since (a server
     /// ending a backend sends its FATAL error, then closes). Polled once, without waiting: the
     /// runtime knows the socket's readiness, so this rarely costs a system call.
-    pub fn is_alive(&mut self) -> bool {
+    pub(crate) fn is_alive(&mut self) -> bool {
         self.reader.fill_buf().now_or_never().is_none()
     }
 }
 
 /// The name and value of a ParameterStatus message's body.
-pub fn parameter_status(mut body: &[u8]) -> Result<(String, String), ProtocolError> {
+pub(crate) fn parameter_status(mut body: &[u8]) -> Result<(String, String), ProtocolError> {
     let name = read_cstr(&mut body, "parameter status")?;
     let value = read_cstr(&mut body, "parameter status")?;
     Ok((name, value))
 }
 
-/// SSLRequest first unless TLS is disabled; then the two halves, encrypted or not.
-async fn negotiate_tls(
-    mut stream: TcpStream,
-    route: &TenantRoute,
-) -> Result<(Box<dyn AsyncRead + Unpin + Send>, ServerWriter), ServerError> {
-    if route.upstream_tls != UpstreamTls::Disable {
-        let mut request = Vec::with_capacity(8);
-        request.extend_from_slice(&8i32.to_be_bytes());
-        request.extend_from_slice(&crate::protocol::startup::SSL_REQUEST.to_be_bytes());
-        stream
-            .write_all(&request)
-            .await
-            .map_err(ProtocolError::from)?;
-        let mut answer = [0u8; 1];
-        stream
-            .read_exact(&mut answer)
-            .await
-            .map_err(ProtocolError::from)?;
-        match answer[0] {
-            b'S' => {
-                let connector = tokio_rustls::TlsConnector::from(encrypt_only_config());
-                let name = ServerName::try_from(route.host.clone())
-                    .map_err(|e| ServerError::Tls(std::io::Error::other(e)))?;
-                let tls = connector
-                    .connect(name, stream)
-                    .await
-                    .map_err(ServerError::Tls)?;
-                let (r, w) = tokio::io::split(tls);
-                return Ok((Box::new(r), Box::new(w)));
-            }
-            _ if route.upstream_tls == UpstreamTls::Require => return Err(ServerError::TlsRefused),
-            _ => {}
-        }
-    }
-    let (r, w) = stream.into_split();
-    Ok((Box::new(r), Box::new(w)))
-}
-
-fn encrypt_only_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
-                .with_no_client_auth();
-            Arc::new(config)
-        })
-        .clone()
-}
-
-/// libpq's `sslmode=require`: the channel is encrypted and the handshake signatures are checked,
-/// but the certificate chain is not verified.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 /// Sends a CancelRequest for (pid, key) to the server at `addr`.
-pub async fn cancel(addr: std::net::SocketAddr, pid: i32, key: i32) -> std::io::Result<()> {
+pub(crate) async fn cancel(addr: std::net::SocketAddr, pid: i32, key: i32) -> std::io::Result<()> {
     let mut stream = TcpStream::connect(addr).await?;
     let mut packet = Vec::with_capacity(16);
     packet.extend_from_slice(&16i32.to_be_bytes());

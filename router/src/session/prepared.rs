@@ -22,7 +22,7 @@ const NOOP_NAME: &str = "silo_noop";
 
 /// One client's statements: its names mapped to shared server-side names.
 #[derive(Default)]
-pub struct ClientStatements {
+pub(crate) struct ClientStatements {
     by_name: HashMap<String, Prepared>,
     /// What the server will answer, in order: completions (injected by the router or not) and
     /// the ReadyForQuery that ends each Sync, Query or FunctionCall.
@@ -44,7 +44,7 @@ struct Prepared {
 impl ClientStatements {
     /// Rewrites one client frame for the server whose prepared statements are `on_server`;
     /// appends what to send to `out`.
-    pub fn rewrite(
+    pub(crate) fn rewrite(
         &mut self,
         frame: &Frame,
         on_server: &mut HashSet<String>,
@@ -128,7 +128,7 @@ impl ClientStatements {
     /// A Sync, simple Query or FunctionCall the relay forwarded without rewriting: its
     /// ReadyForQuery is expected too, so that an error before it never swallows what later
     /// messages expect.
-    pub fn expect_ready(&mut self) {
+    pub(crate) fn expect_ready(&mut self) {
         self.expected.push_back(Expect::Ready);
     }
 
@@ -159,18 +159,19 @@ impl ClientStatements {
     }
 
     /// The client dropped all its prepared statements (`DEALLOCATE ALL`, `DISCARD ALL`).
-    pub fn forget_all(&mut self) {
+    pub(crate) fn forget_all(&mut self) {
         self.by_name.clear();
     }
 
-    /// Whether a server frame is to be forwarded to the client (false for completions of
-    /// injected messages).
-    pub fn forward(&mut self, frame: &Frame) -> bool {
+    /// [`Self::forward_tag`] of a whole frame.
+    #[cfg(test)]
+    fn forward(&mut self, frame: &Frame) -> bool {
         self.forward_tag(frame.tag)
     }
 
-    /// [`Self::forward`] by the frame's tag alone.
-    pub fn forward_tag(&mut self, tag: u8) -> bool {
+    /// Whether a server frame with this tag is to be forwarded to the client (false for
+    /// completions of injected messages).
+    pub(crate) fn forward_tag(&mut self, tag: u8) -> bool {
         match tag {
             b'1' | b'3' => match self.expected.front() {
                 Some(Expect::Completion { injected }) => {

@@ -9,13 +9,13 @@
 
 /// Why a client keeps its server connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pin {
+pub(crate) enum Pin {
     /// `CREATE TEMP TABLE`, `SELECT ... INTO TEMP`, `pg_temp.` objects.
     Temporary,
     /// `pg_advisory_lock` and friends, held until unlocked or the session ends.
     AdvisoryLock,
     Listen,
-    /// SQL-level `PREPARE` (statements prepared in the protocol are carried: [`crate::prepared`]).
+    /// SQL-level `PREPARE` (statements prepared in the protocol are carried: [`super::prepared`]).
     Prepare,
     /// `DECLARE ... WITH HOLD`: a cursor that outlives its transaction.
     HoldCursor,
@@ -25,7 +25,7 @@ pub enum Pin {
 
 impl Pin {
     /// A metric label.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Pin::Temporary => "temporary_object",
             Pin::AdvisoryLock => "advisory_lock",
@@ -39,7 +39,7 @@ impl Pin {
 
 /// Prepared statements a statement drops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Deallocate {
+pub(crate) enum Deallocate {
     /// `DEALLOCATE name`: any of them, as far as the router knows.
     One,
     /// `DEALLOCATE ALL`, `DISCARD ALL`: all of them.
@@ -47,12 +47,12 @@ pub enum Deallocate {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Effects {
+pub(crate) struct Effects {
     /// The first reason found to pin the server, if any.
-    pub pin: Option<Pin>,
-    pub deallocate: Option<Deallocate>,
+    pub(crate) pin: Option<Pin>,
+    pub(crate) deallocate: Option<Deallocate>,
     /// `RESET`, `RESET ALL`, `DISCARD ALL`: parameters may be back at the server's defaults.
-    pub resets: bool,
+    pub(crate) resets: bool,
 }
 
 impl Effects {
@@ -66,16 +66,16 @@ impl Effects {
 }
 
 /// How the SQL text is read.
-pub struct Reading<'a> {
+pub(crate) struct Reading<'a> {
     /// `standard_conforming_strings` as the client's session has it: when off, a backslash
     /// escapes a quote in an ordinary string literal.
-    pub standard_strings: bool,
+    pub(crate) standard_strings: bool,
     /// Whether the server reports a parameter (by lower-case name), so that setting it need not pin.
-    pub reported: &'a dyn Fn(&str) -> bool,
+    pub(crate) reported: &'a dyn Fn(&str) -> bool,
 }
 
 /// The effects of one simple Query or Parse'd statement.
-pub fn inspect(sql: &[u8], reading: &Reading<'_>) -> Effects {
+pub(crate) fn inspect(sql: &[u8], reading: &Reading<'_>) -> Effects {
     let mut effects = Effects::default();
     scan(sql, reading, 0, &mut effects);
     effects

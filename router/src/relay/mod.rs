@@ -1,8 +1,12 @@
 //! A logged-in client's session: frames relayed between the client and a server connection held
-//! for the whole session, or checked out per transaction. In transaction pooling the client takes
-//! with it, from server to server, its session parameters ([`crate::params`]) and the statements
-//! it prepared in the protocol ([`crate::prepared`]); state that cannot move with it keeps its
-//! server until it leaves ([`crate::inspect`]).
+//! for the whole session, or checked out per transaction. The accept stage hands over a client
+//! that proved its password ([`crate::login::LoggedIn`]); [`run`] attaches a server, sends the
+//! hello that ends the login, and relays until either side ends the session. Client frames that
+//! need nothing rewritten or intercepted are forwarded as they came ([`forward`]). In transaction
+//! pooling the client takes with it, from server to server, what its session carries
+//! ([`crate::session`]).
+
+mod forward;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,26 +16,81 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{CancelTarget, PoolMode, Refusal, Shared, lock, refuse, send};
-use crate::inspect::{Deallocate, Effects, Pin, Reading, inspect};
-use crate::params::{ClientParams, startup_settings};
-use crate::pool::{PoolError, PooledConn, TenantPool};
-use crate::prepared::ClientStatements;
+use crate::backend::{ServerConn, ServerError, parameter_status};
+use crate::login::{LoggedIn, Refusal, hello, refuse, send};
+use crate::pools::{PoolError, PooledConn, TenantPool};
 use crate::protocol::{ProtocolError, backend, read_cstr, split_frame};
 use crate::routing::Lookup;
-use crate::server::{ServerConn, ServerError, parameter_status};
+use crate::session::inspect::{Deallocate, Effects, Pin, Reading, inspect};
+use crate::session::params::{ClientParams, startup_settings};
+use crate::session::prepared::ClientStatements;
+use crate::state::{CancelTarget, PoolMode, Shared};
+use forward::frame_at;
+
+/// A logged-in client's session, from the server attached for it to its end: the hello that
+/// ends its login carries the client's cancel key, which leads to whichever server runs its query.
+pub(crate) async fn run<R, W>(
+    mut reader: R,
+    mut writer: W,
+    client: LoggedIn,
+    shared: &Shared,
+    shutdown: CancellationToken,
+) -> Result<(), ProtocolError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let LoggedIn {
+        route,
+        user,
+        startup,
+    } = client;
+    let pool = shared.pools.get(&route);
+    let (mut server, params) = match attach(shared, &pool, &startup).await {
+        Ok(attached) => attached,
+        Err(refused) => return refused.send(shared, &mut writer).await,
+    };
+
+    // The client's cancel key is the router's own; it maps to whichever server runs its query.
+    let (pid, key, target) = shared.cancels.register();
+    if let Some(conn) = server.as_mut() {
+        let c = conn.conn();
+        target.set(c.addr, c.pid, c.key);
+    }
+    hello(&mut writer, &params, pid, key).await?;
+    debug!(tenant = %route.key(), user = %user, "client logged in");
+    shared
+        .metrics
+        .logins
+        .get_or_create(&crate::metrics::Outcome { result: "ok" })
+        .inc();
+    shared.metrics.sessions.inc();
+
+    let session = Session {
+        shared,
+        pool: &pool,
+        target: &target,
+        shutdown,
+        ended: shared.sessions_of(&route),
+        params,
+    };
+    let result = relay(&mut reader, &mut writer, &mut server, session).await;
+    shared.cancels.remove(pid, key);
+    shared.metrics.sessions.dec();
+    result
+}
 
 /// Why a client gets no server connection: a refusal of the router's own, or the server's own
 /// error, passed on as PostgreSQL would have sent it to a direct client.
 #[derive(Debug)]
-pub(super) enum Refused {
+enum Refused {
     Router(Refusal),
     Server { code: String, message: String },
 }
 
 impl Refused {
     /// Tells the client, as a FATAL error.
-    pub(super) async fn send<W: AsyncWrite + Unpin>(
+    async fn send<W: AsyncWrite + Unpin>(
         self,
         shared: &Shared,
         writer: &mut W,
@@ -84,7 +143,7 @@ impl From<PoolError> for Refused {
 /// (which refuses what it would refuse at a direct login), with the values the server reports.
 /// In session pooling the server, set up for the client, comes with them; in transaction pooling
 /// a client sending settings already taken needs no server.
-pub(super) async fn attach(
+async fn attach(
     shared: &Shared,
     pool: &Arc<TenantPool>,
     startup: &[(String, String)],
@@ -118,16 +177,16 @@ pub(super) async fn attach(
 }
 
 /// What a logged-in session relays with.
-pub(super) struct Session<'a> {
-    pub(super) shared: &'a Shared,
-    pub(super) pool: &'a Arc<TenantPool>,
+struct Session<'a> {
+    shared: &'a Shared,
+    pool: &'a Arc<TenantPool>,
     /// Where this client's cancel requests go: the server running its query, if any.
-    pub(super) target: &'a CancelTarget,
-    pub(super) shutdown: CancellationToken,
+    target: &'a CancelTarget,
+    shutdown: CancellationToken,
     /// Cancelled when the tenant stops being Ready.
-    pub(super) ended: CancellationToken,
+    ended: CancellationToken,
     /// The client's session parameters, from [`attach`].
-    pub(super) params: ClientParams,
+    params: ClientParams,
 }
 
 /// What a client takes from one server connection to the next in transaction pooling.
@@ -236,7 +295,7 @@ fn is_fatal(body: &[u8]) -> bool {
     matches!(severity, Some(b"FATAL" | b"PANIC"))
 }
 
-pub(super) async fn relay<R, W>(
+async fn relay<R, W>(
     reader: &mut R,
     writer: &mut W,
     server: &mut Option<PooledConn>,
@@ -284,7 +343,7 @@ where
                     match checkout(shared, pool, Some(&carried.params)).await {
                         Ok(mut conn) => {
                             let c = conn.conn();
-                            *lock(target) = Some((c.addr, c.pid, c.key));
+                            target.set(c.addr, c.pid, c.key);
                             *server = Some(conn);
                         }
                         Err(refused) => {
@@ -295,32 +354,20 @@ where
                 }
                 // Fast path: nothing to rewrite or intercept, so forward the buffer as it is.
                 if let Some(conn) = server.as_mut() {
-                    let conn = conn.conn();
-                    let mut end = 0;
-                    let mut plain = true;
-                    let mut syncs = 0;
-                    while let Some((tag, len)) = frame_at(&from_client, end)? {
-                        match tag {
-                            b'X' => plain = false,
-                            b'P' | b'B' | b'D' | b'C' if pooled => plain = false,
-                            b'S' | b'Q' | b'F' => syncs += 1,
-                            _ => {}
+                    let plan = forward::plan(&from_client, pooled)?;
+                    if plan.forward > 0 {
+                        let conn = conn.conn();
+                        for frame in &plan.statements {
+                            let frame = &from_client[frame.clone()];
+                            if let Some(sql) = statement_sql(frame[0], &frame[5..]) {
+                                carried.client_sql(sql, conn, shared);
+                            }
                         }
-                        if !plain {
-                            break;
-                        }
-                        // (Seen again below if the batch turns out not to be plain: harmless.)
-                        if pooled && let Some(sql) = statement_sql(tag, &from_client[end + 5..end + len]) {
-                            carried.client_sql(sql, conn, shared);
-                        }
-                        end += len;
-                    }
-                    if plain && end > 0 {
-                        conn.writer.write_all(&from_client[..end]).await?;
-                        from_client.advance(end);
-                        owed += syncs;
+                        conn.writer.write_all(&from_client[..plan.forward]).await?;
+                        from_client.advance(plan.forward);
+                        owed += plan.syncs;
                         if pooled {
-                            for _ in 0..syncs {
+                            for _ in 0..plan.syncs {
                                 carried.statements.expect_ready();
                             }
                         }
@@ -416,7 +463,7 @@ where
                     if let Some(conn) = server.take() {
                         conn.release();
                     }
-                    *lock(target) = None;
+                    target.clear();
                 }
             }
             _ = &mut shutting_down, if server.is_none() || server_idle => break,
@@ -442,19 +489,6 @@ where
         conn.release();
     }
     Ok(())
-}
-
-/// The tag and total length of the complete frame starting at `at`, if the buffer holds one.
-fn frame_at(buf: &[u8], at: usize) -> Result<Option<(u8, usize)>, ProtocolError> {
-    let Some(header) = buf.get(at..at + 5) else {
-        return Ok(None);
-    };
-    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as i64;
-    if len < 4 || len as usize > crate::protocol::MAX_FRAME {
-        return Err(ProtocolError::BadLength(len));
-    }
-    let total = len as usize + 1;
-    Ok((buf.len() - at >= total).then_some((header[0], total)))
 }
 
 /// Reads from the checked-out server, or waits forever when there is none.

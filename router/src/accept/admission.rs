@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio_util::sync::CancellationToken;
 
-pub struct LoginSlots {
+pub(crate) struct LoginSlots {
     cap: usize,
     open: Mutex<Open>,
 }
@@ -24,7 +24,7 @@ struct Open {
 }
 
 /// A connection's place among those logging in; dropping it frees the place.
-pub struct LoginSlot {
+pub(crate) struct LoginSlot {
     slots: Arc<LoginSlots>,
     id: u64,
     evicted: CancellationToken,
@@ -32,7 +32,7 @@ pub struct LoginSlot {
 
 impl LoginSlots {
     /// At most `cap` (at least one) connections logging in at once.
-    pub fn new(cap: usize) -> Arc<LoginSlots> {
+    pub(crate) fn new(cap: usize) -> Arc<LoginSlots> {
         Arc::new(LoginSlots {
             cap: cap.max(1),
             open: Mutex::default(),
@@ -40,7 +40,7 @@ impl LoginSlots {
     }
 
     /// A slot for a new connection, evicting the oldest login in progress if all are taken.
-    pub fn admit(self: &Arc<Self>) -> LoginSlot {
+    pub(crate) fn admit(self: &Arc<Self>) -> LoginSlot {
         let mut open = self.open();
         while open.by_age.len() >= self.cap {
             if let Some((_, oldest)) = open.by_age.pop_first() {
@@ -58,7 +58,8 @@ impl LoginSlots {
         }
     }
 
-    pub fn in_progress(&self) -> usize {
+    #[cfg(test)]
+    fn in_progress(&self) -> usize {
         self.open().by_age.len()
     }
 
@@ -69,7 +70,7 @@ impl LoginSlots {
 
 impl LoginSlot {
     /// Resolves when a newer connection has taken this slot.
-    pub async fn evicted(&self) {
+    pub(crate) async fn evicted(&self) {
         self.evicted.cancelled().await
     }
 }

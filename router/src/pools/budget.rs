@@ -9,12 +9,12 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 /// The most a tenant may hold while others wait.
-pub fn fair_share(budget: usize, tenants_with_demand: usize) -> usize {
+fn fair_share(budget: usize, tenants_with_demand: usize) -> usize {
     (budget / tenants_with_demand.max(1)).max(1)
 }
 
 /// Whether `tenant` may take a slot now (pure).
-pub fn may_take(
+fn may_take(
     budget: usize,
     held: &HashMap<String, usize>,
     waiting: &HashMap<String, usize>,
@@ -46,14 +46,14 @@ struct State {
 }
 
 /// One server's budget.
-pub struct ServerBudget {
-    pub budget: usize,
+pub(crate) struct ServerBudget {
+    pub(crate) budget: usize,
     state: Mutex<State>,
     changed: Notify,
 }
 
 /// A slot of a server's budget, given back on drop.
-pub struct Slot {
+pub(crate) struct Slot {
     budget: Arc<ServerBudget>,
     tenant: String,
 }
@@ -70,7 +70,7 @@ impl Drop for Slot {
 }
 
 impl ServerBudget {
-    pub fn new(budget: usize) -> Self {
+    pub(crate) fn new(budget: usize) -> Self {
         ServerBudget {
             budget: budget.max(1),
             state: Mutex::new(State::default()),
@@ -83,7 +83,7 @@ impl ServerBudget {
     }
 
     /// Waits for a slot for `tenant`, at most `timeout`; None when it did not come.
-    pub async fn take(self: &Arc<Self>, tenant: &str, timeout: Duration) -> Option<Slot> {
+    pub(crate) async fn take(self: &Arc<Self>, tenant: &str, timeout: Duration) -> Option<Slot> {
         let deadline = tokio::time::Instant::now() + timeout;
         *self.lock().waiting.entry(tenant.to_string()).or_default() += 1;
         let result = loop {
@@ -110,7 +110,8 @@ impl ServerBudget {
         result
     }
 
-    pub fn in_use(&self) -> usize {
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
         self.lock().held.values().sum()
     }
 }
