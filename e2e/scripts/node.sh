@@ -92,6 +92,9 @@ net_up() {
   in_node ip addr add "$SILO_NODE_IP/$LINK_PREFIX" dev "$NODE_IF"
   in_node ip link set "$NODE_IF" up
   # The node namespace gets no default route: the only peer it can reach is this machine.
+  # This machine reaches pods through the node (tests talk to router replicas one by one); the
+  # route goes with the link.
+  ip route add "$POD_CIDR" via "$SILO_NODE_IP" dev "$HOST_IF"
 
   # The guard: packets to the test range may leave only through loopback or the node link; on any
   # other interface (the machine's way out) they are rejected, so a mistake fails loudly. And the

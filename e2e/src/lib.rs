@@ -26,9 +26,14 @@ pub fn tenant_yaml(name: &str, spec: &str) -> String {
 /// GET `path` from an HTTP server on 127.0.0.1:`port` (the controller's or the router's),
 /// returning (status, body).
 pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    http_get_at(([127, 0, 0, 1], port).into(), path).await
+}
+
+/// GET `path` from the HTTP server at `addr` (a pod's, say): (status, body).
+pub async fn http_get_at(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use anyhow::Context;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(
             format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")

@@ -1061,3 +1061,227 @@ async fn two_releases_side_by_side(a: &TestNs, b: &TestNs) -> anyhow::Result<()>
     .await?;
     Ok(())
 }
+
+/// A client of the router, as an application connects: straight to one replica (a pod IP).
+async fn connect_to_replica(
+    ip: &str,
+    user: &str,
+    password: &str,
+    database: &str,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host(ip)
+        .port(6432)
+        .user(user)
+        .password(password)
+        .dbname(database)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Two router replicas behind one Service: a cancel request reaching the replica that does not
+/// hold the client is passed on to the one that does (it used to be dropped: with two replicas
+/// about half of all cancels were lost), and together they hold no more server connections
+/// than the DatabaseServer's `maxConnections`, idle ones included (each used to apply the whole
+/// budget, counting only connections in use).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_replicas_pass_cancels_on_and_share_a_server_budget() {
+    if !node::own_cluster("router_replicas_pass_cancels_on_and_share_a_server_budget") {
+        return;
+    }
+    with_temp_ns("chart-replicas", |ns: TestNs| async move {
+        let result = two_router_replicas(&ns).await;
+        if result.is_err()
+            && let Ok(out) = ns
+                .kubectl(&[
+                    "logs",
+                    "-n",
+                    &ns.name,
+                    "-l",
+                    "app.kubernetes.io/component=router",
+                    "--tail=30",
+                ])
+                .await
+        {
+            eprintln!("router logs:\n{}{}", out.stdout, out.stderr);
+        }
+        // The release goes with the test: the namespace's deletion would leave its ClusterRoles.
+        let _ = ns
+            .helm(&[
+                "uninstall",
+                "silo",
+                "--namespace",
+                &ns.name,
+                "--wait",
+                "--timeout",
+                "120s",
+            ])
+            .await;
+        result
+    })
+    .await;
+}
+
+async fn two_router_replicas(ns: &TestNs) -> anyhow::Result<()> {
+    let pg = PgServer::start()?;
+    ns.add_server(&ns.server_name("pg"), &pg, "  maxConnections: 4")
+        .await?;
+    let values = e2e_values(ns)?;
+    let install = ns
+        .helm(&[
+            "install",
+            "silo",
+            &chart(),
+            "--namespace",
+            &ns.name,
+            "-f",
+            &values,
+            // The harness applied the CRDs; this release leaves them alone.
+            "--set",
+            "crds.create=false,router.replicas=2",
+            "--wait",
+            "--timeout",
+            "180s",
+        ])
+        .await?;
+    ensure!(
+        install.success,
+        "helm install: {}{}",
+        install.stdout,
+        install.stderr
+    );
+    ns.apply_ok(&[tenant_yaml("a", "  {}"), tenant_yaml("b", "  {}")].join("---\n"))
+        .await?;
+    for tenant in ["a", "b"] {
+        ns.wait_phase(tenant, TenantPhase::Ready, TIMEOUT).await?;
+    }
+    let replicas: Vec<String> = wait_for(
+        "two Ready router replicas, each counting both",
+        TIMEOUT,
+        || async {
+            let pods = pods(ns, "router").await.ok()?;
+            let ips: Vec<String> = pods
+                .iter()
+                .filter(|p| is_ready(p))
+                .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                .collect();
+            if ips.len() != 2 {
+                return None;
+            }
+            for ip in &ips {
+                let addr = std::net::SocketAddr::new(ip.parse().ok()?, 8080);
+                let (_, metrics) = silo_e2e::http_get_at(addr, "/metrics").await.ok()?;
+                if !metrics.contains("silo_router_replicas 2") {
+                    return None;
+                }
+            }
+            Some(ips)
+        },
+    )
+    .await?;
+    let (user_a, password_a) = (
+        ns.secret_value("a", "user").await?,
+        ns.secret_value("a", "password").await?,
+    );
+    let (user_b, password_b) = (
+        ns.secret_value("b", "user").await?,
+        ns.secret_value("b", "password").await?,
+    );
+    let (db_a, db_b) = (format!("{}.a", ns.name), format!("{}.b", ns.name));
+    let admin = pg.admin_pool().await?;
+    let backends = || async {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE usename IN ($1, $2)")
+                .bind(&user_a)
+                .bind(&user_b)
+                .fetch_one(&admin)
+                .await?;
+        anyhow::Ok(n)
+    };
+
+    // maxConnections 4 over two replicas: two each. A third transaction at once waits, and is
+    // told 53300 when its checkout times out; the server never sees more than 4.
+    let mut open = Vec::new();
+    for ip in &replicas {
+        for _ in 0..2 {
+            let client = connect_to_replica(ip, &user_a, &password_a, &db_a).await?;
+            client.batch_execute("BEGIN; SELECT 1").await?;
+            open.push(client);
+        }
+        let third = connect_to_replica(ip, &user_a, &password_a, &db_a).await?;
+        let refused = tokio::time::timeout(
+            Duration::from_secs(30),
+            third.batch_execute("BEGIN; SELECT 1"),
+        )
+        .await
+        .context("the third transaction neither ran nor was refused")?
+        .err()
+        .with_context(|| {
+            format!("replica {ip} opened a third server connection: its share of 4 is 2")
+        })?;
+        ensure!(
+            refused.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+            "{refused}"
+        );
+        let n = backends().await?;
+        ensure!(
+            n <= 4,
+            "{n} server connections on a server whose maxConnections is 4"
+        );
+    }
+    for client in &open {
+        client.batch_execute("COMMIT").await?;
+    }
+    // All four idle now, and counted: tenant b takes the place of one of them.
+    ensure!(backends().await? == 4, "the idle connections stay open");
+    let b = connect_to_replica(&replicas[0], &user_b, &password_b, &db_b).await?;
+    b.batch_execute("SELECT 1").await?;
+    let n = backends().await?;
+    ensure!(
+        n <= 4,
+        "{n} server connections on a server whose maxConnections is 4"
+    );
+    drop((open, b));
+
+    // A cancel sent to the replica that does not hold the client reaches the query.
+    for (i, ip) in replicas.iter().enumerate() {
+        let other = &replicas[1 - i];
+        let client = connect_to_replica(ip, &user_a, &password_a, &db_a).await?;
+        let cancel = client.cancel_token();
+        let query = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(60)").await });
+        wait_for("the query to run", TIMEOUT, || async {
+            let running: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE usename = $1 AND state = 'active' AND query LIKE '%pg_sleep(60)%'",
+            )
+            .bind(&user_a)
+            .fetch_one(&admin)
+            .await
+            .ok()?;
+            (running == 1).then_some(())
+        })
+        .await?;
+        let stream = tokio::net::TcpStream::connect((other.as_str(), 6432)).await?;
+        cancel
+            .cancel_query_raw(stream, tokio_postgres::NoTls)
+            .await?;
+        let ended = tokio::time::timeout(Duration::from_secs(20), query)
+            .await
+            .with_context(|| {
+                format!(
+                    "a cancel sent to replica {other} for a client of {ip} never reached the query"
+                )
+            })??;
+        let err = ended.err().context("pg_sleep(60) ended without an error")?;
+        ensure!(
+            err.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "{err}"
+        );
+    }
+    Ok(())
+}

@@ -116,6 +116,7 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     m.server_connections
         .get_or_create(&StateLabel { state: "in_use" })
         .set(in_use as i64);
+    m.replicas.set(api.shared.peers.replicas() as i64);
     (
         [(
             "content-type",

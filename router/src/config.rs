@@ -86,6 +86,21 @@ pub struct Args {
     #[arg(long, env = "SILO_ROUTER_SNI_DOMAIN")]
     pub sni_domain: Option<String>,
 
+    /// The router's own Service: its replicas find each other through the Service's
+    /// EndpointSlices, to pass cancel requests on to the replica holding the client and to
+    /// divide each server's `maxConnections` among themselves. Needs `--pod-ip` and
+    /// `--pod-namespace`. Unset: the router counts itself alone.
+    #[arg(long, env = "SILO_ROUTER_PEERS_SERVICE", requires_all = ["pod_ip", "pod_namespace"])]
+    pub peers_service: Option<String>,
+
+    /// This replica's pod IP (the downward API's `status.podIP`).
+    #[arg(long, env = "SILO_ROUTER_POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
+
+    /// The namespace of this replica and its Service.
+    #[arg(long, env = "SILO_ROUTER_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
     /// Threads serving clients (default: one per core).
     #[arg(long, env = "SILO_ROUTER_WORKER_THREADS")]
     pub worker_threads: Option<usize>,

@@ -13,6 +13,7 @@ pub mod source;
 mod accept;
 mod backend;
 mod login;
+mod peers;
 mod pools;
 mod relay;
 mod session;
@@ -61,6 +62,9 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         require_tls,
         sni_domain,
         max_logins_in_progress,
+        peers_service,
+        pod_ip,
+        pod_namespace,
         worker_threads: _,
         log_filter: _,
     } = args;
@@ -93,7 +97,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
     let table = Arc::new(ArcSwap::from_pointee(routing::RoutingTable::default()));
-    let shared = Arc::new(Shared::new(table, settings));
+    let peers = Arc::new(pod_ip.map_or_else(peers::Peers::alone, peers::Peers::at));
+    let shared = Arc::new(Shared::new(table, settings, peers.clone()));
     let ready = CancellationToken::new();
     let http = tokio::spawn(api::serve(
         http_addr,
@@ -101,12 +106,33 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         ready.clone(),
         shutdown.clone(),
     ));
-    match config {
-        Some(path) => {
+    let client = match (&config, &peers_service) {
+        (Some(_), None) => None,
+        _ => Some(kube::Client::try_default().await?),
+    };
+    // The other replicas, before any client: each server's budget is divided among them.
+    let peers_listed = CancellationToken::new();
+    match (peers_service, pod_namespace, &client) {
+        (Some(service), Some(namespace), Some(client)) => {
+            tokio::spawn(peers::watch(
+                client.clone(),
+                namespace,
+                service,
+                "postgres".into(),
+                peers,
+                peers_listed.clone(),
+                shutdown.clone(),
+            ));
+        }
+        _ => peers_listed.cancel(),
+    }
+    let tenants_known = CancellationToken::new();
+    match (config, client) {
+        (Some(path), _) => {
             let loaded = source::file::load(&path, default_pool_size)?;
             info!(tenants = loaded.len(), file = %path.display(), "tenants loaded");
             shared.set_table(loaded);
-            ready.cancel();
+            tenants_known.cancel();
             tokio::spawn(source::file::watch(
                 path,
                 default_pool_size,
@@ -114,22 +140,22 @@ pub async fn run(args: Args) -> Result<(), RunError> {
                 shutdown.clone(),
             ));
         }
-        None => {
-            let client = kube::Client::try_default().await?;
+        (None, client) => {
+            let client = client.ok_or_else(|| RunError::Config("no Kubernetes client".into()))?;
             tokio::spawn(source::kube::run(
                 client,
                 namespaces,
                 default_pool_size,
                 shared.clone(),
-                ready.clone(),
+                tenants_known.clone(),
                 shutdown.clone(),
             ));
-            // Accept clients only once every tenant is known, so that none is refused as unknown.
-            tokio::select! {
-                _ = ready.cancelled() => {}
-                _ = shutdown.cancelled() => return Ok(()),
-            }
         }
+    }
+    // Accept clients only once every tenant is known, so that none is refused as unknown.
+    tokio::select! {
+        _ = async { tokio::join!(tenants_known.cancelled(), peers_listed.cancelled()) } => ready.cancel(),
+        _ = shutdown.cancelled() => return Ok(()),
     }
     let evict = shared.clone();
     let stop = shutdown.clone();

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub pinned: Family<PinReason, Counter>,
     pub server_connections: Family<StateLabel, Gauge>,
     pub tenants: Family<StateLabel, Gauge>,
+    /// The router's replicas, this one included, as its Service's EndpointSlices list them.
+    pub replicas: Gauge,
 }
 
 impl Default for Metrics {
@@ -45,6 +47,7 @@ impl Default for Metrics {
         let pinned = Family::<PinReason, Counter>::default();
         let server_connections = Family::<StateLabel, Gauge>::default();
         let tenants = Family::<StateLabel, Gauge>::default();
+        let replicas = Gauge::default();
         registry.register(
             "logins",
             "Client logins by result (ok or SQLSTATE)",
@@ -67,6 +70,11 @@ impl Default for Metrics {
             server_connections.clone(),
         );
         registry.register("tenants", "Known tenants by state", tenants.clone());
+        registry.register(
+            "replicas",
+            "Router replicas sharing each server's budget, this one included",
+            replicas.clone(),
+        );
         Metrics {
             registry,
             logins,
@@ -75,6 +83,7 @@ impl Default for Metrics {
             pinned,
             server_connections,
             tenants,
+            replicas,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! State shared by every client session: the routing table, the pools, the settings, the login
-//! slots and SCRAM salts, the cancel keys handed out, and a token per tenant that ends its
+//! slots and SCRAM salts, the cancel keys handed out, the other replicas, and a token per tenant that ends its
 //! sessions when it stops being Ready.
 
 use std::collections::HashMap;
@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::accept::admission::LoginSlots;
 use crate::login::auth::Scram;
+use crate::peers::Peers;
 use crate::pools::Pools;
 use crate::routing::{Lookup, RoutingTable, TenantRoute, TenantState};
 
@@ -51,15 +52,22 @@ pub struct Shared {
     pub(crate) scram: Scram,
     pub(crate) login_slots: Arc<LoginSlots>,
     pub(crate) cancels: Cancels,
+    /// The router's other replicas, for cancel requests and server budgets.
+    pub(crate) peers: Arc<Peers>,
     /// Per tenant, a token its sessions watch: cancelled when the tenant stops being Ready.
     tenant_sessions: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl Shared {
-    pub(crate) fn new(table: Arc<ArcSwap<RoutingTable>>, settings: Settings) -> Self {
+    pub(crate) fn new(
+        table: Arc<ArcSwap<RoutingTable>>,
+        settings: Settings,
+        peers: Arc<Peers>,
+    ) -> Self {
         Shared {
             table,
-            pools: Pools::default(),
+            pools: Pools::new(peers.clone()),
+            peers,
             login_slots: LoginSlots::new(settings.max_logins),
             settings,
             metrics: Default::default(),
@@ -124,16 +132,21 @@ impl CancelTarget {
 pub(crate) struct Cancels(Mutex<HashMap<(i32, i32), CancelTarget>>);
 
 impl Cancels {
-    /// A new key (pid, key), unlike any in use, and its target: no server yet.
-    pub(crate) fn register(&self) -> (i32, i32, CancelTarget) {
-        use rand::Rng;
+    /// A new key (pid, key) from `new_key`, unlike any in use, and its target: no server yet.
+    /// The key is forgotten when the registration is dropped.
+    pub(crate) fn register(&self, new_key: impl Fn() -> (i32, i32)) -> Registered<'_> {
         let target = CancelTarget::default();
         let mut cancels = lock(&self.0);
         loop {
-            let (pid, key) = (rand::rng().random_range(1..i32::MAX), rand::rng().random());
+            let (pid, key) = new_key();
             if let std::collections::hash_map::Entry::Vacant(e) = cancels.entry((pid, key)) {
                 e.insert(target.clone());
-                return (pid, key, target);
+                return Registered {
+                    cancels: self,
+                    pid,
+                    key,
+                    target,
+                };
             }
         }
     }
@@ -142,10 +155,19 @@ impl Cancels {
     pub(crate) fn lookup(&self, pid: i32, key: i32) -> Option<ServerKey> {
         lock(&self.0).get(&(pid, key)).and_then(CancelTarget::get)
     }
+}
 
-    /// The client is gone: its key no longer cancels anything.
-    pub(crate) fn remove(&self, pid: i32, key: i32) {
-        lock(&self.0).remove(&(pid, key));
+/// A client's cancel key, in force until dropped (the client is gone).
+pub(crate) struct Registered<'a> {
+    cancels: &'a Cancels,
+    pub(crate) pid: i32,
+    pub(crate) key: i32,
+    pub(crate) target: CancelTarget,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        lock(&self.cancels.0).remove(&(self.pid, self.key));
     }
 }
 
@@ -156,25 +178,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peers::Peers;
 
     #[test]
     fn cancel_keys_lead_to_the_server_running_the_query() {
         let cancels = Cancels::default();
-        let (pid, key, target) = cancels.register();
-        let (other_pid, other_key, _) = cancels.register();
-        assert_ne!((pid, key), (other_pid, other_key));
-        assert!(pid > 0);
+        let peers = Peers::alone();
+        let client = cancels.register(|| peers.cancel_key());
+        let other = cancels.register(|| peers.cancel_key());
+        let (pid, key) = (client.pid, client.key);
+        assert_ne!((pid, key), (other.pid, other.key));
+        assert!(pid > 0 && peers.is_own(pid));
         assert_eq!(cancels.lookup(pid, key), None, "no server yet");
 
         let server: SocketAddr = ([127, 0, 0, 1], 5432).into();
-        target.set(server, 42, 7);
+        client.target.set(server, 42, 7);
         assert_eq!(cancels.lookup(pid, key), Some((server, 42, 7)));
-        assert_eq!(cancels.lookup(other_pid, other_key), None);
+        assert_eq!(cancels.lookup(other.pid, other.key), None);
 
-        target.clear();
+        client.target.clear();
         assert_eq!(cancels.lookup(pid, key), None, "between transactions");
-        target.set(server, 43, 8);
-        cancels.remove(pid, key);
+        client.target.set(server, 43, 8);
+        drop(client);
         assert_eq!(cancels.lookup(pid, key), None, "the client is gone");
+    }
+
+    #[test]
+    fn a_taken_key_is_never_handed_out_twice() {
+        let cancels = Cancels::default();
+        let keys = std::cell::Cell::new(0);
+        // The first two draws are the same key; the second registration draws again.
+        let draw = || {
+            keys.set(keys.get() + 1);
+            (1, if keys.get() <= 2 { 1 } else { 2 })
+        };
+        let first = cancels.register(draw);
+        let second = cancels.register(draw);
+        assert_eq!((first.key, second.key), (1, 2));
     }
 }

@@ -454,6 +454,57 @@ async fn server_budget_is_shared_and_named_when_spent() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Idle server connections count against their server's budget: a tenant that needs one when
+/// the budget is spent by another tenant's idle connections takes the place of one of them. The
+/// router used to count only connections in use, and opened past `maxConnections`.
+#[tokio::test]
+async fn idle_connections_count_and_make_room_for_another_tenant() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    let yaml = tenants_yaml(&s.pg, "Ready").replace("}\n", ", server: pg}\n");
+    std::fs::write(
+        &s.file,
+        format!("servers: {{pg: {{maxConnections: 2}}}}\n{yaml}"),
+    )?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let admin = s.pg.admin_pool().await?;
+    let backends = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('t_acme', 't_beta')",
+        )
+        .fetch_one(&admin)
+        .await?;
+        anyhow::Ok(n)
+    };
+
+    // Two transactions of acme at once: two server connections, idle once they end.
+    let a1 = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    let a2 = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
+    a1.batch_execute("BEGIN; SELECT 1").await?;
+    a2.batch_execute("BEGIN; SELECT 1").await?;
+    a1.batch_execute("COMMIT").await?;
+    a2.batch_execute("COMMIT").await?;
+    ensure!(backends().await? == 2, "acme holds two, idle");
+
+    // beta needs one: an idle one of acme makes room (acme's would stay idle for good, so
+    // waiting would end in 53300).
+    let b = pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta")).await?;
+    b.batch_execute("SELECT 1").await?;
+    let open = backends().await?;
+    ensure!(
+        open <= 2,
+        "{open} server connections on a server whose budget is 2"
+    );
+    // acme still gets its work done, on what is left.
+    a1.batch_execute("SELECT 1").await?;
+    a2.batch_execute("SELECT 1").await?;
+    let open = backends().await?;
+    ensure!(
+        open <= 2,
+        "{open} server connections on a server whose budget is 2"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn tls_with_sni_names_the_tenant() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("silo-router-tls-{}", free_port()?));

@@ -88,10 +88,23 @@ async fn negotiate(stream: &mut TcpStream, shared: &Shared) -> Result<Negotiated
     }
 }
 
-/// Passes a client's cancel request on to the server running its query, if any.
+/// Passes a client's cancel request on to the server running its query, if this replica holds
+/// the client; else to the replica that does (the key says which), which does the same.
 async fn cancel(shared: &Shared, pid: i32, key: i32) {
-    if let Some((addr, server_pid, server_key)) = shared.cancels.lookup(pid, key) {
-        let _ = crate::backend::cancel(addr, server_pid, server_key).await;
+    if shared.peers.is_own(pid) {
+        if let Some((addr, server_pid, server_key)) = shared.cancels.lookup(pid, key) {
+            let _ = crate::backend::cancel(addr, server_pid, server_key).await;
+        }
+        return;
+    }
+    for peer in shared.peers.owners_of(pid) {
+        let forwarded = tokio::time::timeout(
+            Duration::from_secs(2),
+            crate::backend::cancel(peer, pid, key),
+        );
+        if !matches!(forwarded.await, Ok(Ok(()))) {
+            debug!(%peer, "passing a cancel request on to another replica failed");
+        }
     }
 }
 

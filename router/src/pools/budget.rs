@@ -1,58 +1,84 @@
-//! A DatabaseServer's connection budget (`maxConnections`), shared fairly by the tenants on it:
-//! a tenant alone may use all of it, but once other tenants wait, one at or above its fair share
-//! (budget / tenants with demand) yields the next free slot to them.
+//! A DatabaseServer's connection budget (`maxConnections`). Every connection the router holds on
+//! the server counts, idle ones included, and the budget is divided among the router's replicas
+//! ([`crate::peers`]), so that together they never hold more than `maxConnections`.
+//!
+//! Within a replica's share, tenants share fairly: a tenant alone may use all of it, but once
+//! other tenants wait, one at or above its fair share (share / tenants with demand) yields. A
+//! tenant that needs a connection when the share is spent takes the place of another tenant's
+//! idle one, which is closed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::Notify;
 
+use super::TenantPool;
+use crate::peers::Peers;
+
 /// The most a tenant may hold while others wait.
-fn fair_share(budget: usize, tenants_with_demand: usize) -> usize {
-    (budget / tenants_with_demand.max(1)).max(1)
+pub(crate) fn fair_share(share: usize, tenants_with_demand: usize) -> usize {
+    (share / tenants_with_demand.max(1)).max(1)
 }
 
-/// Whether `tenant` may take a slot now (pure).
-fn may_take(
-    budget: usize,
-    held: &HashMap<String, usize>,
+/// What a tenant that needs one more server connection may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Open one: there is room.
+    Open,
+    /// The share is spent: close another tenant's idle connection, if there is one, and open.
+    MakeRoom,
+    /// Wait for a connection to be released or closed.
+    Wait,
+}
+
+/// What `tenant` may do, with `share` connections for this replica, `open` connections per
+/// tenant (idle included) and `waiting` checkouts per tenant (pure).
+pub(crate) fn decide(
+    share: usize,
+    open: &HashMap<String, usize>,
     waiting: &HashMap<String, usize>,
     tenant: &str,
-) -> bool {
-    let total: usize = held.values().sum();
-    if total >= budget {
-        return false;
-    }
+) -> Decision {
     let others_waiting = waiting.iter().any(|(t, n)| t != tenant && *n > 0);
-    if !others_waiting {
-        return true;
+    if others_waiting {
+        let with_demand = open
+            .iter()
+            .chain(waiting.iter())
+            .filter(|(_, n)| **n > 0)
+            .map(|(t, _)| t)
+            .collect::<HashSet<_>>()
+            .len();
+        if open.get(tenant).copied().unwrap_or(0) >= fair_share(share, with_demand) {
+            return Decision::Wait;
+        }
     }
-    let with_demand = held
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(t, _)| t)
-        .chain(waiting.iter().filter(|(_, n)| **n > 0).map(|(t, _)| t))
-        .collect::<std::collections::HashSet<_>>()
-        .len()
-        .max(1);
-    held.get(tenant).copied().unwrap_or(0) < fair_share(budget, with_demand)
+    if open.values().sum::<usize>() < share {
+        Decision::Open
+    } else {
+        Decision::MakeRoom
+    }
 }
 
 #[derive(Default)]
 struct State {
-    held: HashMap<String, usize>,
+    open: HashMap<String, usize>,
     waiting: HashMap<String, usize>,
 }
 
-/// One server's budget.
+/// One server's budget on this replica.
 pub(crate) struct ServerBudget {
-    pub(crate) budget: usize,
+    /// The DatabaseServer's `maxConnections`, for all replicas together.
+    limit: AtomicUsize,
+    peers: Arc<Peers>,
     state: Mutex<State>,
-    changed: Notify,
+    /// The pools of the tenants on this server, whose idle connections may make room.
+    members: Mutex<HashMap<String, Weak<TenantPool>>>,
+    /// Signalled whenever a connection is released or closed.
+    pub(crate) changed: Notify,
 }
 
-/// A slot of a server's budget, given back on drop.
+/// A place in a server's budget: held by an open connection, idle or not; given back on drop.
 pub(crate) struct Slot {
     budget: Arc<ServerBudget>,
     tenant: String,
@@ -61,7 +87,7 @@ pub(crate) struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut s = self.budget.lock();
-        if let Some(n) = s.held.get_mut(&self.tenant) {
+        if let Some(n) = s.open.get_mut(&self.tenant) {
             *n = n.saturating_sub(1);
         }
         drop(s);
@@ -69,11 +95,29 @@ impl Drop for Slot {
     }
 }
 
+/// A checkout waiting for a slot, counted for fairness until dropped.
+pub(crate) struct Waiting<'a> {
+    budget: &'a ServerBudget,
+    tenant: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.budget.lock().waiting.get_mut(self.tenant) {
+            *n = n.saturating_sub(1);
+        }
+        // A waiter leaving can change another's answer.
+        self.budget.changed.notify_waiters();
+    }
+}
+
 impl ServerBudget {
-    pub(crate) fn new(budget: usize) -> Self {
+    pub(crate) fn new(limit: usize, peers: Arc<Peers>) -> Self {
         ServerBudget {
-            budget: budget.max(1),
+            limit: AtomicUsize::new(limit.max(1)),
+            peers,
             state: Mutex::new(State::default()),
+            members: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         }
     }
@@ -82,43 +126,96 @@ impl ServerBudget {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for a slot for `tenant`, at most `timeout`; None when it did not come.
-    pub(crate) async fn take(self: &Arc<Self>, tenant: &str, timeout: Duration) -> Option<Slot> {
-        let deadline = tokio::time::Instant::now() + timeout;
+    /// The DatabaseServer's `maxConnections` changed.
+    pub(crate) fn set_limit(&self, limit: usize) {
+        self.limit.store(limit.max(1), Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// This replica's part of the budget: `maxConnections` divided among the replicas.
+    pub(crate) fn share(&self) -> usize {
+        (self.limit.load(Ordering::Relaxed) / self.peers.replicas().max(1)).max(1)
+    }
+
+    /// Whether this replica holds more than its share (the replicas became more): a released
+    /// connection is then closed rather than kept idle.
+    pub(crate) fn over(&self) -> bool {
+        self.lock().open.values().sum::<usize>() > self.share()
+    }
+
+    /// A tenant's pool, whose idle connections may make room for other tenants.
+    pub(crate) fn join(&self, tenant: &str, pool: Weak<TenantPool>) {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|_, p| p.strong_count() > 0);
+        members.insert(tenant.to_string(), pool);
+    }
+
+    /// Counts a checkout of `tenant` as waiting until the guard drops.
+    pub(crate) fn wait_as<'a>(&'a self, tenant: &'a str) -> Waiting<'a> {
         *self.lock().waiting.entry(tenant.to_string()).or_default() += 1;
-        let result = loop {
-            let notified = self.changed.notified();
+        Waiting {
+            budget: self,
+            tenant,
+        }
+    }
+
+    /// A slot for a new connection of `tenant`, now, if the budget allows: closing another
+    /// tenant's idle connection when the share is spent. None means wait for [`Self::changed`].
+    pub(crate) fn try_take(self: &Arc<Self>, tenant: &str) -> Option<Slot> {
+        loop {
             {
                 let mut s = self.lock();
-                if may_take(self.budget, &s.held, &s.waiting, tenant) {
-                    *s.held.entry(tenant.to_string()).or_default() += 1;
-                    break Some(Slot {
-                        budget: self.clone(),
-                        tenant: tenant.to_string(),
-                    });
+                match decide(self.share(), &s.open, &s.waiting, tenant) {
+                    Decision::Open => {
+                        *s.open.entry(tenant.to_string()).or_default() += 1;
+                        return Some(Slot {
+                            budget: self.clone(),
+                            tenant: tenant.to_string(),
+                        });
+                    }
+                    Decision::Wait => return None,
+                    Decision::MakeRoom => {}
                 }
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                break None;
+            // Outside the lock: closing a connection gives its slot back through it.
+            if !self.close_idle_of_others(tenant) {
+                return None;
             }
-        };
-        if let Some(n) = self.lock().waiting.get_mut(tenant) {
-            *n = n.saturating_sub(1);
         }
-        // A waiter leaving can change another's answer.
-        self.changed.notify_waiters();
-        result
+    }
+
+    /// Closes the oldest idle connection of the tenant with the most connections open, other
+    /// than `tenant`. False when no other tenant has one idle.
+    fn close_idle_of_others(&self, tenant: &str) -> bool {
+        let pools: Vec<Arc<TenantPool>> = {
+            let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+            members
+                .iter()
+                .filter(|(t, _)| t.as_str() != tenant)
+                .filter_map(|(_, p)| p.upgrade())
+                .collect()
+        };
+        let mut candidates: Vec<(usize, Arc<TenantPool>)> = {
+            let s = self.lock();
+            pools
+                .into_iter()
+                .map(|p| (s.open.get(&p.route.key()).copied().unwrap_or(0), p))
+                .collect()
+        };
+        candidates.sort_by_key(|(open, _)| std::cmp::Reverse(*open));
+        candidates.iter().any(|(_, pool)| pool.close_oldest_idle())
     }
 
     #[cfg(test)]
-    fn in_use(&self) -> usize {
-        self.lock().held.values().sum()
+    pub(crate) fn open(&self) -> usize {
+        self.lock().open.values().sum()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Decision::*;
 
     fn map(pairs: &[(&str, usize)]) -> HashMap<String, usize> {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
@@ -133,40 +230,97 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_tenant_may_use_the_whole_budget() {
-        assert!(may_take(10, &map(&[("a", 9)]), &map(&[("a", 1)]), "a"));
-        assert!(
-            !may_take(10, &map(&[("a", 10)]), &map(&[("a", 1)]), "a"),
-            "budget spent"
-        );
+    fn decisions() {
+        /// Open connections, or waiting checkouts, by tenant.
+        type Counts = &'static [(&'static str, usize)];
+        // (what, share, open, waiting, tenant asking, decision)
+        let cases: [(&str, usize, Counts, Counts, &str, Decision); 8] = [
+            ("room", 10, &[("a", 3)], &[("a", 1)], "a", Open),
+            (
+                "alone, the whole share",
+                10,
+                &[("a", 9)],
+                &[("a", 1)],
+                "a",
+                Open,
+            ),
+            (
+                "alone, share spent by its own connections",
+                10,
+                &[("a", 10)],
+                &[("a", 1)],
+                "a",
+                MakeRoom,
+            ),
+            (
+                "idle connections of others count",
+                4,
+                &[("a", 2), ("b", 2)],
+                &[("c", 1)],
+                "c",
+                MakeRoom,
+            ),
+            (
+                "over its fair share while another waits",
+                10,
+                &[("a", 8)],
+                &[("a", 3), ("b", 1)],
+                "a",
+                Wait,
+            ),
+            (
+                "under its fair share while another waits",
+                10,
+                &[("a", 8)],
+                &[("a", 3), ("b", 1)],
+                "b",
+                Open,
+            ),
+            (
+                "fair share with the share spent",
+                4,
+                &[("a", 4)],
+                &[("a", 1), ("b", 1)],
+                "b",
+                MakeRoom,
+            ),
+            (
+                "a share of one, two tenants",
+                1,
+                &[("a", 1)],
+                &[("b", 1)],
+                "b",
+                MakeRoom,
+            ),
+        ];
+        for (what, share, open, waiting, tenant, expected) in cases {
+            assert_eq!(
+                decide(share, &map(open), &map(waiting), tenant),
+                expected,
+                "{what}"
+            );
+        }
     }
 
     #[test]
-    fn a_busy_tenant_yields_to_waiting_ones() {
-        // a holds 8 of 10, b waits: a is over its share (5) and must let b go first.
-        let held = map(&[("a", 8)]);
-        let waiting = map(&[("a", 3), ("b", 1)]);
-        assert!(!may_take(10, &held, &waiting, "a"));
-        assert!(may_take(10, &held, &waiting, "b"));
-    }
-
-    #[tokio::test]
-    async fn slots_come_back_and_waiters_time_out() {
-        let budget = Arc::new(ServerBudget::new(2));
-        let a1 = budget.take("a", Duration::from_millis(10)).await;
-        let a2 = budget.take("a", Duration::from_millis(10)).await;
-        assert!(a1.is_some() && a2.is_some());
+    fn the_budget_is_divided_among_replicas() {
+        let peers = Arc::new(Peers::at([10, 0, 0, 1].into()));
+        let budget = Arc::new(ServerBudget::new(10, peers.clone()));
+        assert_eq!(budget.share(), 10);
+        let slots: Vec<Slot> = (0..4).filter_map(|_| budget.try_take("a")).collect();
+        assert_eq!(slots.len(), 4);
+        peers.update(
+            ["10.0.0.1:6432", "10.0.0.2:6432", "10.0.0.3:6432"]
+                .map(|a| a.parse().unwrap_or_else(|e| panic!("{e}"))),
+        );
+        assert_eq!(budget.share(), 3);
+        assert!(budget.over(), "4 open, a share of 3");
         assert!(
-            budget.take("b", Duration::from_millis(20)).await.is_none(),
-            "budget spent"
+            budget.try_take("a").is_none(),
+            "no idle connection to close"
         );
-        drop(a1);
-        assert!(budget.take("b", Duration::from_millis(20)).await.is_some());
-        assert_eq!(
-            budget.in_use(),
-            1,
-            "b's slot went back when dropped; a2 remains"
-        );
-        drop(a2);
+        drop(slots);
+        assert_eq!(budget.open(), 0, "slots come back on drop");
+        assert!(!budget.over());
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{ServerConn, ServerError};
+use crate::peers::Peers;
 use crate::routing::TenantRoute;
 use crate::session::params::{ClientParams, Setting};
 use budget::{ServerBudget, Slot};
@@ -42,11 +43,17 @@ pub(crate) enum PoolError {
 pub(crate) struct TenantPool {
     pub(crate) route: Arc<TenantRoute>,
     budget: Option<Arc<ServerBudget>>,
-    idle: Mutex<Vec<ServerConn>>,
+    idle: Mutex<Vec<Idle>>,
     permits: Arc<Semaphore>,
     /// What clients were told at login for the startup settings they sent, once a server took
     /// them: in transaction pooling, a client asking the same again needs no server to log in.
     established: Mutex<HashMap<Vec<Setting>, ClientParams>>,
+}
+
+/// An idle connection, with its place in the server's budget.
+struct Idle {
+    conn: ServerConn,
+    _slot: Option<Slot>,
 }
 
 /// Distinct startup settings remembered per tenant; past this the memory starts over.
@@ -66,66 +73,95 @@ impl TenantPool {
 
     /// A connection for exclusive use until the guard is released or dropped: the most recently
     /// used idle one whose parameters' fingerprint is `prefer`, else the most recently used.
-    /// Opens a new one when none is idle and the cap allows, so a burst on a cold tenant connects
-    /// in parallel.
+    /// Opens a new one when none is idle and both the tenant's cap and the server's budget allow
+    /// (taking another tenant's idle connection's place if need be), so that a burst on a cold
+    /// tenant connects in parallel.
     pub(crate) async fn checkout(
         self: &Arc<Self>,
         timeout: Duration,
         prefer: Option<u64>,
     ) -> Result<PooledConn, PoolError> {
         let started = Instant::now();
-        let permit = match tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await
-        {
-            Ok(Ok(permit)) => permit,
-            _ => {
-                return Err(PoolError::Exhausted {
-                    tenant: self.route.key(),
-                    limit: self.route.connection_limit,
+        let deadline = tokio::time::Instant::now() + timeout;
+        let permit =
+            match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    return Err(PoolError::Exhausted {
+                        tenant: self.route.key(),
+                        limit: self.route.connection_limit,
+                        waited: started.elapsed(),
+                    });
+                }
+            };
+        let Some(budget) = &self.budget else {
+            let (conn, slot) = match self.take_idle(prefer) {
+                Some(idle) => (idle.conn, idle._slot),
+                None => (ServerConn::connect(&self.route).await?, None),
+            };
+            return Ok(self.checked_out(conn, slot, permit));
+        };
+        // An idle connection of this tenant, or a slot of the server's budget for a new one,
+        // whichever comes first.
+        let tenant = self.route.key();
+        let _waiting = budget.wait_as(&tenant);
+        loop {
+            let changed = budget.changed.notified();
+            if let Some(idle) = self.take_idle(prefer) {
+                return Ok(self.checked_out(idle.conn, idle._slot, permit));
+            }
+            if let Some(slot) = budget.try_take(&tenant) {
+                let conn = ServerConn::connect(&self.route).await?;
+                return Ok(self.checked_out(conn, Some(slot), permit));
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return Err(PoolError::ServerBudget {
+                    server: self
+                        .route
+                        .server
+                        .as_ref()
+                        .map(|(s, _)| s.clone())
+                        .unwrap_or_default(),
+                    budget: budget.share(),
                     waited: started.elapsed(),
                 });
             }
-        };
-        // Then a slot of the server's budget, fairly shared with the server's other tenants.
-        let slot = match &self.budget {
-            Some(budget) => {
-                let left = timeout.saturating_sub(started.elapsed());
-                match budget.take(&self.route.key(), left).await {
-                    Some(slot) => Some(slot),
-                    None => {
-                        return Err(PoolError::ServerBudget {
-                            server: self
-                                .route
-                                .server
-                                .as_ref()
-                                .map(|(s, _)| s.clone())
-                                .unwrap_or_default(),
-                            budget: budget.budget,
-                            waited: started.elapsed(),
-                        });
-                    }
-                }
-            }
-            None => None,
-        };
-        let idle = {
-            let mut idle = lock(&self.idle);
-            let matching =
-                prefer.and_then(|f| idle.iter().rposition(|c| c.params.fingerprint() == f));
-            match matching {
-                Some(i) => Some(idle.remove(i)),
-                None => idle.pop(),
-            }
-        };
-        let conn = match idle {
-            Some(conn) => conn,
-            None => ServerConn::connect(&self.route).await?,
-        };
-        Ok(PooledConn {
+        }
+    }
+
+    fn take_idle(&self, prefer: Option<u64>) -> Option<Idle> {
+        let mut idle = lock(&self.idle);
+        let matching =
+            prefer.and_then(|f| idle.iter().rposition(|c| c.conn.params.fingerprint() == f));
+        match matching {
+            Some(i) => Some(idle.remove(i)),
+            None => idle.pop(),
+        }
+    }
+
+    fn checked_out(
+        self: &Arc<Self>,
+        conn: ServerConn,
+        slot: Option<Slot>,
+        permit: OwnedSemaphorePermit,
+    ) -> PooledConn {
+        PooledConn {
             conn: Some(conn),
+            slot,
             _permit: permit,
-            _slot: slot,
             pool: self.clone(),
-        })
+        }
+    }
+
+    /// Closes the idle connection unused the longest, making room on the server for another
+    /// tenant. False when none is idle.
+    fn close_oldest_idle(&self) -> bool {
+        let oldest = {
+            let mut idle = lock(&self.idle);
+            (!idle.is_empty()).then(|| idle.remove(0))
+        };
+        // Dropped outside the lock: its slot goes back to the budget.
+        oldest.is_some()
     }
 
     /// What a client sending these startup settings was told, if one did.
@@ -151,15 +187,23 @@ impl TenantPool {
 
     /// Closes idle connections unused for longer than `max_idle`.
     fn evict_idle(&self, max_idle: Duration) {
-        lock(&self.idle).retain(|c| c.last_used.elapsed() < max_idle);
+        let expired: Vec<Idle> = {
+            let mut idle = lock(&self.idle);
+            let (keep, expired) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|c| c.conn.last_used.elapsed() < max_idle);
+            *idle = keep;
+            expired
+        };
+        drop(expired);
     }
 }
 
 /// A checked-out connection. `release` returns it to the pool; dropping it closes it.
 pub(crate) struct PooledConn {
     conn: Option<ServerConn>,
+    slot: Option<Slot>,
     _permit: OwnedSemaphorePermit,
-    _slot: Option<Slot>,
     pool: Arc<TenantPool>,
 }
 
@@ -171,39 +215,62 @@ impl PooledConn {
             .unwrap_or_else(|| unreachable!("connection taken before release"))
     }
 
+    /// Back to the pool, idle; or closed, when this replica holds more than its share of the
+    /// server's budget (the replicas became more).
     pub(crate) fn release(mut self) {
-        if let Some(mut conn) = self.conn.take() {
-            conn.last_used = Instant::now();
-            lock(&self.pool.idle).push(conn);
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if let Some(budget) = &self.pool.budget
+            && budget.over()
+        {
+            return;
+        }
+        conn.last_used = Instant::now();
+        lock(&self.pool.idle).push(Idle {
+            conn,
+            _slot: self.slot.take(),
+        });
+        if let Some(budget) = &self.pool.budget {
+            // A checkout of this tenant, or of another that may close it, may be waiting.
+            budget.changed.notify_waiters();
         }
     }
 }
 
 /// Pools by tenant key. A pool whose route changed (password, server, limit) is replaced.
-#[derive(Default)]
 pub(crate) struct Pools {
     pools: Mutex<HashMap<String, Arc<TenantPool>>>,
     budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
+    peers: Arc<Peers>,
 }
 
 impl Pools {
+    pub(crate) fn new(peers: Arc<Peers>) -> Self {
+        Pools {
+            pools: Mutex::default(),
+            budgets: Mutex::default(),
+            peers,
+        }
+    }
+
     pub(crate) fn get(&self, route: &Arc<TenantRoute>) -> Arc<TenantPool> {
         let mut pools = lock(&self.pools);
         match pools.get(&route.key()) {
             Some(pool) if pool.route == *route || *pool.route == **route => pool.clone(),
             _ => {
-                let budget = route.server.as_ref().map(|(server, size)| {
-                    let mut budgets = lock(&self.budgets);
-                    match budgets.get(server) {
-                        Some(b) if b.budget == *size => b.clone(),
-                        _ => {
-                            let b = Arc::new(ServerBudget::new(*size));
-                            budgets.insert(server.clone(), b.clone());
-                            b
-                        }
-                    }
+                let budget = route.server.as_ref().map(|(server, limit)| {
+                    let budget = lock(&self.budgets)
+                        .entry(server.clone())
+                        .or_insert_with(|| Arc::new(ServerBudget::new(*limit, self.peers.clone())))
+                        .clone();
+                    budget.set_limit(*limit);
+                    budget
                 });
-                let pool = Arc::new(TenantPool::new(route.clone(), budget));
+                let pool = Arc::new(TenantPool::new(route.clone(), budget.clone()));
+                if let Some(budget) = budget {
+                    budget.join(&route.key(), Arc::downgrade(&pool));
+                }
                 pools.insert(route.key(), pool.clone());
                 pool
             }

@@ -52,12 +52,12 @@ where
     };
 
     // The client's cancel key is the router's own; it maps to whichever server runs its query.
-    let (pid, key, target) = shared.cancels.register();
+    let cancel = shared.cancels.register(|| shared.peers.cancel_key());
     if let Some(conn) = server.as_mut() {
         let c = conn.conn();
-        target.set(c.addr, c.pid, c.key);
+        cancel.target.set(c.addr, c.pid, c.key);
     }
-    hello(&mut writer, &params, pid, key).await?;
+    hello(&mut writer, &params, cancel.pid, cancel.key).await?;
     debug!(tenant = %route.key(), user = %user, "client logged in");
     shared
         .metrics
@@ -69,13 +69,12 @@ where
     let session = Session {
         shared,
         pool: &pool,
-        target: &target,
+        target: &cancel.target,
         shutdown,
         ended: shared.sessions_of(&route),
         params,
     };
     let result = relay(&mut reader, &mut writer, &mut server, session).await;
-    shared.cancels.remove(pid, key);
     shared.metrics.sessions.dec();
     result
 }
