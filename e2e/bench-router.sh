@@ -6,6 +6,9 @@
 # idle tenants configured, and, on a local control plane with the controller, the time from a
 # Tenant turning Ready to its first query through the router. SILO_BENCH_SECONDS sets each run's
 # length (default 10); SILO_BENCH_CASES picks cases (default "select multi churn").
+# SILO_BENCH_BASELINE_ROUTER=/path/to/an/older/silo-router runs that binary too, configured the
+# same, in the order pgbouncer router baseline baseline router pgbouncer, and prints router/baseline:
+# "no slower than before", measured in one script against one PostgreSQL.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -45,10 +48,11 @@ wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 PG_PORT="$(free_port)"; BOUNCER_PORT="$(free_port)"; ROUTER_PORT="$(free_port)"; ROUTER_HTTP="$(free_port)"
 ADMIN_PW="$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 "$ROOT/e2e/scripts/postgres.sh" start "$WORK/pg" "$PG_PORT" "$ADMIN_PW"
-# Room for the direct runs (50 and 400 clients) and both poolers' server connections.
+# Room for the direct runs (50 and 400 clients) and the poolers' server connections (the baseline
+# router's too).
 "$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg"
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w start \
-  -o "-c port=$PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK/pg -c fsync=off -c max_connections=1000 -c shared_buffers=128MB" >/dev/null
+  -o "-c port=$PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK/pg -c fsync=off -c max_connections=1600 -c shared_buffers=128MB" >/dev/null
 export PGPASSWORD="$ADMIN_PW"
 psql_admin() { psql -qAtX -h 127.0.0.1 -p "$PG_PORT" -U silo_admin -d postgres "$@"; }
 
@@ -91,10 +95,18 @@ runuser -u postgres -- pgbouncer -d "$WORK/pgbouncer.ini"
   --pool-mode transaction --log-filter warn ${SILO_ROUTER_WORKER_THREADS:+--worker-threads "$SILO_ROUTER_WORKER_THREADS"} >"$WORK/router.log" 2>&1 &
 PIDS+=($!)
 wait_port "$BOUNCER_PORT"; wait_port "$ROUTER_PORT"
+BASELINE="${SILO_BENCH_BASELINE_ROUTER:-}"
+if [[ -n "$BASELINE" ]]; then
+  BASELINE_PORT="$(free_port)"
+  "$BASELINE" --config "$WORK/tenants.yaml" --listen "127.0.0.1:$BASELINE_PORT" --http-addr "127.0.0.1:$(free_port)" \
+    --pool-mode transaction --log-filter warn >"$WORK/baseline.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$BASELINE_PORT"
+fi
 
 # target -> port and the database name a client gives for tenant i
-port_of() { case "$1" in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; router) echo "$ROUTER_PORT";; esac; }
-db_of() { if [[ "$1" == router ]]; then echo "t$2"; else echo "t_$2"; fi; }
+port_of() { case "$1" in direct) echo "$PG_PORT";; pgbouncer) echo "$BOUNCER_PORT";; router) echo "$ROUTER_PORT";; baseline) echo "$BASELINE_PORT";; esac; }
+db_of() { if [[ "$1" == router || "$1" == baseline ]]; then echo "t$2"; else echo "t_$2"; fi; }
 printf 'SELECT 1;\n' >"$WORK/select1.sql"
 
 # Prints "tps latency_ms" for one pgbench run.
@@ -144,7 +156,9 @@ run_case() {
 CASES="${SILO_BENCH_CASES:-select multi churn}"
 declare -A RESULT
 for c in $CASES; do
-  for target in direct pgbouncer router router pgbouncer; do
+  targets="direct pgbouncer router router pgbouncer"
+  [[ -n "$BASELINE" ]] && targets="direct pgbouncer router baseline baseline router pgbouncer"
+  for target in $targets; do
     [[ "$target" == direct && -n "${RESULT[direct,$c]:-}" ]] && continue
     echo "bench-router.sh: $target: $(case_name "$c")" >&2
     RESULT[$target,$c]+="$(run_case "$target" "$c");"
@@ -186,6 +200,11 @@ for c in $CASES; do
   printf '  %-32s %12.0f %12.0f %12.0f %10.2f\n' "$(case_name "$c")" "$d_tps" "$b_tps" "$r_tps" "$(python3 -c "print($r_tps/$b_tps)")"
   printf '  %-32s %12s %12s %12s\n' "  mean latency (ms)" "$d_lat" "$b_lat" "$r_lat"
   printf '  %-32s %12s %12s %12s\n' "  each run's tps" "" "$b_runs" "$r_runs"
+  if [[ -n "$BASELINE" ]]; then
+    read -r o_tps o_lat o_runs <<<"$(summary "${RESULT[baseline,$c]}")"
+    printf '  %-32s %12s %12s %12.0f %10s\n' "  baseline router (tps, runs)" "" "" "$o_tps" "$o_runs"
+    printf '  %-32s %12s %12s %12s %10.2f\n' "  router/baseline" "" "" "" "$(python3 -c "print($r_tps/$o_tps)")"
+  fi
 done
 echo "  router RSS with 10,000 idle tenants configured: $((IDLE_RSS_KB / 1024)) MiB (target <= 100 MiB)"
 echo "  $READY_LINE"
