@@ -112,7 +112,12 @@ impl Peers {
     /// not yet), whatever their readiness: a replica that is starting or draining holds server
     /// connections and clients too.
     pub fn update(&self, endpoints: impl IntoIterator<Item = SocketAddr>) {
-        let all: BTreeSet<SocketAddr> = endpoints.into_iter().collect();
+        // One family: a dual-stack Service lists every replica once per family.
+        let family = |addr: &SocketAddr| {
+            self.own_ip
+                .is_none_or(|own| own.is_ipv4() == addr.is_ipv4())
+        };
+        let all: BTreeSet<SocketAddr> = endpoints.into_iter().filter(family).collect();
         let others: Vec<(u16, SocketAddr)> = all
             .iter()
             .filter(|addr| Some(addr.ip()) != self.own_ip)
@@ -244,6 +249,9 @@ mod tests {
         assert_eq!(peers.owners_of(from_b), vec![b]);
         // Not listed yet: still counted, never a peer of itself.
         peers.update([b]);
+        assert_eq!(peers.replicas(), 2);
+        // A dual-stack Service lists each replica in both families: counted once.
+        peers.update([a, b, addr("[fd00::1]:6432"), addr("[fd00::2]:6432")]);
         assert_eq!(peers.replicas(), 2);
         assert!(peers.owners_of(peers.cancel_key().0).is_empty());
     }

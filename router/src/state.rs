@@ -83,6 +83,11 @@ impl Shared {
         let old = self.table.swap(Arc::new(table));
         let new = self.table.load();
         let live: std::collections::HashSet<String> = new.routes().map(|r| r.key()).collect();
+        self.pools.set_limits(
+            new.routes()
+                .filter_map(|r| r.server.as_ref())
+                .map(|(server, limit)| (server.as_str(), *limit)),
+        );
         self.scram.retain(|tenant| live.contains(tenant));
         let mut sessions = lock(&self.tenant_sessions);
         for route in old.routes().filter(|r| r.state == TenantState::Ready) {

@@ -89,7 +89,10 @@ async fn negotiate(stream: &mut TcpStream, shared: &Shared) -> Result<Negotiated
 }
 
 /// Passes a client's cancel request on to the server running its query, if this replica holds
-/// the client; else to the replica that does (the key says which), which does the same.
+/// the client; else to the replica that does (the key's tag says which), which does the same. A
+/// replica passes on only requests carrying another tag than its own, so a request is passed on
+/// at most once. (Two replicas whose pod IPs give the same tag, one chance in 32,767 per pair, lose
+/// the cancels that reach the other one: they cannot be told from requests passed on already.)
 async fn cancel(shared: &Shared, pid: i32, key: i32) {
     if shared.peers.is_own(pid) {
         if let Some((addr, server_pid, server_key)) = shared.cancels.lookup(pid, key) {

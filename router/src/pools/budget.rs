@@ -32,6 +32,54 @@ pub(crate) enum Decision {
     Wait,
 }
 
+/// Whether `tenant` must let others go first: other tenants wait, and it holds its fair share
+/// already (pure).
+pub(crate) fn yields(
+    share: usize,
+    open: &HashMap<String, usize>,
+    waiting: &HashMap<String, usize>,
+    tenant: &str,
+) -> bool {
+    if !waiting.iter().any(|(t, n)| t != tenant && *n > 0) {
+        return false;
+    }
+    let with_demand = open
+        .iter()
+        .chain(waiting.iter())
+        .filter(|(_, n)| **n > 0)
+        .map(|(t, _)| t)
+        .collect::<HashSet<_>>()
+        .len();
+    open.get(tenant).copied().unwrap_or(0) >= fair_share(share, with_demand)
+}
+
+/// Whether a connection `tenant` releases should be closed rather than kept idle, so that a
+/// waiting tenant below its fair share gets the place: the share is spent and `tenant` holds more
+/// than its fair share (pure). Tenants at their fair share keep their connections: closing and
+/// reopening on every transaction would cost a login each.
+pub(crate) fn gives_way(
+    share: usize,
+    open: &HashMap<String, usize>,
+    waiting: &HashMap<String, usize>,
+    tenant: &str,
+) -> bool {
+    if open.values().sum::<usize>() < share {
+        return false;
+    }
+    let with_demand = open
+        .iter()
+        .chain(waiting.iter())
+        .filter(|(_, n)| **n > 0)
+        .map(|(t, _)| t)
+        .collect::<HashSet<_>>()
+        .len();
+    let fair = fair_share(share, with_demand);
+    let starved = waiting
+        .iter()
+        .any(|(t, n)| t != tenant && *n > 0 && open.get(t).copied().unwrap_or(0) < fair);
+    starved && open.get(tenant).copied().unwrap_or(0) > fair
+}
+
 /// What `tenant` may do, with `share` connections for this replica, `open` connections per
 /// tenant (idle included) and `waiting` checkouts per tenant (pure).
 pub(crate) fn decide(
@@ -40,20 +88,9 @@ pub(crate) fn decide(
     waiting: &HashMap<String, usize>,
     tenant: &str,
 ) -> Decision {
-    let others_waiting = waiting.iter().any(|(t, n)| t != tenant && *n > 0);
-    if others_waiting {
-        let with_demand = open
-            .iter()
-            .chain(waiting.iter())
-            .filter(|(_, n)| **n > 0)
-            .map(|(t, _)| t)
-            .collect::<HashSet<_>>()
-            .len();
-        if open.get(tenant).copied().unwrap_or(0) >= fair_share(share, with_demand) {
-            return Decision::Wait;
-        }
-    }
-    if open.values().sum::<usize>() < share {
+    if yields(share, open, waiting, tenant) {
+        Decision::Wait
+    } else if open.values().sum::<usize>() < share {
         Decision::Open
     } else {
         Decision::MakeRoom
@@ -132,15 +169,36 @@ impl ServerBudget {
         self.changed.notify_waiters();
     }
 
-    /// This replica's part of the budget: `maxConnections` divided among the replicas.
-    pub(crate) fn share(&self) -> usize {
-        (self.limit.load(Ordering::Relaxed) / self.peers.replicas().max(1)).max(1)
+    /// The DatabaseServer's `maxConnections`.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
     }
 
-    /// Whether this replica holds more than its share (the replicas became more): a released
-    /// connection is then closed rather than kept idle.
+    /// This replica's part of the budget: `maxConnections` divided among the replicas, at least
+    /// one (with more replicas than `maxConnections`, each still holds one).
+    pub(crate) fn share(&self) -> usize {
+        (self.limit() / self.peers.replicas().max(1)).max(1)
+    }
+
+    /// Whether this replica holds more than its share (the replicas became more, or
+    /// `maxConnections` less).
     pub(crate) fn over(&self) -> bool {
         self.lock().open.values().sum::<usize>() > self.share()
+    }
+
+    /// Whether a connection `tenant` releases should be closed rather than kept idle: this
+    /// replica holds more than its share, or a starved tenant waits ([`gives_way`]).
+    pub(crate) fn keeps_no_idle(&self, tenant: &str) -> bool {
+        let share = self.share();
+        let s = self.lock();
+        s.open.values().sum::<usize>() > share || gives_way(share, &s.open, &s.waiting, tenant)
+    }
+
+    /// Closes idle connections while this replica holds more than its share, then wakes the
+    /// waiters (a larger share lets them in).
+    pub(crate) fn trim(&self) {
+        while self.over() && self.close_idle_of_others(None) {}
+        self.changed.notify_waiters();
     }
 
     /// A tenant's pool, whose idle connections may make room for other tenants.
@@ -178,20 +236,20 @@ impl ServerBudget {
                 }
             }
             // Outside the lock: closing a connection gives its slot back through it.
-            if !self.close_idle_of_others(tenant) {
+            if !self.close_idle_of_others(Some(tenant)) {
                 return None;
             }
         }
     }
 
     /// Closes the oldest idle connection of the tenant with the most connections open, other
-    /// than `tenant`. False when no other tenant has one idle.
-    fn close_idle_of_others(&self, tenant: &str) -> bool {
+    /// than `except`. False when no such tenant has one idle.
+    fn close_idle_of_others(&self, except: Option<&str>) -> bool {
         let pools: Vec<Arc<TenantPool>> = {
             let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
             members
                 .iter()
-                .filter(|(t, _)| t.as_str() != tenant)
+                .filter(|(t, _)| Some(t.as_str()) != except)
                 .filter_map(|(_, p)| p.upgrade())
                 .collect()
         };
@@ -216,6 +274,10 @@ impl ServerBudget {
 mod tests {
     use super::*;
     use Decision::*;
+    use std::time::Duration;
+
+    /// Open connections, or waiting checkouts, by tenant.
+    type Counts = &'static [(&'static str, usize)];
 
     fn map(pairs: &[(&str, usize)]) -> HashMap<String, usize> {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
@@ -231,8 +293,6 @@ mod tests {
 
     #[test]
     fn decisions() {
-        /// Open connections, or waiting checkouts, by tenant.
-        type Counts = &'static [(&'static str, usize)];
         // (what, share, open, waiting, tenant asking, decision)
         let cases: [(&str, usize, Counts, Counts, &str, Decision); 8] = [
             ("room", 10, &[("a", 3)], &[("a", 1)], "a", Open),
@@ -300,6 +360,88 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    #[test]
+    fn a_tenant_over_its_fair_share_gives_way_to_a_starved_one() {
+        // (what, share, open, waiting, tenant releasing, closes its connection)
+        let cases: [(&str, usize, Counts, Counts, &str, bool); 6] = [
+            ("nobody else waits", 4, &[("a", 4)], &[("a", 3)], "a", false),
+            (
+                "b waits, a holds all",
+                4,
+                &[("a", 4)],
+                &[("b", 1)],
+                "a",
+                true,
+            ),
+            (
+                "b waits, but there is room",
+                4,
+                &[("a", 3)],
+                &[("b", 1)],
+                "a",
+                false,
+            ),
+            (
+                "both at their fair share: no churn",
+                4,
+                &[("a", 2), ("b", 2)],
+                &[("a", 1), ("b", 1)],
+                "a",
+                false,
+            ),
+            (
+                "three tenants, a over, c starved",
+                4,
+                &[("a", 3), ("b", 1)],
+                &[("c", 1)],
+                "a",
+                true,
+            ),
+            (
+                "b over its share releases, a starved",
+                4,
+                &[("a", 1), ("b", 3)],
+                &[("a", 1)],
+                "b",
+                true,
+            ),
+        ];
+        for (what, share, open, waiting, tenant, expected) in cases {
+            assert_eq!(
+                gives_way(share, &map(open), &map(waiting), tenant),
+                expected,
+                "{what}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiting_checkout_gets_the_slot_that_comes_back() {
+        let budget = Arc::new(ServerBudget::new(1, Arc::new(Peers::alone())));
+        let held = budget.try_take("a");
+        assert!(held.is_some());
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let _waiting = budget.wait_as("b");
+                loop {
+                    let changed = budget.changed.notified();
+                    if let Some(slot) = budget.try_take("b") {
+                        return slot.tenant.clone();
+                    }
+                    changed.await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "the budget is spent");
+        drop(held);
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap_or_else(|_| panic!("the waiter was not woken"));
+        assert_eq!(got.ok().as_deref(), Some("b"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod budget;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,11 +30,12 @@ pub(crate) enum PoolError {
         waited: Duration,
     },
     #[error(
-        "DatabaseServer \"{server}\" has used its budget of {budget} connections (maxConnections), shared with its other tenants; waited {waited:?}"
+        "DatabaseServer \"{server}\" has no connection to spare: this router replica holds its share, {share} of the server's {limit} (maxConnections, divided among the router's replicas and shared with the server's other tenants); waited {waited:?}"
     )]
     ServerBudget {
         server: String,
-        budget: usize,
+        share: usize,
+        limit: usize,
         waited: Duration,
     },
     #[error(transparent)]
@@ -43,6 +45,9 @@ pub(crate) enum PoolError {
 pub(crate) struct TenantPool {
     pub(crate) route: Arc<TenantRoute>,
     budget: Option<Arc<ServerBudget>>,
+    /// Replaced by a pool for a changed route: its sessions go on, but what they release is
+    /// closed (no one could use it, nor make room by closing it).
+    retired: AtomicBool,
     idle: Mutex<Vec<Idle>>,
     permits: Arc<Semaphore>,
     /// What clients were told at login for the startup settings they sent, once a server took
@@ -65,6 +70,7 @@ impl TenantPool {
         TenantPool {
             route,
             budget,
+            retired: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(cap)),
             established: Mutex::new(HashMap::new()),
@@ -122,7 +128,8 @@ impl TenantPool {
                         .as_ref()
                         .map(|(s, _)| s.clone())
                         .unwrap_or_default(),
-                    budget: budget.share(),
+                    share: budget.share(),
+                    limit: budget.limit(),
                     waited: started.elapsed(),
                 });
             }
@@ -185,6 +192,13 @@ impl TenantPool {
         self.route.connection_limit.max(1) - self.permits.available_permits()
     }
 
+    /// Its route changed: idle connections are closed now, released ones as they come back.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        let idle = std::mem::take(&mut *lock(&self.idle));
+        drop(idle);
+    }
+
     /// Closes idle connections unused for longer than `max_idle`.
     fn evict_idle(&self, max_idle: Duration) {
         let expired: Vec<Idle> = {
@@ -215,14 +229,20 @@ impl PooledConn {
             .unwrap_or_else(|| unreachable!("connection taken before release"))
     }
 
-    /// Back to the pool, idle; or closed, when this replica holds more than its share of the
-    /// server's budget (the replicas became more).
+    /// Back to the pool, idle; or closed, when the pool was replaced, or when its server's budget
+    /// needs the place (this replica is over its share, or other tenants wait while this one
+    /// holds its fair share).
     pub(crate) fn release(mut self) {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if let Some(budget) = &self.pool.budget
-            && budget.over()
+        let tenant = self.pool.route.key();
+        if self.pool.retired.load(Ordering::Relaxed)
+            || self
+                .pool
+                .budget
+                .as_ref()
+                .is_some_and(|b| b.keeps_no_idle(&tenant))
         {
             return;
         }
@@ -271,19 +291,38 @@ impl Pools {
                 if let Some(budget) = budget {
                     budget.join(&route.key(), Arc::downgrade(&pool));
                 }
-                pools.insert(route.key(), pool.clone());
+                if let Some(old) = pools.insert(route.key(), pool.clone()) {
+                    old.retire();
+                }
                 pool
             }
         }
     }
 
-    /// Closes idle connections past `max_idle`, and forgets pools with nothing open.
+    /// Closes idle connections past `max_idle` and those over a server's share (the replicas
+    /// became more), and forgets pools with nothing open.
     pub(crate) fn evict(&self, max_idle: Duration) {
-        let mut pools = lock(&self.pools);
-        for pool in pools.values() {
-            pool.evict_idle(max_idle);
+        {
+            let mut pools = lock(&self.pools);
+            for pool in pools.values() {
+                pool.evict_idle(max_idle);
+            }
+            pools.retain(|_, p| p.idle_count() > 0 || p.in_use() > 0 || Arc::strong_count(p) > 1);
         }
-        pools.retain(|_, p| p.idle_count() > 0 || p.in_use() > 0 || Arc::strong_count(p) > 1);
+        let budgets: Vec<Arc<ServerBudget>> = lock(&self.budgets).values().cloned().collect();
+        for budget in budgets {
+            budget.trim();
+        }
+    }
+
+    /// Puts each server's `maxConnections` from a new routing table in force.
+    pub(crate) fn set_limits<'a>(&self, servers: impl Iterator<Item = (&'a str, usize)>) {
+        let budgets = lock(&self.budgets);
+        for (server, limit) in servers {
+            if let Some(budget) = budgets.get(server) {
+                budget.set_limit(limit);
+            }
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Vec<Arc<TenantPool>> {
