@@ -17,8 +17,14 @@ harness_up() {
     export SILO_E2E_OWN_CLUSTER=1
   fi
   "$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
-  "$SILO_KUBECTL" wait --for condition=established --timeout=60s \
-    crd/tenants.silo.dev crd/databaseservers.silo.dev >/dev/null
+  # Retried: a CRD read before the API server wrote its first status has no conditions, and
+  # `kubectl wait` then fails at once ("accessor error: <nil>") instead of waiting.
+  local crds=(crd/tenants.silo.dev crd/databaseservers.silo.dev)
+  for _ in $(seq 30); do
+    "$SILO_KUBECTL" wait --for condition=established --timeout=10s "${crds[@]}" >/dev/null 2>&1 && break
+    sleep 1
+  done
+  "$SILO_KUBECTL" wait --for condition=established --timeout=10s "${crds[@]}" >/dev/null
   # The local controller and router run as the chart's ServiceAccounts, with the chart's RBAC.
   "$ROOT/e2e/scripts/chart-rbac.sh" silo-e2e "$work/identities"
   # shellcheck disable=SC1091
