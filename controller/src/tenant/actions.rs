@@ -1,0 +1,379 @@
+//! What a tenant reconcile does to the world: the API server (status, Events, the Secret) and the
+//! tenant's database server. The decisions are made in placement.rs and status.rs.
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use silo_crds::conditions::{self, Desired, READY, ROUTED};
+use silo_crds::contract;
+use silo_crds::routing;
+use silo_crds::{DeletionPolicy, Tenant, TenantPhase};
+use tracing::{info, warn};
+
+use super::placement::{Candidate, Unplaceable, place_tenant};
+use super::secret::{Endpoint, build_secret, secret_data, secret_name, stored_password};
+use super::status::{self, Report};
+use super::{FIELD_MANAGER, Pass};
+use crate::context::{Context, lock_placements};
+use crate::error::{Error, Result};
+use crate::sql::ddl::{self, Change, RoleSpec};
+use crate::sql::identity::Claimant;
+use crate::sql::{ServerHandle, scram};
+
+/// The tenant's `server`, when that server exists but is not one of this controller's
+/// (`--server-selector`): the tenant belongs to another install sharing the cluster. A server
+/// that does not exist at all is this controller's concern (it reports it). Asked of the API
+/// server rather than the cache, which may not be filled yet when a reconcile starts.
+pub(super) async fn foreign_server(server: Option<&str>, ctx: &Context) -> Result<Option<String>> {
+    let (Some(server), Some(selector)) = (server, &ctx.server_selector) else {
+        return Ok(None);
+    };
+    if ctx.servers.get(&ObjectRef::new(server)).is_some() {
+        return Ok(None);
+    }
+    let api: Api<silo_crds::DatabaseServer> = Api::all(ctx.client.clone());
+    let by_name = ListParams::default().fields(&format!("metadata.name={server}"));
+    if !api
+        .list_metadata(&by_name.clone().labels(selector))
+        .await?
+        .items
+        .is_empty()
+    {
+        return Ok(None);
+    }
+    let exists = !api.list_metadata(&by_name).await?.items.is_empty();
+    Ok(exists.then(|| server.to_string()))
+}
+
+impl Pass<'_> {
+    /// Chooses a server and records the choice in status.
+    pub(super) async fn place(&self) -> Result<Result<String, Unplaceable>> {
+        let Pass { tenant, facts, ctx } = self;
+        let key = &facts.key;
+        let chosen = {
+            let mut placements = lock_placements(&ctx.placements);
+            if let Some(server) = placements.get(key) {
+                return Ok(Ok(server.clone()));
+            }
+            let counts = ctx.tenants_by_server(&placements);
+            let candidates: Vec<Candidate> = ctx
+                .servers
+                .state()
+                .iter()
+                .map(|s| Candidate {
+                    name: s.name_any(),
+                    labels: s.labels().clone(),
+                    dedicated: s.spec.dedicated,
+                    cordoned: s.spec.cordoned,
+                    ready: s
+                        .status
+                        .as_ref()
+                        .is_some_and(|st| conditions::is_true(&st.conditions, READY)),
+                    max_tenants: usize::try_from(s.spec.max_tenants).unwrap_or(0),
+                    tenants: counts.get(&s.name_any()).copied().unwrap_or(0),
+                })
+                .collect();
+            match place_tenant(
+                tenant.spec.isolation,
+                tenant.spec.server_selector.as_ref(),
+                &candidates,
+            ) {
+                Ok(server) => {
+                    placements.insert(key.clone(), server.clone());
+                    server
+                }
+                Err(unplaceable) => return Ok(Err(unplaceable)),
+            }
+        };
+        // Written only if nobody placed the tenant meanwhile (another install sharing the cluster).
+        let report =
+            Report::placed(None, &chosen, &facts.names, &facts.name).unless_changed_since(tenant);
+        if let Err(e) = self.write(&report).await {
+            lock_placements(&ctx.placements).remove(key);
+            return Err(e);
+        }
+        info!(tenant = %key, server = %chosen, "tenant placed");
+        let _ = ctx.server_changed.send(chosen.clone());
+        self.publish(
+            EventType::Normal,
+            "Placed",
+            format!("placed on DatabaseServer {chosen}"),
+        )
+        .await;
+        Ok(Ok(chosen))
+    }
+
+    /// Creates the credentials Secret, or brings an existing one back to the declared contents.
+    /// Returns the password.
+    pub(super) async fn ensure_secret(&self, endpoint: &Endpoint<'_>) -> Result<String> {
+        let Pass { tenant, facts, ctx } = self;
+        let names = &facts.names;
+        let name = secret_name(&facts.name);
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &facts.namespace);
+        let create = || async {
+            let password = scram::generate_password();
+            let secret = build_secret(tenant, secret_data(names, endpoint, &password));
+            let params = PostParams {
+                field_manager: Some(super::FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            api.create(&params, &secret).await.map(|_| password)
+        };
+        // A tenant still being provisioned most likely has no Secret yet: try to create it first.
+        let fresh = facts
+            .phase
+            .is_none_or(|p| matches!(p, TenantPhase::Pending | TenantPhase::Provisioning));
+        if fresh {
+            match create().await {
+                Ok(password) => return Ok(password),
+                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(existing) = api.get_opt(&name).await? else {
+            return Ok(create().await?);
+        };
+
+        let owners = existing
+            .metadata
+            .owner_references
+            .clone()
+            .unwrap_or_default();
+        let owned = owners.iter().any(|o| o.uid == facts.uid);
+        let labels = existing.labels();
+        let ours_unowned = owners.is_empty()
+            && labels.get(contract::MANAGED_BY_LABEL).map(String::as_str)
+                == Some(contract::MANAGED_BY)
+            && labels.get(contract::TENANT_LABEL) == tenant.metadata.name.as_ref();
+        if !owned && !ours_unowned {
+            return Err(Error::Secret {
+                namespace: facts.namespace.clone(),
+                name,
+                message: "exists but does not belong to this tenant; delete or rename it".into(),
+            });
+        }
+        let password = stored_password(&existing).unwrap_or_else(scram::generate_password);
+        let wanted = build_secret(tenant, secret_data(names, endpoint, &password));
+        let retained_label = labels.contains_key(contract::RETAINED_LABEL);
+        if !owned || existing.data != wanted.data || retained_label {
+            // A merge patch: `data` replaced as a whole, the retained mark dropped, ownership taken back.
+            let patch = json!({
+                "metadata": {
+                    "ownerReferences": wanted.metadata.owner_references,
+                    "labels": { contract::RETAINED_LABEL: null },
+                },
+                "data": wanted.data,
+            });
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            if !owned {
+                info!(tenant = %facts.key, secret = %name, "retained credentials Secret adopted");
+            }
+        }
+        Ok(password)
+    }
+
+    /// Role, database and grants as declared; sessions ended while suspended. Returns what changed.
+    pub(super) async fn provision(
+        &self,
+        handle: &ServerHandle,
+        password: &str,
+        server: &str,
+    ) -> Result<Vec<Change>> {
+        let Pass { tenant, facts, .. } = self;
+        let names = &facts.names;
+        let claimant = Claimant {
+            key: &facts.key,
+            uid: &facts.uid,
+        };
+        let suspended = tenant.spec.suspended;
+        let _permit = handle.ddl_permit().await;
+        let pool = &handle.pool;
+        // Nothing is created, changed or given a password before the names are known to be ours.
+        ddl::claim(pool, &names.role, &names.database, &claimant)
+            .await
+            .map_err(|e| Error::sql("checking names", server, e))?
+            .map_err(|conflict| Error::NameConflict {
+                conflict,
+                server: server.to_string(),
+            })?;
+        let role = RoleSpec {
+            role: &names.role,
+            password,
+            connection_limit: tenant.spec.connection_limit,
+            login: !suspended,
+        };
+        let mut changes = ddl::ensure_role(pool, &role, &claimant, &handle.verified)
+            .await
+            .map_err(|e| Error::sql("ensuring role", server, e))?;
+        let more = ddl::ensure_database(pool, &names.database, &names.role, &claimant)
+            .await
+            .map_err(|e| Error::sql("ensuring database", server, e))?;
+        for change in more {
+            if !changes.contains(&change) {
+                changes.push(change);
+            }
+        }
+        if suspended {
+            let ended = ddl::terminate_sessions(pool, &names.database, &names.role)
+                .await
+                .map_err(|e| Error::sql("ending sessions", server, e))?;
+            if ended > 0 {
+                info!(tenant = %facts.key, sessions = ended, "sessions of suspended tenant ended");
+            }
+        }
+        Ok(changes)
+    }
+
+    /// The deletion policy on the server: role and database dropped, or locked and retained.
+    pub(super) async fn carry_out_policy(
+        &self,
+        handle: &ServerHandle,
+        server: &str,
+    ) -> Result<ddl::Cleanup> {
+        let facts = &self.facts;
+        let names = &facts.names;
+        let claimant = Claimant {
+            key: &facts.key,
+            uid: &facts.uid,
+        };
+        let _permit = handle.ddl_permit().await;
+        Ok(match facts.policy {
+            DeletionPolicy::Delete => {
+                ddl::drop_tenant(&handle.pool, &names.database, &names.role, &claimant)
+                    .await
+                    .map_err(|e| Error::sql("dropping tenant", server, e))?
+            }
+            DeletionPolicy::Retain => {
+                let at = jiff::Timestamp::now().to_string();
+                ddl::lock_and_retain(&handle.pool, &names.database, &names.role, &claimant, &at)
+                    .await
+                    .map_err(|e| Error::sql("locking retained tenant", server, e))?
+            }
+        })
+    }
+
+    /// Marks the credentials Secret retained and no longer owned by the Tenant (if it exists).
+    pub(super) async fn retain_secret(&self) -> Result<()> {
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.facts.namespace);
+        let secret = secret_name(&self.facts.name);
+        let patch = json!({ "metadata": { "ownerReferences": null, "labels": { contract::RETAINED_LABEL: "true" } } });
+        match secrets
+            .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The tenant is off `server`: this process's placement is dropped, and the server's tenant
+    /// count refreshed.
+    pub(super) fn forget_placement(&self, server: String) {
+        lock_placements(&self.ctx.placements).remove(&self.facts.key);
+        let _ = self.ctx.server_changed.send(server);
+    }
+
+    /// The `Routed` condition: whether the routes of `spec.routing` are this tenant's alone. A
+    /// route another Tenant claimed first stays theirs (the router agrees, by the same rule); a
+    /// contest is shown on both Tenants, with an Event when it appears.
+    pub(super) async fn routes(&self) -> Desired {
+        let Pass { tenant, facts, ctx } = self;
+        let others = ctx.tenants.state();
+        let contests = routing::contests(tenant, others.iter().map(|t| t.as_ref()));
+        let condition = status::routed_condition(&contests);
+        let known = tenant
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == ROUTED));
+        if !contests.is_empty() && known.is_none_or(|c| c.message != condition.message) {
+            self.publish(
+                EventType::Warning,
+                "RouteConflict",
+                condition.message.clone(),
+            )
+            .await;
+            // The other side learns of it now, not at its next resync.
+            let mine = &facts.key;
+            for contest in &contests {
+                let Some((namespace, name)) = contest.other.split_once('/') else {
+                    continue;
+                };
+                let other = ObjectRef::new(name).within(namespace);
+                let told = ctx.tenants.get(&other).is_some_and(|t| {
+                    t.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == ROUTED && c.message.contains(mine.as_str()))
+                    })
+                });
+                if !told {
+                    let _ = ctx.tenant_changed.send(other);
+                }
+            }
+        }
+        condition
+    }
+
+    /// On an error, shows it in status (see `status::failed`) before returning it.
+    pub(super) async fn reported<T>(&self, placed: &Report, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(err) => {
+                self.write(&status::failed(placed, &err)).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes the status if it differs from the stored one, and publishes an Event when the
+    /// phase changes.
+    pub(super) async fn write(&self, report: &Report) -> Result<()> {
+        let Pass { tenant, facts, ctx } = self;
+        let current = tenant.status.clone().unwrap_or_default();
+        let status = report.status(
+            &current,
+            tenant.metadata.generation,
+            Time(jiff::Timestamp::now()),
+        );
+        if status == current {
+            return Ok(());
+        }
+        let api: Api<Tenant> = Api::namespaced(ctx.client.clone(), &facts.namespace);
+        let mut patch =
+            json!({ "apiVersion": "silo.dev/v1alpha1", "kind": "Tenant", "status": status });
+        if let Some(version) = &report.precondition {
+            patch["metadata"] = json!({ "resourceVersion": version });
+        }
+        api.patch_status(
+            &facts.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        if let Some(event) = report.phase_event(current.phase) {
+            self.publish(event.type_, event.reason, event.note).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes an Event; a failure to publish is logged, never fatal.
+    pub(super) async fn publish(&self, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let reference = self.tenant.object_ref(&());
+        if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+            warn!(tenant = %self.facts.key, error = %e, "publishing event failed");
+        }
+    }
+}
