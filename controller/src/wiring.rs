@@ -1,0 +1,289 @@
+//! The pieces `run` puts together: each kind's controller (its watches and triggers), leadership,
+//! the metrics scrape hook and readiness.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
+use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
+use silo_crds::{DatabaseServer, Tenant};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::RunError;
+use crate::context::{self, Context};
+use crate::http::Health;
+use crate::metrics::{Metrics, PhaseLabels};
+use crate::{database_server, tenant};
+
+/// A watch of everything, or of the objects whose labels match `selector`.
+pub fn selected(selector: Option<&str>) -> watcher::Config {
+    match selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    }
+}
+
+/// The Tenant controller, before its triggers are added. Tenants are reconciled when their spec,
+/// finalizers or deletion change, not when the controller's own status writes come back through
+/// the watch (resync covers the rest).
+pub fn tenant_controller(
+    api: Api<Tenant>,
+    watch: watcher::Config,
+    concurrency: u16,
+) -> Controller<Tenant> {
+    let (reader, writer) = reflector::store();
+    let changes = watcher(api, watch)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(tenant::spec_changed, PredicateConfig::default());
+    Controller::for_stream(changes, reader)
+        .with_config(ControllerConfig::default().concurrency(concurrency))
+}
+
+/// The DatabaseServer controller, before its triggers are added. Servers are reconciled when their
+/// spec or labels change, on a timer, and when a tenant is placed on or removed from them.
+pub fn server_controller(
+    api: Api<DatabaseServer>,
+    watch: watcher::Config,
+) -> Controller<DatabaseServer> {
+    let (reader, writer) = reflector::store();
+    let changes = watcher(api, watch)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(database_server::spec_changed, PredicateConfig::default());
+    Controller::for_stream(changes, reader)
+        .with_config(ControllerConfig::default().debounce(std::time::Duration::from_millis(500)))
+}
+
+/// Runs the Tenant controller until shutdown. Besides its own watch, a tenant is reconciled when
+/// its credentials Secret changes, when a server changes while it waits for a placement, and when
+/// another tenant asks (`Context::tenant_changed`: a route it claims is contested).
+pub fn run_tenants(
+    controller: Controller<Tenant>,
+    secrets: Api<Secret>,
+    servers: Api<DatabaseServer>,
+    server_watch: watcher::Config,
+    tenant_changed: UnboundedReceiver<ObjectRef<Tenant>>,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> {
+    // A server change wakes the tenants waiting for a placement (phase Pending, not placed by
+    // this process since). Tenants that are placed, or new, have their own triggers.
+    let pending_tenants = ctx.tenants.clone();
+    let placements = ctx.placements.clone();
+    let tenants_on_server = move |_server: DatabaseServer| {
+        let placed = context::lock_placements(&placements);
+        pending_tenants
+            .state()
+            .into_iter()
+            .filter(|t| {
+                t.status.as_ref().and_then(|s| s.phase) == Some(silo_crds::TenantPhase::Pending)
+            })
+            .filter(|t| !placed.contains_key(&context::tenant_key(t)))
+            .map(|t| ObjectRef::from_obj(t.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .owns(
+            secrets,
+            watcher::Config::default().labels(silo_crds::contract::MANAGED_SELECTOR),
+        )
+        .watches(servers, server_watch, tenants_on_server)
+        .reconcile_on(UnboundedReceiverStream::new(tenant_changed))
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(tenant::reconcile, tenant::error_policy, ctx)
+        .for_each(|_| async {})
+}
+
+/// Runs the DatabaseServer controller until shutdown. A tenant placed or removed changes its
+/// server's tenant count: the Tenant reconciler says so through `Context::server_changed`.
+pub fn run_servers(
+    controller: Controller<DatabaseServer>,
+    server_changed: UnboundedReceiver<String>,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> {
+    controller
+        .reconcile_on(
+            UnboundedReceiverStream::new(server_changed)
+                .map(|name| ObjectRef::<DatabaseServer>::new(&name)),
+        )
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(
+            database_server::reconcile,
+            database_server::error_policy,
+            ctx,
+        )
+        .for_each(|_| async {})
+}
+
+/// Before each scrape: the number of tenants in each phase, from the cache.
+pub fn count_tenants_by_phase(
+    tenants: Store<Tenant>,
+    metrics: Arc<Metrics>,
+) -> Arc<dyn Fn() + Send + Sync> {
+    Arc::new(move || {
+        let mut by_phase: HashMap<String, i64> = HashMap::new();
+        for tenant in tenants.state() {
+            let phase = tenant
+                .status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .map_or("Unknown".into(), |p| p.to_string());
+            *by_phase.entry(phase).or_default() += 1;
+        }
+        for phase in [
+            "Pending",
+            "Provisioning",
+            "Ready",
+            "Suspended",
+            "Deleting",
+            "Failed",
+            "Unknown",
+        ] {
+            let count = by_phase.get(phase).copied().unwrap_or(0);
+            metrics
+                .tenants
+                .get_or_create(&PhaseLabels {
+                    phase: phase.into(),
+                })
+                .set(count);
+        }
+    })
+}
+
+/// The held Lease: leadership as it changes, and the task that renews the Lease.
+pub type Leader = (
+    tokio::sync::watch::Receiver<bool>,
+    tokio::task::JoinHandle<kube_lease_manager::Result<LeaseManager>>,
+);
+
+/// Where waiting for leadership ended.
+pub enum Leadership {
+    /// No leader election: this replica runs alone.
+    Alone,
+    Leading(Leader),
+    /// Shut down while waiting as a standby.
+    Stopped,
+}
+
+/// The Lease `namespace/name`, held for `duration` seconds.
+pub struct Election {
+    pub namespace: String,
+    pub name: String,
+    pub duration: u64,
+    pub identity: String,
+}
+
+/// Waits for leadership, unless there is no election. A standby is healthy and ready, and waits.
+pub async fn lead(
+    client: &Client,
+    election: Option<&Election>,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<Leadership, RunError> {
+    let Some(Election {
+        namespace,
+        name,
+        duration,
+        identity,
+    }) = election
+    else {
+        return Ok(Leadership::Alone);
+    };
+    let manager = LeaseManagerBuilder::new(client.clone(), name)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .with_duration(*duration)
+        .with_grace((duration / 3).max(1))
+        .build()
+        .await?;
+    let (mut rx, task) = manager.watch().await;
+    health.ready.store(true, Ordering::Relaxed);
+    info!(identity = %identity, lease = %name, "waiting for leadership");
+    loop {
+        if *rx.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            changed = rx.changed() => if changed.is_err() { return Err(RunError::LostLeadership) },
+            _ = shutdown.cancelled() => {
+                drop(rx);
+                let _ = task.await;
+                return Ok(Leadership::Stopped);
+            }
+        }
+    }
+    info!(identity = %identity, "leading");
+    Ok(Leadership::Leading((rx, task)))
+}
+
+/// Runs `controllers` until they stop (at shutdown), or until leadership is lost.
+pub async fn while_leading(
+    controllers: impl Future<Output = ()>,
+    leader: Option<&mut Leader>,
+) -> Result<(), RunError> {
+    match leader {
+        Some((rx, _)) => {
+            tokio::select! {
+                _ = controllers => Ok(()),
+                () = lost_leadership(rx) => {
+                    warn!("leadership lost");
+                    Err(RunError::LostLeadership)
+                }
+            }
+        }
+        None => {
+            controllers.await;
+            Ok(())
+        }
+    }
+}
+
+async fn lost_leadership(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if rx.changed().await.is_err() || !*rx.borrow_and_update() {
+            return;
+        }
+    }
+}
+
+/// Ready once both caches are filled.
+pub async fn ready_when_caches_filled(ctx: Arc<Context>, health: Arc<Health>) {
+    if ctx.caches_filled().await {
+        health.ready.store(true, Ordering::Relaxed);
+        info!("caches filled; ready");
+    }
+}
+
+pub async fn shutdown_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutdown signal received");
+    shutdown.cancel();
+}
