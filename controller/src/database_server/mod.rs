@@ -1,6 +1,8 @@
 //! The DatabaseServer reconciler: connects the admin pool, reports readiness, version, tenant count
 //! and retained databases; never crashes on an unreachable server or a wrong password, it reports
-//! them and retries with capped backoff.
+//! them and retries with capped backoff. What the status says is decided in status.rs (pure).
+
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,14 +16,15 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use silo_crds::conditions::{self, Desired, HARDENED, READY};
-use silo_crds::{DatabaseServer, DatabaseServerStatus};
+use silo_crds::DatabaseServer;
+use silo_crds::conditions::{Desired, HARDENED};
 use tracing::{info, warn};
 
 use crate::context::{Context, lock_placements};
 use crate::error::{Error, Result, sql_reason};
 use crate::sql::ddl;
 use crate::sql::pools::AdminTarget;
+use status::{Announcement, Healthy, Problem, hardened_condition};
 
 pub const KIND: &str = "databaseserver";
 const FIELD_MANAGER: &str = "silo-controller";
@@ -29,19 +32,6 @@ const FIELD_MANAGER: &str = "silo-controller";
 const MAX_BACKOFF: Duration = Duration::from_secs(120);
 /// How long a health check may take before the server counts as unreachable.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A health check that failed: the condition reason and the message a person reads.
-struct Problem {
-    reason: &'static str,
-    message: String,
-}
-
-struct Healthy {
-    version: String,
-    retained: Vec<String>,
-    username: String,
-    hardened: Desired,
-}
 
 pub fn reconcile(
     server: Arc<DatabaseServer>,
@@ -69,35 +59,8 @@ async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Res
             .unwrap_or(0)
     };
     let current = server.status.clone().unwrap_or_default();
-    let generation = server.metadata.generation;
     let now = Time(jiff::Timestamp::now());
-    let (desired, version, retained) = match &check {
-        Ok(h) => (
-            vec![
-                Desired::new(
-                    READY,
-                    true,
-                    "Connected",
-                    format!("connected as {} to PostgreSQL {}", h.username, h.version),
-                ),
-                h.hardened.clone(),
-            ],
-            Some(h.version.clone()),
-            h.retained.clone(),
-        ),
-        Err(p) => (
-            vec![Desired::new(READY, false, p.reason, &p.message)],
-            current.version.clone(),
-            current.retained.clone(),
-        ),
-    };
-    let status = DatabaseServerStatus {
-        observed_generation: generation,
-        conditions: conditions::merge(&current.conditions, &desired, generation, now),
-        version,
-        tenants: i32::try_from(placed).unwrap_or(i32::MAX),
-        retained,
-    };
+    let status = status::status(&check, &current, placed, server.metadata.generation, now);
     if status != current {
         let api: Api<DatabaseServer> = Api::all(ctx.client.clone());
         let patch = json!({ "apiVersion": "silo.dev/v1alpha1", "kind": "DatabaseServer", "status": status });
@@ -107,40 +70,8 @@ async fn reconcile_server(server: Arc<DatabaseServer>, ctx: Arc<Context>) -> Res
             &Patch::Apply(&patch),
         )
         .await?;
-        let was_ready = conditions::is_true(&current.conditions, READY);
-        if let Ok(h) = &check {
-            let hardened = &h.hardened;
-            let known = current.conditions.iter().find(|c| c.type_ == HARDENED);
-            if !hardened.status && known.is_none_or(|c| c.reason != hardened.reason) {
-                warn!(server = %name, reason = %hardened.reason, message = %hardened.message, "database server exposes maintenance databases to PUBLIC");
-                let note = hardened.message.clone();
-                publish(&ctx, &server, EventType::Warning, &hardened.reason, note).await;
-            }
-        }
-        match (&check, was_ready) {
-            (Ok(h), false) => {
-                info!(server = %name, version = %h.version, "database server ready");
-                publish(
-                    &ctx,
-                    &server,
-                    EventType::Normal,
-                    "Connected",
-                    format!("PostgreSQL {} reachable", h.version),
-                )
-                .await;
-            }
-            (Err(p), _) if current.conditions.iter().all(|c| c.reason != p.reason) => {
-                warn!(server = %name, reason = p.reason, message = %p.message, "database server not ready");
-                publish(
-                    &ctx,
-                    &server,
-                    EventType::Warning,
-                    p.reason,
-                    p.message.clone(),
-                )
-                .await;
-            }
-            _ => {}
+        for announcement in status::announcements(&check, &current) {
+            announce(&ctx, &server, &name, announcement).await;
         }
     }
 
@@ -262,30 +193,6 @@ async fn harden(server: &DatabaseServer, pool: &sqlx::PgPool) -> Desired {
     hardened_condition(&grants, server.spec.revoke_public_access)
 }
 
-/// The `Hardened` condition for what PUBLIC may still do (pure).
-fn hardened_condition(grants: &[ddl::PublicGrant], revoking: bool) -> Desired {
-    if grants.is_empty() {
-        return Desired::new(
-            HARDENED,
-            true,
-            "NoPublicAccess",
-            "PUBLIC can neither connect to nor create in the maintenance databases",
-        );
-    }
-    let list: Vec<String> = grants.iter().map(ToString::to_string).collect();
-    let advice = if revoking {
-        "revoking them did not take: the admin role must own these databases and schemas or be superuser"
-    } else {
-        "every tenant role can use them; set spec.revokePublicAccess: true to have Silo revoke them, or revoke them by hand"
-    };
-    Desired::new(
-        HARDENED,
-        false,
-        "PublicAccess",
-        format!("PUBLIC may {}; {advice}", list.join(", ")),
-    )
-}
-
 async fn admin_target(server: &DatabaseServer, ctx: &Context) -> Result<AdminTarget, Problem> {
     let secret_ref = &server.spec.admin_secret_ref;
     if let Err(message) = admin_secret_allowed(&secret_ref.namespace, &ctx.admin_secret_namespaces)
@@ -356,6 +263,25 @@ fn admin_secret_allowed(namespace: &str, allowed: &[String]) -> Result<(), Strin
     ))
 }
 
+/// Logs a change of the server's state and publishes its Event.
+async fn announce(ctx: &Context, server: &DatabaseServer, name: &str, announcement: Announcement) {
+    match announcement {
+        Announcement::Exposed { reason, message } => {
+            warn!(server = %name, reason = %reason, message = %message, "database server exposes maintenance databases to PUBLIC");
+            publish(ctx, server, EventType::Warning, &reason, message).await;
+        }
+        Announcement::Connected { version } => {
+            info!(server = %name, version = %version, "database server ready");
+            let note = format!("PostgreSQL {version} reachable");
+            publish(ctx, server, EventType::Normal, "Connected", note).await;
+        }
+        Announcement::NotReady { reason, message } => {
+            warn!(server = %name, reason = reason, message = %message, "database server not ready");
+            publish(ctx, server, EventType::Warning, reason, message).await;
+        }
+    }
+}
+
 async fn publish(
     ctx: &Context,
     server: &DatabaseServer,
@@ -389,36 +315,6 @@ mod tests {
             .unwrap_or_default();
         assert!(refused.contains("kube-system") && refused.contains("silo-system, db-admins"));
         assert!(admin_secret_allowed("anywhere", &[]).is_ok());
-    }
-
-    #[test]
-    fn hardened_names_every_public_grant() {
-        let grants = [
-            ddl::PublicGrant::Connect {
-                database: "postgres".into(),
-            },
-            ddl::PublicGrant::Create {
-                database: "template1".into(),
-                schema: "public".into(),
-            },
-        ];
-        let c = hardened_condition(&grants, false);
-        assert!(!c.status);
-        assert_eq!(c.reason, "PublicAccess");
-        assert!(
-            c.message.starts_with(
-                "PUBLIC may CONNECT to database postgres, CREATE in schema public of database template1;"
-            ),
-            "{}",
-            c.message
-        );
-        assert!(c.message.contains("spec.revokePublicAccess"));
-        assert!(hardened_condition(&[], false).status);
-        assert!(
-            hardened_condition(&grants, true)
-                .message
-                .contains("did not take")
-        );
     }
 
     #[test]
