@@ -127,6 +127,19 @@ fn same_yaml(a: &serde_yaml::Value, b: &serde_yaml::Value) -> bool {
     }
 }
 
+/// `helm uninstall` of the release `silo` in `ns`, waiting for its objects to go.
+fn uninstall_args(ns: &TestNs) -> [&str; 7] {
+    [
+        "uninstall",
+        "silo",
+        "--namespace",
+        &ns.name,
+        "--wait",
+        "--timeout",
+        "120s",
+    ]
+}
+
 fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -776,17 +789,7 @@ async fn the_chart_installs_upgrades_and_uninstalls_silo() {
         ns.wait_phase("globex", TenantPhase::Ready, TIMEOUT).await?;
 
         // Uninstall: Silo's pods go; CRDs, Tenants, databases and data stay.
-        let uninstall = ns
-            .helm(&[
-                "uninstall",
-                "silo",
-                "--namespace",
-                &ns.name,
-                "--wait",
-                "--timeout",
-                "120s",
-            ])
-            .await?;
+        let uninstall = ns.helm(&uninstall_args(&ns)).await?;
         ensure!(uninstall.success, "helm uninstall: {}", uninstall.stderr);
         wait_for("the release's pods to go", TIMEOUT, || async {
             let left =
@@ -893,17 +896,7 @@ async fn two_releases_of_one_name_share_a_cluster_each_with_its_tenants_and_serv
         // Whatever happened: no release outlives the test (the namespaces' deletion would leave
         // their ClusterRoles), and b goes with its server; with_temp_ns cleans a.
         for ns in [&b, &a] {
-            let _ = ns
-                .helm(&[
-                    "uninstall",
-                    "silo",
-                    "--namespace",
-                    &ns.name,
-                    "--wait",
-                    "--timeout",
-                    "120s",
-                ])
-                .await;
+            let _ = ns.helm(&uninstall_args(ns)).await;
         }
         let _ = b
             .servers()
@@ -1111,17 +1104,7 @@ async fn router_replicas_pass_cancels_on_and_share_a_server_budget() {
             eprintln!("router logs:\n{}{}", out.stdout, out.stderr);
         }
         // The release goes with the test: the namespace's deletion would leave its ClusterRoles.
-        let _ = ns
-            .helm(&[
-                "uninstall",
-                "silo",
-                "--namespace",
-                &ns.name,
-                "--wait",
-                "--timeout",
-                "120s",
-            ])
-            .await;
+        let _ = ns.helm(&uninstall_args(&ns)).await;
         result
     })
     .await;

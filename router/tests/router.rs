@@ -429,16 +429,22 @@ async fn http_api_resolves_and_reports() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn server_budget_is_shared_and_named_when_spent() -> anyhow::Result<()> {
-    let s = setup("session").await?;
-    // Both tenants on one server with a budget of 2 connections.
+/// Puts both tenants on one server, `pg`, with a budget of `max_connections`, and waits for the
+/// router to reload its file.
+async fn share_one_server(s: &Setup, max_connections: usize) -> anyhow::Result<()> {
     let yaml = tenants_yaml(&s.pg, "Ready").replace("}\n", ", server: pg}\n");
     std::fs::write(
         &s.file,
-        format!("servers: {{pg: {{maxConnections: 2}}}}\n{yaml}"),
+        format!("servers: {{pg: {{maxConnections: {max_connections}}}}}\n{yaml}"),
     )?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn server_budget_is_shared_and_named_when_spent() -> anyhow::Result<()> {
+    let s = setup("session").await?;
+    share_one_server(&s, 2).await?;
     let a1 = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
     let a2 = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
     let err = pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta"))
@@ -465,12 +471,7 @@ async fn server_budget_is_shared_and_named_when_spent() -> anyhow::Result<()> {
 #[tokio::test]
 async fn idle_connections_count_and_make_room_for_another_tenant() -> anyhow::Result<()> {
     let s = setup("transaction").await?;
-    let yaml = tenants_yaml(&s.pg, "Ready").replace("}\n", ", server: pg}\n");
-    std::fs::write(
-        &s.file,
-        format!("servers: {{pg: {{maxConnections: 2}}}}\n{yaml}"),
-    )?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    share_one_server(&s, 2).await?;
     let admin = s.pg.admin_pool().await?;
     let backends = || async {
         let n: i64 = sqlx::query_scalar(

@@ -21,6 +21,22 @@ pub(crate) fn fair_share(share: usize, tenants_with_demand: usize) -> usize {
     (share / tenants_with_demand.max(1)).max(1)
 }
 
+/// The fair share now: divided among the tenants with connections open or checkouts waiting.
+fn fair_share_now(
+    share: usize,
+    open: &HashMap<String, usize>,
+    waiting: &HashMap<String, usize>,
+) -> usize {
+    let with_demand = open
+        .iter()
+        .chain(waiting.iter())
+        .filter(|(_, n)| **n > 0)
+        .map(|(t, _)| t)
+        .collect::<HashSet<_>>()
+        .len();
+    fair_share(share, with_demand)
+}
+
 /// What a tenant that needs one more server connection may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Decision {
@@ -43,14 +59,7 @@ pub(crate) fn yields(
     if !waiting.iter().any(|(t, n)| t != tenant && *n > 0) {
         return false;
     }
-    let with_demand = open
-        .iter()
-        .chain(waiting.iter())
-        .filter(|(_, n)| **n > 0)
-        .map(|(t, _)| t)
-        .collect::<HashSet<_>>()
-        .len();
-    open.get(tenant).copied().unwrap_or(0) >= fair_share(share, with_demand)
+    open.get(tenant).copied().unwrap_or(0) >= fair_share_now(share, open, waiting)
 }
 
 /// Whether a connection `tenant` releases should be closed rather than kept idle, so that a
@@ -66,14 +75,7 @@ pub(crate) fn gives_way(
     if open.values().sum::<usize>() < share {
         return false;
     }
-    let with_demand = open
-        .iter()
-        .chain(waiting.iter())
-        .filter(|(_, n)| **n > 0)
-        .map(|(t, _)| t)
-        .collect::<HashSet<_>>()
-        .len();
-    let fair = fair_share(share, with_demand);
+    let fair = fair_share_now(share, open, waiting);
     let starved = waiting
         .iter()
         .any(|(t, n)| t != tenant && *n > 0 && open.get(t).copied().unwrap_or(0) < fair);

@@ -108,9 +108,10 @@ impl TenantPool {
             return Ok(self.checked_out(conn, slot, permit));
         };
         // An idle connection of this tenant, or a slot of the server's budget for a new one,
-        // whichever comes first.
+        // whichever comes first. Counted as waiting (for the others' fair shares) only once it
+        // has to wait: a checkout that finds a connection touches the budget not at all.
         let tenant = self.route.key();
-        let _waiting = budget.wait_as(&tenant);
+        let mut waiting = None;
         loop {
             let changed = budget.changed.notified();
             if let Some(idle) = self.take_idle(prefer) {
@@ -120,6 +121,7 @@ impl TenantPool {
                 let conn = ServerConn::connect(&self.route).await?;
                 return Ok(self.checked_out(conn, Some(slot), permit));
             }
+            waiting.get_or_insert_with(|| budget.wait_as(&tenant));
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return Err(PoolError::ServerBudget {
                     server: self
