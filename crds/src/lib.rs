@@ -5,10 +5,15 @@ pub mod conditions;
 pub mod contract;
 pub mod database_server;
 pub mod routing;
+pub mod schema_rollout;
 pub mod tenant;
 
 pub use database_server::{
     DatabaseServer, DatabaseServerSpec, DatabaseServerStatus, SecretRef, SslMode,
+};
+pub use schema_rollout::{
+    FailedTenant, MigrationTemplate, RolloutPhase, RolloutStrategy, SchemaRollout,
+    SchemaRolloutSpec, SchemaRolloutStatus,
 };
 pub use tenant::{
     DeletionPolicy, DeletionSpec, Isolation, RoutingSpec, Tenant, TenantPhase, TenantSpec,
@@ -31,7 +36,7 @@ pub const FINALIZER: &str = "silo.dev/cleanup";
 
 /// Every CRD Silo defines, in the order they are written out.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    let mut crds = vec![DatabaseServer::crd(), Tenant::crd()];
+    let mut crds = vec![DatabaseServer::crd(), Tenant::crd(), SchemaRollout::crd()];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {
             if let Some(schema) = version
