@@ -128,7 +128,9 @@ impl JobSettings {
         add_missing(&mut meta.annotations, &self.pod_annotations);
 
         let pod = spec.template.spec.get_or_insert_with(PodSpec::default);
-        if !self.service_account_name.is_empty() {
+        if pod.service_account_name.is_some() {
+            // The Job's own account (a migration's template names one).
+        } else if !self.service_account_name.is_empty() {
             pod.service_account_name = Some(self.service_account_name.clone());
         } else {
             // The namespace's default account, without an API token: a Job needs only its

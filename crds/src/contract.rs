@@ -33,6 +33,19 @@ pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=silo";
 pub const TENANT_LABEL: &str = "silo.dev/tenant";
 /// Label on the Secret of a deleted tenant whose database was retained.
 pub const RETAINED_LABEL: &str = "silo.dev/retained";
+/// Label naming the SchemaRollout a migration Job runs for.
+pub const ROLLOUT_LABEL: &str = "silo.dev/rollout";
+/// Label on a migration Job: a hash of the schema version it migrates to (versions are free text,
+/// label values are not).
+pub const SCHEMA_VERSION_LABEL: &str = "silo.dev/schema-version-hash";
+
+/// Environment of a migration Job, besides the tenant's connection (`DATABASE_URL`, `PG*`).
+pub mod migration_env {
+    /// The Tenant's name.
+    pub const TENANT: &str = "SILO_TENANT";
+    /// The SchemaRollout's `version`.
+    pub const SCHEMA_VERSION: &str = "SILO_SCHEMA_VERSION";
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,4 +2,5 @@
 //! then waves under the caps, halting on failures. The rules are in [`plan`], pure and
 //! table-tested; the reconcile that acts on them comes next.
 
+pub mod job;
 pub mod plan;
