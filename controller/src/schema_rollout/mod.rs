@@ -3,4 +3,5 @@
 //! table-tested; the reconcile that acts on them comes next.
 
 pub mod job;
+pub mod outcome;
 pub mod plan;
