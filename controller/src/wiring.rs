@@ -148,6 +148,7 @@ pub fn count_tenants_by_phase(
         for phase in [
             "Pending",
             "Provisioning",
+            "Migrating",
             "Ready",
             "Suspended",
             "Deleting",

@@ -10,6 +10,12 @@ pub const DATABASE_READY: &str = "DatabaseReady";
 pub const HARDENED: &str = "Hardened";
 /// Tenant: the routes of `spec.routing` are this tenant's alone.
 pub const ROUTED: &str = "Routed";
+/// Tenant: at the schema version of its namespace's target SchemaRollout.
+pub const SCHEMA_READY: &str = "SchemaReady";
+/// SchemaRollout: Jobs are running or about to start.
+pub const PROGRESSING: &str = "Progressing";
+/// SchemaRollout: every selected Ready tenant is at its version (`kubectl wait` waits for this).
+pub const COMPLETE: &str = "Complete";
 
 /// A condition as a reconciler computes it, before it is merged into the stored list.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase", description = "Lifecycle phase"),
     printcolumn(name = "Server", type_ = "string", json_path = ".status.server", description = "DatabaseServer the tenant is placed on"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Database reachable with the tenant's credentials"),
+    printcolumn(name = "Schema", type_ = "string", json_path = ".status.schemaVersion", description = "Schema version the tenant was last migrated to"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("has(self.serverSelector) == has(oldSelf.serverSelector) && (!has(self.serverSelector) || self.serverSelector == oldSelf.serverSelector)").message("serverSelector is immutable: a tenant is never moved implicitly"))]
@@ -130,6 +131,9 @@ pub enum TenantPhase {
     Pending,
     /// Placed; role, database and Secret are being created.
     Provisioning,
+    /// Provisioned, and being migrated to the namespace's target SchemaRollout before it turns
+    /// Ready.
+    Migrating,
     /// The database is ready for use with the Secret's credentials.
     Ready,
     /// Access is switched off by `suspended: true`.
@@ -173,6 +177,9 @@ pub struct TenantStatus {
     /// Name of the Secret holding the tenant's credentials.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+    /// The schema version of the last SchemaRollout whose migration succeeded on this tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<String>,
 }
 
 #[cfg(test)]

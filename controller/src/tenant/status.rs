@@ -100,6 +100,9 @@ impl Report {
             database: self.database.clone().or(current.database.clone()),
             role: self.role.clone().or(current.role.clone()),
             secret_name: self.secret_name.clone().or(current.secret_name.clone()),
+            // The SchemaRollout reconciler's field. (TODO before it lands: write tenant status
+            // so that a stale read here cannot set it back, e.g. server-side apply per field owner.)
+            schema_version: current.schema_version.clone(),
         }
     }
 
@@ -139,6 +142,7 @@ fn phase_reason(phase: TenantPhase) -> &'static str {
     match phase {
         TenantPhase::Pending => "Pending",
         TenantPhase::Provisioning => "Provisioning",
+        TenantPhase::Migrating => "Migrating",
         TenantPhase::Ready => "Ready",
         TenantPhase::Suspended => "Suspended",
         TenantPhase::Deleting => "Deleting",
