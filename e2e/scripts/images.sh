@@ -3,6 +3,7 @@
 # tarballs that `ctr images import` takes:
 #   images.sh pause OUT.tar             the pod sandbox image localhost/pause:v1 (e2e/images/pause.c)
 #   images.sh silo OUT.tar BIN_DIR TAG  localhost/silo:TAG with the contents the Dockerfile lists
+#   images.sh shop OUT.tar VERSION      localhost/shop:VERSION, the example Django app (examples/django)
 #   images.sh contents                  prints what the silo image holds, from the Dockerfile
 # The silo image takes its list of binaries, Debian packages, PATH, USER and ENTRYPOINT from the
 # repository's Dockerfile; files of the Debian packages and the shared libraries they load come
@@ -93,6 +94,47 @@ silo_image() {
   rm -rf "$work"
 }
 
+# The example shop (examples/django) at VERSION: the Python packages its Dockerfile installs, with
+# the Python and library packages they depend on, from this machine; the shared libraries their
+# extensions load; the project with that version's migrations.
+shop_image() {
+  local out="$1" version="$2" work rootfs shop dockerfile packages pkg f
+  shop="$ROOT/examples/django"
+  dockerfile="$shop/Dockerfile"
+  work="$(mktemp -d)"
+  rootfs="$work/rootfs"
+  mkdir -p "$rootfs/app" "$rootfs/bin" "$rootfs/etc" "$rootfs/tmp"
+  chmod 1777 "$rootfs/tmp"
+  packages="$(sed -n 's/^ARG SHOP_DEBIAN_PACKAGES="\(.*\)"$/\1/p' "$dockerfile" | head -1)"
+  for pkg in $packages; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || { echo "images.sh: Debian package $pkg is not installed" >&2; exit 1; }
+  done
+  # What they need of Python and its data; the C libraries come from ldd below.
+  # shellcheck disable=SC2086
+  for pkg in $(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+      --no-replaces --no-enhances $packages 2>/dev/null | grep -v '^ ' | sort -u \
+      | grep -E '^(python3|libpython3|tzdata$|media-types$)'); do
+    dpkg -s "$pkg" >/dev/null 2>&1 || continue
+    while read -r f; do
+      [[ -f "$f" && "$f" != /usr/share/doc/* && "$f" != /usr/share/man/* ]] || continue
+      put "$rootfs" "$f"
+    done < <(dpkg -L "$pkg")
+  done
+  while read -r f; do
+    put_libs "$rootfs" "$f"
+  done < <(find "$rootfs/usr" -type f \( -name '*.so*' -o -path '*/bin/python3*' \))
+  cp -a "$shop/manage.py" "$shop/shop" "$shop/catalog" "$rootfs/app/"
+  sh "$shop/versions/select.sh" "$version" "$rootfs/app/catalog/migrations"
+  cp /bin/busybox "$rootfs/bin/busybox"
+  for f in sh cat env ls sleep; do ln -sf busybox "$rootfs/bin/$f"; done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh\n' >"$rootfs/etc/passwd"
+  printf 'root:x:0:\nnonroot:x:65532:\n' >"$rootfs/etc/group"
+  pack "$rootfs" "$version" "$out" --config.entrypoint python3 --config.entrypoint manage.py \
+    --config.workingdir /app --config.user 65532 --config.env "PATH=/usr/local/bin:/usr/bin:/bin" \
+    --config.env "PYTHONDONTWRITEBYTECODE=1"
+  rm -rf "$work"
+}
+
 contents() {
   echo "binaries: $(dockerfile_arg SILO_BINARIES)"
   echo "debian-packages: $(dockerfile_arg SILO_DEBIAN_PACKAGES)"
@@ -104,6 +146,7 @@ contents() {
 case "${1:-}" in
   pause) pause_image "${2:?usage: images.sh pause OUT.tar}" ;;
   silo) silo_image "${2:?usage: images.sh silo OUT.tar BIN_DIR TAG}" "${3:?BIN_DIR}" "${4:?TAG}" ;;
+  shop) shop_image "${2:?usage: images.sh shop OUT.tar VERSION}" "${3:?VERSION}" ;;
   contents) contents ;;
-  *) echo "usage: images.sh pause|silo|contents ..." >&2; exit 2 ;;
+  *) echo "usage: images.sh pause|silo|shop|contents ..." >&2; exit 2 ;;
 esac
