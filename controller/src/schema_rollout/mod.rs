@@ -3,5 +3,6 @@
 //! table-tested; the reconcile that acts on them comes next.
 
 pub mod job;
+pub mod onboarding;
 pub mod outcome;
 pub mod plan;
