@@ -11,7 +11,7 @@ use serde_json::json;
 use silo_crds::conditions::{self, Desired, READY, ROUTED};
 use silo_crds::contract;
 use silo_crds::routing;
-use silo_crds::{DeletionPolicy, Tenant, TenantPhase};
+use silo_crds::{DeletionPolicy, Tenant, TenantPhase, TenantStatus};
 use tracing::{info, warn};
 
 use super::placement::{Candidate, Unplaceable, place_tenant};
@@ -345,6 +345,12 @@ impl Pass<'_> {
             return Ok(());
         }
         let api: Api<Tenant> = Api::namespaced(ctx.client.clone(), &facts.namespace);
+        // `schemaVersion` is the SchemaRollout reconciler's field (its own field manager): left
+        // out of this apply, so that a stale read here never sets it back.
+        let status = TenantStatus {
+            schema_version: None,
+            ..status
+        };
         let mut patch =
             json!({ "apiVersion": "silo.dev/v1alpha1", "kind": "Tenant", "status": status });
         if let Some(version) = &report.precondition {

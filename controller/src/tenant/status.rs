@@ -100,8 +100,8 @@ impl Report {
             database: self.database.clone().or(current.database.clone()),
             role: self.role.clone().or(current.role.clone()),
             secret_name: self.secret_name.clone().or(current.secret_name.clone()),
-            // The SchemaRollout reconciler's field. (TODO before it lands: write tenant status
-            // so that a stale read here cannot set it back, e.g. server-side apply per field owner.)
+            // The SchemaRollout reconciler's field: kept for the comparison, left out of the
+            // write (see `Pass::write`).
             schema_version: current.schema_version.clone(),
         }
     }
