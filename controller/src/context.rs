@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::batch::v1::Job;
 use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
-use silo_crds::{DatabaseServer, Tenant};
+use silo_crds::{DatabaseServer, SchemaRollout, Tenant};
 
 use crate::metrics::Metrics;
 use crate::sql::ServerPools;
@@ -17,6 +18,13 @@ pub struct Context {
     pub pools: ServerPools,
     pub servers: Store<DatabaseServer>,
     pub tenants: Store<Tenant>,
+    pub rollouts: Store<SchemaRollout>,
+    /// Migration Jobs (those labelled with a rollout).
+    pub jobs: Store<Job>,
+    /// Held while a rollout plans and starts Jobs: the per-server cap counts every rollout's.
+    pub rollout_starts: tokio::sync::Mutex<()>,
+    /// Failed migrations' outcomes by Job uid, so their pods are read once.
+    pub failures: std::sync::Mutex<HashMap<String, crate::schema_rollout::outcome::Outcome>>,
     /// Placements made by this process, by `namespace/name`. Held while choosing a server, so two
     /// tenants reconciled at once never both take the last slot; it also covers placements whose
     /// status write has not reached the cache yet.
@@ -42,13 +50,25 @@ pub struct Context {
 }
 
 impl Context {
-    /// Waits until both caches hold what the API server had at startup. A reconcile reads one
+    /// Waits until every cache holds what the API server had at startup. A reconcile reads one
     /// kind's cache while running for the other: before this, "no such DatabaseServer" could
     /// mean "not listed yet", and a deletion policy must never be decided on that.
     pub async fn caches_filled(&self) -> bool {
-        let (tenants, servers) =
-            tokio::join!(store_ready(&self.tenants), store_ready(&self.servers));
-        tenants && servers
+        let (tenants, servers, rollouts, jobs) = tokio::join!(
+            store_ready(&self.tenants),
+            store_ready(&self.servers),
+            store_ready(&self.rollouts),
+            store_ready(&self.jobs)
+        );
+        tenants && servers && rollouts && jobs
+    }
+
+    pub fn lock_failures(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, crate::schema_rollout::outcome::Outcome>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Tenants placed on each server: those the cache knows, plus this process's recent placements.

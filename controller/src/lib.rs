@@ -1,4 +1,4 @@
-//! Silo's operator: reconcilers for DatabaseServer and Tenant, leader election, metrics and probes.
+//! Silo's operator: reconcilers for DatabaseServer, Tenant and SchemaRollout, leader election, metrics and probes.
 
 pub mod config;
 pub mod context;
@@ -16,11 +16,13 @@ mod wiring;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use silo_crds::{DatabaseServer, Tenant};
+use silo_crds::{DatabaseServer, SchemaRollout, Tenant};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -44,6 +46,18 @@ pub enum RunError {
     Http(#[from] std::io::Error),
     #[error(transparent)]
     JobSettings(#[from] jobs::JobSettingsError),
+}
+
+/// An API of `namespace`'s objects, or of every namespace's.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
 /// Runs until SIGTERM/SIGINT (Ok) or until leadership is lost (Err).
@@ -79,22 +93,25 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     tokio::spawn(wiring::shutdown_on_signal(shutdown.clone()));
 
     // What this install watches: one namespace or all, and the servers and tenants its selectors pick.
-    let (tenant_api, secret_api): (Api<Tenant>, Api<Secret>) = match &watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let ns = watch_namespace.as_deref();
+    let tenant_api: Api<Tenant> = scoped(&client, ns);
+    let tenant_meta_api: Api<PartialObjectMeta<Tenant>> = scoped(&client, ns);
+    let secret_api: Api<Secret> = scoped(&client, ns);
+    let rollout_api: Api<SchemaRollout> = scoped(&client, ns);
+    let job_api: Api<Job> = scoped(&client, ns);
     let server_api: Api<DatabaseServer> = Api::all(client.clone());
     let server_watch = wiring::selected(server_selector.as_deref());
     let tenant_watch = wiring::selected(tenant_selector.as_deref());
-    let tenant_controller = wiring::tenant_controller(tenant_api, tenant_watch, tenant_concurrency);
+    let tenant_controller =
+        wiring::tenant_controller(tenant_api, tenant_watch.clone(), tenant_concurrency);
+    let (rollout_controller, jobs, job_changes) =
+        wiring::rollout_controller(rollout_api.clone(), job_api);
     let server_controller = wiring::server_controller(server_api.clone(), server_watch.clone());
     let (server_changed, server_changed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (tenant_changed, tenant_changed_rx) = tokio::sync::mpsc::unbounded_channel();
     let tenants = tenant_controller.store();
     let servers = server_controller.store();
+    let rollouts = rollout_controller.store();
 
     let before_scrape = wiring::count_tenants_by_phase(tenants.clone(), metrics.clone());
     let http = tokio::spawn(http::serve(
@@ -126,6 +143,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         }),
         servers,
         tenants,
+        rollouts,
+        jobs,
+        rollout_starts: Default::default(),
+        failures: Default::default(),
         placements: Default::default(),
         server_changed,
         tenant_changed,
@@ -149,6 +170,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         secret_api,
         server_api,
         server_watch,
+        rollout_api.clone(),
         tenant_changed_rx,
         ctx.clone(),
         shutdown.clone(),
@@ -159,13 +181,22 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         ctx.clone(),
         shutdown.clone(),
     );
+    let rollout_loop = wiring::run_rollouts(
+        rollout_controller,
+        job_changes,
+        rollout_api,
+        tenant_meta_api,
+        tenant_watch,
+        ctx.clone(),
+        shutdown.clone(),
+    );
     tokio::spawn(wiring::ready_when_caches_filled(
         ctx.clone(),
         health.clone(),
     ));
 
     let controllers = async {
-        tokio::join!(tenant_loop, server_loop);
+        tokio::join!(tenant_loop, server_loop, rollout_loop);
     };
     let result = wiring::while_leading(controllers, leader.as_mut()).await;
 

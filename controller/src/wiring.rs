@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
-use silo_crds::{DatabaseServer, Tenant};
+use silo_crds::{DatabaseServer, RolloutPhase, SchemaRollout, Tenant, TenantPhase};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +26,7 @@ use crate::RunError;
 use crate::context::{self, Context};
 use crate::http::Health;
 use crate::metrics::{Metrics, PhaseLabels};
-use crate::{database_server, tenant};
+use crate::{database_server, schema_rollout, tenant};
 
 /// A watch of everything, or of the objects whose labels match `selector`.
 pub fn selected(selector: Option<&str>) -> watcher::Config {
@@ -69,13 +71,16 @@ pub fn server_controller(
 }
 
 /// Runs the Tenant controller until shutdown. Besides its own watch, a tenant is reconciled when
-/// its credentials Secret changes, when a server changes while it waits for a placement, and when
-/// another tenant asks (`Context::tenant_changed`: a route it claims is contested).
+/// its credentials Secret changes, when a server changes while it waits for a placement, when a
+/// SchemaRollout of its namespace changes while it waits in `Migrating`, and when asked
+/// (`Context::tenant_changed`: a route it claims is contested, its migration recorded).
+#[allow(clippy::too_many_arguments)]
 pub fn run_tenants(
     controller: Controller<Tenant>,
     secrets: Api<Secret>,
     servers: Api<DatabaseServer>,
     server_watch: watcher::Config,
+    rollouts: Api<SchemaRollout>,
     tenant_changed: UnboundedReceiver<ObjectRef<Tenant>>,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
@@ -96,15 +101,114 @@ pub fn run_tenants(
             .map(|t| ObjectRef::from_obj(t.as_ref()))
             .collect::<Vec<_>>()
     };
+    // A rollout created, changed or deleted changes what a tenant in `Migrating` waits for.
+    let migrating_tenants = ctx.tenants.clone();
+    let tenants_migrating_in = move |rollout: SchemaRollout| {
+        let namespace = rollout.metadata.namespace;
+        migrating_tenants
+            .state()
+            .into_iter()
+            .filter(|t| t.metadata.namespace == namespace)
+            .filter(|t| t.status.as_ref().and_then(|s| s.phase) == Some(TenantPhase::Migrating))
+            .map(|t| ObjectRef::from_obj(t.as_ref()))
+            .collect::<Vec<_>>()
+    };
     controller
         .owns(
             secrets,
             watcher::Config::default().labels(silo_crds::contract::MANAGED_SELECTOR),
         )
         .watches(servers, server_watch, tenants_on_server)
+        .watches(rollouts, watcher::Config::default(), tenants_migrating_in)
         .reconcile_on(UnboundedReceiverStream::new(tenant_changed))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(tenant::reconcile, tenant::error_policy, ctx)
+        .for_each(|_| async {})
+}
+
+/// The SchemaRollout controller, before its triggers are added, and the cache of migration Jobs
+/// (those labelled with a rollout) with its stream of changes.
+pub fn rollout_controller(
+    rollouts: Api<SchemaRollout>,
+    jobs: Api<Job>,
+) -> (
+    Controller<SchemaRollout>,
+    Store<Job>,
+    impl futures::Stream<Item = Result<Job, watcher::Error>> + Send + 'static,
+) {
+    let controller = Controller::new(rollouts, watcher::Config::default());
+    let (reader, writer) = reflector::store();
+    let job_changes = watcher(
+        jobs,
+        watcher::Config::default().labels(silo_crds::contract::ROLLOUT_LABEL),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .touched_objects();
+    (controller, reader, job_changes)
+}
+
+/// Runs the SchemaRollout controller until shutdown. A rollout is reconciled when it changes, when
+/// one of its Jobs changes (a Job that ends frees a place under the caps: every Progressing
+/// rollout looks), when a tenant of its namespace changes (it is the target), and when the
+/// namespace's target changes (a rollout deleted).
+pub fn run_rollouts(
+    controller: Controller<SchemaRollout>,
+    job_changes: impl futures::Stream<Item = Result<Job, watcher::Error>> + Send + 'static,
+    rollouts: Api<SchemaRollout>,
+    tenants: Api<PartialObjectMeta<Tenant>>,
+    tenant_watch: watcher::Config,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> {
+    let store = ctx.rollouts.clone();
+    let target_in = move |namespace: Option<String>| {
+        let rollouts = store.state();
+        schema_rollout::plan::target(
+            rollouts
+                .iter()
+                .map(Arc::as_ref)
+                .filter(|r| r.metadata.namespace == namespace),
+        )
+        .map(ObjectRef::from_obj)
+    };
+    let owner_and_progressing = {
+        let store = ctx.rollouts.clone();
+        move |job: Job| {
+            let owner = job
+                .metadata
+                .owner_references
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| o.kind == "SchemaRollout")
+                .map(|o| {
+                    ObjectRef::new(&o.name)
+                        .within(job.metadata.namespace.as_deref().unwrap_or_default())
+                });
+            let progressing = store
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    r.status.as_ref().and_then(|s| s.phase) == Some(RolloutPhase::Progressing)
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()));
+            owner.chain(progressing).collect::<Vec<_>>()
+        }
+    };
+    let target_of_tenant = {
+        let target_in = target_in.clone();
+        move |tenant: PartialObjectMeta<Tenant>| target_in(tenant.metadata.namespace)
+    };
+    let target_after = move |rollout: SchemaRollout| target_in(rollout.metadata.namespace);
+    let tenant_changes = watcher(tenants, tenant_watch)
+        .default_backoff()
+        .touched_objects();
+    controller
+        .watches_stream(job_changes, owner_and_progressing)
+        .watches_stream(tenant_changes, target_of_tenant)
+        .watches(rollouts, watcher::Config::default(), target_after)
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(schema_rollout::reconcile, schema_rollout::error_policy, ctx)
         .for_each(|_| async {})
 }
 

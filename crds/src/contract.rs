@@ -39,6 +39,10 @@ pub const ROLLOUT_LABEL: &str = "silo.dev/rollout";
 /// label values are not).
 pub const SCHEMA_VERSION_LABEL: &str = "silo.dev/schema-version-hash";
 
+/// Annotation on a migration Job: a hash of the rollout's template and `retry` it was started
+/// with. A failed Job of another attempt is deleted and its tenant migrated again.
+pub const ATTEMPT_ANNOTATION: &str = "silo.dev/attempt";
+
 /// Environment of a migration Job, besides the tenant's connection (`DATABASE_URL`, `PG*`).
 pub mod migration_env {
     /// The Tenant's name.

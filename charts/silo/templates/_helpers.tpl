@@ -195,4 +195,22 @@ The controller's rights on Tenants and their Secrets: cluster-wide, or in contro
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Watched by the SchemaRollout controller (and by the Tenant controller: a new tenant waits for
+# its namespace's target); status written by server-side apply.
+- apiGroups: ["silo.dev"]
+  resources: ["schemarollouts"]
+  verbs: ["list", "watch"]
+- apiGroups: ["silo.dev"]
+  resources: ["schemarollouts/status"]
+  verbs: ["patch"]
+# Migration Jobs: watched by label, one created per (tenant, version), deleted once its outcome is
+# on the Tenant (or to retry a failure). No `get`, `patch` or `update`: the watch cache is read.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "delete"]
+# A failed migration's last words: its pods' termination messages, listed once per failed Job.
+# No `get` on pods/log: FallbackToLogsOnError puts the end of the log in the pod's status.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 {{- end }}

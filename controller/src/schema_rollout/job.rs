@@ -47,6 +47,13 @@ pub fn job_name(tenant: &str, version: &str) -> String {
     format!("{cut}-{tenant_hash}{suffix}")
 }
 
+/// The attempt a rollout's Jobs are started with: a hash of its template and `retry`. Changing
+/// either retries the failed tenants.
+pub fn attempt(rollout: &SchemaRollout) -> String {
+    let template = serde_json::to_string(&rollout.spec.template).unwrap_or_default();
+    short_hash(&format!("{template}/{}", rollout.spec.retry), 5)
+}
+
 /// The environment the migration gets from Silo; a template's own entries of these names are
 /// dropped.
 const CONNECTION: [(&str, &str); 6] = [
@@ -144,6 +151,10 @@ pub fn migration_job(rollout: &SchemaRollout, tenant: &str, settings: &JobSettin
             name: Some(job_name(tenant, &spec.version)),
             namespace: rollout.namespace(),
             labels: Some(labels.clone()),
+            annotations: Some(BTreeMap::from([(
+                contract::ATTEMPT_ANNOTATION.to_string(),
+                attempt(rollout),
+            )])),
             owner_references: rollout.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
@@ -162,6 +173,11 @@ pub fn migration_job(rollout: &SchemaRollout, tenant: &str, settings: &JobSettin
         status: None,
     };
     settings.apply(&mut job);
+    // The controller deletes the Job once its outcome is on the Tenant; a TTL could delete it
+    // before, while the controller is down, and the result would be lost.
+    if let Some(spec) = job.spec.as_mut() {
+        spec.ttl_seconds_after_finished = None;
+    }
     job
 }
 
@@ -309,9 +325,18 @@ mod tests {
             "retries: 0 is the rollout's word"
         );
         assert_eq!(
-            spec.ttl_seconds_after_finished,
-            Some(3600),
-            "what the rollout does not set"
+            spec.ttl_seconds_after_finished, None,
+            "the controller deletes a migration Job once its outcome is recorded, never a TTL"
+        );
+        assert_eq!(
+            spec.template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.clone())
+                .unwrap_or_default()
+                .get(contract::TENANT_LABEL)
+                .map(String::as_str),
+            Some("acme"),
         );
         let pod = spec.template.spec.unwrap_or_default();
         assert_eq!(pod.service_account_name.as_deref(), Some("app-migrations"));

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use silo_crds::RolloutPhase;
+use silo_crds::{RolloutPhase, SchemaRollout};
 
 /// Where one selected tenant stands with this rollout's version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,17 +65,6 @@ pub struct Plan {
     pub start: Vec<String>,
 }
 
-/// The canary tenants: the first `canary` of the tenants that are not skipped, by name.
-fn canaries(tenants: &[TenantFacts], canary: usize) -> Vec<&TenantFacts> {
-    let mut eligible: Vec<&TenantFacts> = tenants
-        .iter()
-        .filter(|t| t.progress != Progress::Skipped)
-        .collect();
-    eligible.sort_by(|a, b| a.name.cmp(&b.name));
-    eligible.truncate(canary);
-    eligible
-}
-
 /// The plan for `tenants` under `limits`, with `busy` Jobs already running against each server
 /// for other reasons (onboarding, other rollouts), which count against the per-server cap.
 pub fn plan(tenants: &[TenantFacts], limits: &Limits, busy: &HashMap<String, usize>) -> Plan {
@@ -98,11 +87,11 @@ pub fn plan(tenants: &[TenantFacts], limits: &Limits, busy: &HashMap<String, usi
             Progress::Skipped => counts.skipped += 1,
         }
     }
-    let canaries = canaries(tenants, limits.canary);
-    let canary_failed = canaries
-        .iter()
-        .any(|t| matches!(t.progress, Progress::Failed { .. }));
-    let canaries_done = canaries.iter().all(|t| t.progress == Progress::AtVersion);
+    // The canary stage lasts until `canary` tenants (or all there are) have succeeded: a tenant
+    // added later never becomes a new canary, and a failure before then stops everything.
+    let canaries = limits.canary.min(counts.total - counts.skipped);
+    let canaries_done = counts.succeeded >= canaries;
+    let canary_failed = !canaries_done && counts.failed > 0;
 
     let stopped = if limits.superseded {
         Some((RolloutPhase::Superseded, "Superseded"))
@@ -138,23 +127,21 @@ pub fn plan(tenants: &[TenantFacts], limits: &Limits, busy: &HashMap<String, usi
         };
     }
 
-    // Canaries first, alone; then everyone else waiting, by name.
-    let mut candidates: Vec<&TenantFacts> = if canaries_done {
-        tenants
-            .iter()
-            .filter(|t| t.progress == Progress::Waiting)
-            .collect()
-    } else {
-        canaries
-            .into_iter()
-            .filter(|t| t.progress == Progress::Waiting)
-            .collect()
-    };
+    // Canaries first, alone (the first waiting by name); then everyone else waiting, by name.
+    let mut candidates: Vec<&TenantFacts> = tenants
+        .iter()
+        .filter(|t| t.progress == Progress::Waiting)
+        .collect();
     candidates.sort_by(|a, b| a.name.cmp(&b.name));
+    let max_concurrent = if canaries_done {
+        limits.max_concurrent
+    } else {
+        canaries - counts.succeeded
+    };
     let mut running = counts.running;
     let mut start = Vec::new();
     for tenant in candidates {
-        if running >= limits.max_concurrent {
+        if running >= max_concurrent {
             break;
         }
         let server = tenant.server.as_deref().unwrap_or_default();
@@ -173,6 +160,19 @@ pub fn plan(tenants: &[TenantFacts], limits: &Limits, busy: &HashMap<String, usi
         counts,
         start,
     }
+}
+
+/// The target of a namespace: its newest rollout by creation (by name when created in the same
+/// second). The others are superseded.
+pub fn target<'a>(
+    rollouts: impl IntoIterator<Item = &'a SchemaRollout>,
+) -> Option<&'a SchemaRollout> {
+    rollouts.into_iter().max_by(|a, b| {
+        let created = |r: &SchemaRollout| r.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        created(a)
+            .cmp(&created(b))
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+    })
 }
 
 #[cfg(test)]
@@ -431,6 +431,40 @@ mod tests {
                 RolloutPhase::Progressing,
                 None,
                 vec!["a", "b", "c", "d"],
+            ),
+            (
+                "a tenant added after the canary succeeded is no new canary",
+                with(fleet(), &[("b", AtVersion)]),
+                limits(),
+                &no_busy,
+                RolloutPhase::Progressing,
+                None,
+                vec!["a", "c", "d", "f"],
+            ),
+            (
+                "two canaries start together",
+                fleet(),
+                Limits {
+                    canary: 2,
+                    ..limits()
+                },
+                &no_busy,
+                RolloutPhase::Progressing,
+                None,
+                vec!["a", "b"],
+            ),
+            (
+                "a failure before the canaries all succeeded halts",
+                with(fleet(), &[("a", AtVersion), ("b", failed())]),
+                Limits {
+                    canary: 2,
+                    max_failures: 5,
+                    ..limits()
+                },
+                &no_busy,
+                RolloutPhase::Halted,
+                Some("CanaryFailed"),
+                vec![],
             ),
             (
                 "no tenants: complete",

@@ -25,6 +25,10 @@ use tracing::{info, warn};
 
 use crate::context::{Context, lock_placements, tenant_key};
 use crate::error::{Error, Result};
+use crate::schema_rollout::{
+    self,
+    onboarding::{SchemaFacts, waits_in_migrating},
+};
 use crate::sql::TenantNames;
 use crate::sql::ddl::{self, Change};
 use placement::Unplaceable;
@@ -32,7 +36,7 @@ use secret::Endpoint;
 use status::Report;
 
 pub const KIND: &str = "tenant";
-const FIELD_MANAGER: &str = "silo-controller";
+pub(crate) const FIELD_MANAGER: &str = "silo-controller";
 /// How soon a tenant waiting for a server looks again (server changes also wake it at once).
 const PENDING_RETRY: Duration = Duration::from_secs(30);
 
@@ -221,6 +225,23 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
         &server,
         &facts.name,
     );
+    // A new tenant is migrated to its namespace's target schema before it turns Ready.
+    let target = schema_rollout::target_of(tenant, ctx);
+    let schema = SchemaFacts {
+        target: target.as_deref().map(|r| r.spec.version.as_str()),
+        at: tenant
+            .status
+            .as_ref()
+            .and_then(|s| s.schema_version.as_deref()),
+        job: None,
+        suspended: tenant.spec.suspended,
+    };
+    let done = match &target {
+        Some(rollout) if waits_in_migrating(facts.phase, &schema) => {
+            status::migrating(done, &rollout.spec.version, &rollout.name_any())
+        }
+        _ => done,
+    };
     let routed = pass.routes().await;
     pass.write(&done.condition(routed)).await?;
     Ok(Action::requeue(ctx.resync))

@@ -211,6 +211,17 @@ pub fn provisioned(
     }
 }
 
+/// A provisioned tenant that was never Ready waits in `Migrating` until its namespace's target
+/// SchemaRollout migrated it to `version`.
+pub fn migrating(provisioned: Report, version: &str, rollout: &str) -> Report {
+    let message = format!(
+        "role and database exist; Ready once migrated to schema version {version} by SchemaRollout {rollout}"
+    );
+    provisioned
+        .phase(TenantPhase::Migrating)
+        .condition(Desired::new(READY, false, "Migrating", message))
+}
+
 /// The Tenant is being deleted: its deletion policy is being carried out.
 pub fn deleting(placed: Report, policy: DeletionPolicy) -> Report {
     placed.phase(TenantPhase::Deleting).condition(Desired::new(
