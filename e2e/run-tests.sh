@@ -40,6 +40,13 @@ if [[ -f "$WORK/cluster/node.enabled" ]]; then
   "$ROOT/e2e/scripts/images.sh" silo "$WORK/silo-image.tar" "$CARGO_TARGET_DIR/debug" e2e
   "$ROOT/e2e/scripts/node.sh" import "$WORK/cluster" "$WORK/silo-image.tar" silo
   export SILO_E2E_IMAGE=localhost/silo:e2e
+  # The example shop that SchemaRollouts migrate, at each version; rebuilt when it changes.
+  shop_key="$(cat "$ROOT/e2e/scripts/images.sh" "$ROOT"/examples/django/Dockerfile \
+    $(find "$ROOT/examples/django" -name '*.py' -o -name '*.sh' | sort) | sha256sum | cut -c1-16)"
+  shop_dir="$HOME/.cache/silo/images/shop-$shop_key"
+  [[ -f "$shop_dir/shop-v3.tar" ]] || "$ROOT/e2e/scripts/images.sh" shop "$shop_dir" v1 v2 v3
+  for v in v1 v2 v3; do "$ROOT/e2e/scripts/node.sh" import "$WORK/cluster" "$shop_dir/shop-$v.tar" shop; done
+  export SILO_E2E_SHOP_IMAGE=localhost/shop
 fi
 export SILO_PYTHON="${SILO_PYTHON:-$HOME/.cache/silo/venv/bin/python}"
 cargo test --manifest-path "$ROOT/Cargo.toml" -p silo-e2e -- "$@"

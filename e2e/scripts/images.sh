@@ -3,7 +3,8 @@
 # tarballs that `ctr images import` takes:
 #   images.sh pause OUT.tar             the pod sandbox image localhost/pause:v1 (e2e/images/pause.c)
 #   images.sh silo OUT.tar BIN_DIR TAG  localhost/silo:TAG with the contents the Dockerfile lists
-#   images.sh shop OUT.tar VERSION      localhost/shop:VERSION, the example Django app (examples/django)
+#   images.sh shop OUT_DIR VERSION...   OUT_DIR/shop-VERSION.tar: localhost/shop:VERSION, the example
+#                                       Django app (examples/django) with that version's migrations
 #   images.sh contents                  prints what the silo image holds, from the Dockerfile
 # The silo image takes its list of binaries, Debian packages, PATH, USER and ENTRYPOINT from the
 # repository's Dockerfile; files of the Debian packages and the shared libraries they load come
@@ -94,11 +95,12 @@ silo_image() {
   rm -rf "$work"
 }
 
-# The example shop (examples/django) at VERSION: the Python packages its Dockerfile installs, with
-# the Python and library packages they depend on, from this machine; the shared libraries their
-# extensions load; the project with that version's migrations.
-shop_image() {
-  local out="$1" version="$2" work rootfs shop dockerfile packages pkg f
+# The example shop (examples/django) at each VERSION, as OUT_DIR/shop-VERSION.tar: the Python
+# packages its Dockerfile installs, with the Python and library packages they depend on, from this
+# machine; the shared libraries their extensions load; the project with that version's migrations.
+shop_images() {
+  local out_dir="$1" work rootfs shop dockerfile packages pkg f version
+  shift
   shop="$ROOT/examples/django"
   dockerfile="$shop/Dockerfile"
   work="$(mktemp -d)"
@@ -124,14 +126,19 @@ shop_image() {
     put_libs "$rootfs" "$f"
   done < <(find "$rootfs/usr" -type f \( -name '*.so*' -o -path '*/bin/python3*' \))
   cp -a "$shop/manage.py" "$shop/shop" "$shop/catalog" "$rootfs/app/"
-  sh "$shop/versions/select.sh" "$version" "$rootfs/app/catalog/migrations"
   cp /bin/busybox "$rootfs/bin/busybox"
   for f in sh cat env ls sleep; do ln -sf busybox "$rootfs/bin/$f"; done
   printf 'root:x:0:0:root:/root:/bin/sh\nnonroot:x:65532:65532:nonroot:/home/nonroot:/bin/sh\n' >"$rootfs/etc/passwd"
   printf 'root:x:0:\nnonroot:x:65532:\n' >"$rootfs/etc/group"
-  pack "$rootfs" "$version" "$out" --config.entrypoint python3 --config.entrypoint manage.py \
-    --config.workingdir /app --config.user 65532 --config.env "PATH=/usr/local/bin:/usr/bin:/bin" \
-    --config.env "PYTHONDONTWRITEBYTECODE=1"
+  mkdir -p "$out_dir"
+  for version in "$@"; do
+    rm -rf "$rootfs/app/catalog/migrations"
+    cp -a "$shop/catalog/migrations" "$rootfs/app/catalog/migrations"
+    sh "$shop/versions/select.sh" "$version" "$rootfs/app/catalog/migrations"
+    pack "$rootfs" "$version" "$out_dir/shop-$version.tar" --config.entrypoint python3 \
+      --config.entrypoint manage.py --config.workingdir /app --config.user 65532 \
+      --config.env "PATH=/usr/local/bin:/usr/bin:/bin" --config.env "PYTHONDONTWRITEBYTECODE=1"
+  done
   rm -rf "$work"
 }
 
@@ -146,7 +153,7 @@ contents() {
 case "${1:-}" in
   pause) pause_image "${2:?usage: images.sh pause OUT.tar}" ;;
   silo) silo_image "${2:?usage: images.sh silo OUT.tar BIN_DIR TAG}" "${3:?BIN_DIR}" "${4:?TAG}" ;;
-  shop) shop_image "${2:?usage: images.sh shop OUT.tar VERSION}" "${3:?VERSION}" ;;
+  shop) shop_images "${2:?usage: images.sh shop OUT_DIR VERSION...}" "${@:3}" ;;
   contents) contents ;;
   *) echo "usage: images.sh pause|silo|shop|contents ..." >&2; exit 2 ;;
 esac

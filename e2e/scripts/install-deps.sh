@@ -6,7 +6,9 @@ set -euo pipefail
 packages=(postgresql postgresql-client openssl iproute2 procps python3-venv
   # The e2e node: container runtime, CNI plugins, image tools, kube-proxy's iptables.
   containerd runc containernetworking-plugins umoci busybox-static iptables conntrack util-linux
-  gcc libc6-dev file binutils)
+  gcc libc6-dev file binutils
+  # The example shop's image (examples/django), which the SchemaRollout tests migrate.
+  python3-django python3-psycopg2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -94,6 +94,7 @@ where
         eprintln!("--- e2e failure in namespace {name}: {e:#}");
         for args in [
             vec!["get", "tenants", "-n", &name, "-o", "yaml"],
+            vec!["get", "schemarollouts", "-n", &name, "-o", "yaml"],
             // Names only: a failure report never prints a password.
             vec!["get", "secrets,jobs,pods", "-n", &name],
             vec![

@@ -7,6 +7,7 @@ pub mod controller;
 pub mod kube_env;
 pub mod node;
 pub mod postgres;
+pub mod rollouts;
 pub mod router;
 pub mod wait;
 
