@@ -233,6 +233,14 @@ async fn a_rollout_migrates_the_fleet_in_waves_halts_on_bad_data_and_resumes() {
         ns.add_server(&ns.server_name("a"), &pg1, "").await?;
         ns.add_server(&ns.server_name("b"), &pg2, "").await?;
         let _controller = ns.start_controller(&[])?;
+        for server in [ns.server_name("a"), ns.server_name("b")] {
+            let server = format!("databaseserver/{server}");
+            kubectl_ok(
+                &ns,
+                &["wait", "--for=condition=Ready", &server, "--timeout=60s"],
+            )
+            .await?;
+        }
         let fleet = names(0..20);
         let server_of = tenants(&ns, &fleet).await?;
         let per_server: HashSet<&String> = server_of.values().collect();
