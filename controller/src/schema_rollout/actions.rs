@@ -22,6 +22,9 @@ use super::plan::Plan;
 use super::{FIELD_MANAGER, Pass, Selected, job, key_of, status};
 use crate::error::Result;
 
+/// The most an Event's note may hold (the API server refuses more than 1024 bytes).
+const MAX_NOTE: usize = 1000;
+
 /// How long a pass waits for the Job cache to show what it just created or deleted.
 const CACHE_WAIT: Duration = Duration::from_secs(10);
 
@@ -216,6 +219,13 @@ impl Pass<'_> {
     async fn failed(&self, s: &Selected, reason: &str, message: &str) {
         warn!(rollout = %self.key(), tenant = %key_of(s), reason = %reason, "migration failed");
         let tenant = s.tenant.name_any();
+        // An Event's note holds 1 KiB: the last line says what went wrong; status has the rest.
+        let message = message
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default()
+            .trim();
         let note = format!("the migration to {} failed: {message}", self.version);
         self.publish(s.tenant.object_ref(&()), EventType::Warning, reason, note)
             .await;
@@ -275,7 +285,7 @@ impl Pass<'_> {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(outcome::head(&note, MAX_NOTE)),
             action: "Migrate".into(),
             secondary: None,
         };

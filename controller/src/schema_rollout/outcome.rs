@@ -67,6 +67,18 @@ fn last_words(pods: &[Pod]) -> Option<String> {
     ended.pop().map(|(_, message)| message)
 }
 
+/// The first `max` bytes of `text`, cut at a character boundary, marked when cut.
+pub fn head(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 /// The last `max` bytes of `text`, cut at a character boundary, marked when cut.
 fn tail(text: &str, max: usize) -> String {
     if text.len() <= max {
@@ -183,6 +195,12 @@ mod tests {
         for (what, job, pods, expected) in cases {
             assert_eq!(outcome(&job, &pods), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn heads_are_cut_at_a_character() {
+        assert_eq!(head("short", 10), "short");
+        assert_eq!(head("ééé", 3), "é…");
     }
 
     #[test]
