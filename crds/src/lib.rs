@@ -4,6 +4,7 @@
 pub mod conditions;
 pub mod contract;
 pub mod database_server;
+mod descriptions;
 pub mod routing;
 pub mod schema_rollout;
 pub mod tenant;
@@ -20,9 +21,7 @@ pub use tenant::{
     TenantStatus,
 };
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
-};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
 /// The API group of every Silo resource.
@@ -34,63 +33,13 @@ pub const CRD_DIR: &str = "../charts/silo/files/crds";
 /// The finalizer that guards a Tenant's database until its deletion policy has been carried out.
 pub const FINALIZER: &str = "silo.dev/cleanup";
 
-/// Every CRD Silo defines, in the order they are written out.
+/// Every CRD Silo defines, in the order they are written out, with their descriptions as prose.
 pub fn all() -> Vec<CustomResourceDefinition> {
     let mut crds = vec![DatabaseServer::crd(), Tenant::crd(), SchemaRollout::crd()];
     for crd in &mut crds {
-        for version in &mut crd.spec.versions {
-            if let Some(schema) = version
-                .schema
-                .as_mut()
-                .and_then(|s| s.open_api_v3_schema.as_mut())
-            {
-                unwrap_descriptions(schema);
-            }
-        }
+        descriptions::crd_as_prose(crd);
     }
     crds
-}
-
-/// Doc comments are wrapped at 100 columns; `kubectl explain` wraps text itself, so the line
-/// breaks inside a paragraph would split sentences mid-line. Paragraphs stay apart.
-fn unwrap_descriptions(schema: &mut JSONSchemaProps) {
-    if let Some(description) = schema.description.as_mut() {
-        *description = unwrap_paragraphs(description);
-    }
-    let children = schema
-        .properties
-        .iter_mut()
-        .flat_map(|p| p.values_mut())
-        .chain(schema.items.iter_mut().filter_map(|items| match items {
-            JSONSchemaPropsOrArray::Schema(s) => Some(s.as_mut()),
-            JSONSchemaPropsOrArray::Schemas(_) => None,
-        }))
-        .chain(
-            schema
-                .additional_properties
-                .iter_mut()
-                .filter_map(|a| match a {
-                    JSONSchemaPropsOrBool::Schema(s) => Some(s.as_mut()),
-                    JSONSchemaPropsOrBool::Bool(_) => None,
-                }),
-        );
-    for child in children {
-        unwrap_descriptions(child);
-    }
-}
-
-/// `text` with the single line breaks inside each paragraph turned into spaces.
-fn unwrap_paragraphs(text: &str) -> String {
-    text.split("\n\n")
-        .map(|paragraph| {
-            paragraph
-                .split('\n')
-                .map(str::trim)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect::<Vec<_>>()
-        .join("\n\n")
 }
 
 /// The YAML that `crdgen` writes for one CRD; the golden test compares the committed files with it.
@@ -110,19 +59,66 @@ pub fn file_name(crd: &CustomResourceDefinition) -> String {
 mod tests {
     use super::*;
 
+    /// Every `description` in every CRD, wherever it sits (schemas at any depth, printer
+    /// columns), as `(path, text)`.
+    fn collect_descriptions(
+        value: &serde_json::Value,
+        path: &str,
+        out: &mut Vec<(String, String)>,
+    ) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, child) in map {
+                    let child_path = format!("{path}.{key}");
+                    match (key.as_str(), child) {
+                        ("description", serde_json::Value::String(text)) => {
+                            out.push((child_path, text.clone()));
+                        }
+                        _ => collect_descriptions(child, &child_path, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, child) in items.iter().enumerate() {
+                    collect_descriptions(child, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether every line break in `text` separates paragraphs or starts a list item.
+    fn breaks_only_between_paragraphs_or_items(text: &str) -> bool {
+        text.split("\n\n").all(|paragraph| {
+            paragraph
+                .split('\n')
+                .skip(1)
+                .all(|line| line.starts_with("- ") || line.starts_with("* "))
+        })
+    }
+
     #[test]
-    fn descriptions_read_as_prose() {
-        assert_eq!(unwrap_paragraphs("one\ntwo\n\nthree"), "one two\n\nthree");
-        let yaml: Vec<String> = all()
-            .iter()
-            .map(|crd| serde_yaml::to_string(crd).unwrap_or_default())
-            .collect();
-        let tenant = &yaml[1];
+    fn every_crd_description_reads_as_prose() {
+        let mut found = Vec::new();
+        for crd in all() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            let value = serde_json::to_value(&crd).expect("a CRD serializes to JSON");
+            collect_descriptions(&value, &name, &mut found);
+        }
         assert!(
-            tenant.contains(
-                "A suspended tenant cannot log in (its role is NOLOGIN) and its sessions are ended;"
-            ),
-            "a description still breaks mid-sentence"
+            found.len() > 20,
+            "the walk found only {} descriptions",
+            found.len()
+        );
+        let broken: Vec<String> = found
+            .iter()
+            .filter(|(_, text)| !breaks_only_between_paragraphs_or_items(text))
+            .map(|(path, text)| format!("{path}: {text:?}"))
+            .collect();
+        assert!(
+            broken.is_empty(),
+            "descriptions with a line break inside a paragraph (kubectl explain would split the sentence there):\n{}",
+            broken.join("\n")
         );
     }
 }
