@@ -302,6 +302,37 @@ mod tests {
     }
 
     #[test]
+    fn a_new_template_or_retry_is_a_new_attempt() {
+        let base = rollout(django(), RolloutStrategy::default());
+        let job = migration_job(&base, "acme", &JobSettings::default());
+        let annotations = job.metadata.annotations.unwrap_or_default();
+        assert_eq!(
+            annotations.get(contract::ATTEMPT_ANNOTATION),
+            Some(&attempt(&base)),
+            "a Job carries the attempt it was started with"
+        );
+        let mut paused = base.clone();
+        paused.spec.paused = true;
+        paused.spec.strategy.max_concurrent = 3;
+        assert_eq!(
+            attempt(&paused),
+            attempt(&base),
+            "strategy and pause retry nothing"
+        );
+        let mut retried = base.clone();
+        retried.spec.retry = 1;
+        let mut fixed = base.clone();
+        fixed.spec.template.image = "registry.example/app:43".into();
+        for (what, other) in [("retry", &retried), ("template", &fixed)] {
+            assert_ne!(
+                attempt(other),
+                attempt(&base),
+                "a new {what} retries the failed"
+            );
+        }
+    }
+
+    #[test]
     fn the_template_wins_over_the_charts_job_settings() {
         let settings = JobSettings {
             service_account_name: "silo-jobs".into(),
