@@ -44,6 +44,30 @@ pub struct JobSettings {
     pub pod_annotations: BTreeMap<String, String>,
 }
 
+/// Kubernetes names a Job's pods after it, in a label value: at most 63 characters.
+pub const MAX_JOB_NAME: usize = 63;
+
+/// Hex of the first `bytes` of SHA-256 of `text`.
+pub fn short_hash(text: &str, bytes: usize) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())[..bytes]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `<name><suffix>`, with `name` cut and hashed when that would pass 63 characters: one name per
+/// (name, suffix), so a restarted controller finds its Job rather than creating another.
+pub fn fit_job_name(name: &str, suffix: &str) -> String {
+    if name.len() + suffix.len() <= MAX_JOB_NAME {
+        return format!("{name}{suffix}");
+    }
+    let hash = short_hash(name, 4);
+    let keep = MAX_JOB_NAME.saturating_sub(suffix.len() + hash.len() + 1);
+    let cut = name[..keep.min(name.len())].trim_end_matches(['-', '.']);
+    format!("{cut}-{hash}{suffix}")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobSettingsError {
     #[error("reading job settings {path}: {source}")]

@@ -1,5 +1,6 @@
 //! Silo's operator: reconcilers for DatabaseServer, Tenant and SchemaRollout, leader election, metrics and probes.
 
+pub mod backup;
 pub mod config;
 pub mod context;
 pub mod database_server;

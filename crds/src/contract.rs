@@ -39,6 +39,11 @@ pub const ROLLOUT_LABEL: &str = "silo.dev/rollout";
 /// label values are not).
 pub const SCHEMA_VERSION_LABEL: &str = "silo.dev/schema-version-hash";
 
+/// Label naming the TenantBackup a backup Job runs for.
+pub const BACKUP_LABEL: &str = "silo.dev/backup";
+/// Label naming the TenantRestore a restore Job runs for.
+pub const RESTORE_LABEL: &str = "silo.dev/restore";
+
 /// Annotation on a migration Job: a hash of the rollout's template and `retry` it was started
 /// with. A failed Job of another attempt is deleted and its tenant migrated again.
 pub const ATTEMPT_ANNOTATION: &str = "silo.dev/attempt";

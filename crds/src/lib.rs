@@ -8,6 +8,7 @@ mod descriptions;
 pub mod routing;
 pub mod schema_rollout;
 pub mod tenant;
+pub mod tenant_backup;
 
 pub use database_server::{
     DatabaseServer, DatabaseServerSpec, DatabaseServerStatus, SecretRef, SslMode,
@@ -19,6 +20,10 @@ pub use schema_rollout::{
 pub use tenant::{
     DeletionPolicy, DeletionSpec, Isolation, RoutingSpec, Tenant, TenantPhase, TenantSpec,
     TenantStatus,
+};
+pub use tenant_backup::{
+    JobPhase, RestoreSource, TenantBackup, TenantBackupSpec, TenantBackupStatus, TenantRestore,
+    TenantRestoreSpec, TenantRestoreStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -35,7 +40,13 @@ pub const FINALIZER: &str = "silo.dev/cleanup";
 
 /// Every CRD Silo defines, in the order they are written out, with their descriptions as prose.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    let mut crds = vec![DatabaseServer::crd(), Tenant::crd(), SchemaRollout::crd()];
+    let mut crds = vec![
+        DatabaseServer::crd(),
+        Tenant::crd(),
+        SchemaRollout::crd(),
+        TenantBackup::crd(),
+        TenantRestore::crd(),
+    ];
     for crd in &mut crds {
         descriptions::crd_as_prose(crd);
     }

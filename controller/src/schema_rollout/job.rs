@@ -10,22 +10,10 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::{Resource, ResourceExt};
-use sha2::{Digest, Sha256};
 use silo_crds::SchemaRollout;
 use silo_crds::contract::{self, keys, migration_env};
 
-use crate::jobs::JobSettings;
-
-/// Kubernetes names a Job's pods after it, in a label value: at most 63 characters.
-const MAX_JOB_NAME: usize = 63;
-
-/// Hex of the first `bytes` of SHA-256 of `text`.
-fn short_hash(text: &str, bytes: usize) -> String {
-    Sha256::digest(text.as_bytes())[..bytes]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+use crate::jobs::{JobSettings, fit_job_name, short_hash};
 
 /// The label value for a schema version.
 pub fn version_hash(version: &str) -> String {
@@ -37,14 +25,7 @@ pub fn version_hash(version: &str) -> String {
 /// controller that restarts, or a second rollout of the same version, finds the Job rather than
 /// creating another.
 pub fn job_name(tenant: &str, version: &str) -> String {
-    let suffix = format!("-migrate-{}", version_hash(version));
-    if tenant.len() + suffix.len() <= MAX_JOB_NAME {
-        return format!("{tenant}{suffix}");
-    }
-    let tenant_hash = short_hash(tenant, 4);
-    let keep = MAX_JOB_NAME - suffix.len() - tenant_hash.len() - 1;
-    let cut = tenant[..keep].trim_end_matches('-');
-    format!("{cut}-{tenant_hash}{suffix}")
+    fit_job_name(tenant, &format!("-migrate-{}", version_hash(version)))
 }
 
 /// The attempt a rollout's Jobs are started with: a hash of its template and `retry`. Changing
@@ -184,6 +165,7 @@ pub fn migration_job(rollout: &SchemaRollout, tenant: &str, settings: &JobSettin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::MAX_JOB_NAME;
     use silo_crds::{MigrationTemplate, RolloutStrategy, SchemaRolloutSpec};
 
     fn rollout(template: MigrationTemplate, strategy: RolloutStrategy) -> SchemaRollout {
