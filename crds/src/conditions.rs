@@ -12,6 +12,8 @@ pub const HARDENED: &str = "Hardened";
 pub const ROUTED: &str = "Routed";
 /// Tenant: at the schema version of its namespace's target SchemaRollout.
 pub const SCHEMA_READY: &str = "SchemaReady";
+/// Tenant: its last backup succeeded, recently enough for its schedule.
+pub const BACKED_UP: &str = "BackedUp";
 /// SchemaRollout: Jobs are running or about to start.
 pub const PROGRESSING: &str = "Progressing";
 /// SchemaRollout: every selected Ready tenant is at its version (`kubectl wait` waits for this).

@@ -1,6 +1,6 @@
 //! `Tenant`: one customer's isolated PostgreSQL database, role and credentials (namespaced).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -180,6 +180,23 @@ pub struct TenantStatus {
     /// The schema version of the last SchemaRollout whose migration succeeded on this tenant.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<String>,
+    /// The newest successful TenantBackup of this tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<LastBackup>,
+}
+
+/// A tenant's newest successful backup.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastBackup {
+    /// The TenantBackup.
+    pub name: String,
+    /// When its dump completed.
+    pub time: Time,
+    /// The dump object.
+    pub uri: String,
+    /// Its size.
+    pub bytes: i64,
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod identity;
 pub mod naming;
 pub mod pools;
 pub mod scram;
+pub mod scratch;
 
 pub use naming::TenantNames;
 pub use pools::{ServerHandle, ServerPools};

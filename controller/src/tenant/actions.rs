@@ -8,7 +8,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use silo_crds::conditions::{self, Desired, READY, ROUTED, SCHEMA_READY};
+use silo_crds::conditions::{self, BACKED_UP, Desired, READY, ROUTED, SCHEMA_READY};
 use silo_crds::contract;
 use silo_crds::routing;
 use silo_crds::{DeletionPolicy, Tenant, TenantPhase, TenantStatus};
@@ -345,14 +345,16 @@ impl Pass<'_> {
             return Ok(());
         }
         let api: Api<Tenant> = Api::namespaced(ctx.client.clone(), &facts.namespace);
-        // `schemaVersion` and `SchemaReady` are the SchemaRollout reconciler's (its own field
-        // manager): left out of this apply, so that a stale read here never sets them back.
+        // `schemaVersion` and `SchemaReady` are the SchemaRollout reconciler's, `lastBackup` and
+        // `BackedUp` the TenantBackup reconciler's (each its own field manager): left out of this
+        // apply, so that a stale read here never sets them back.
         let status = TenantStatus {
             schema_version: None,
+            last_backup: None,
             conditions: status
                 .conditions
                 .into_iter()
-                .filter(|c| c.type_ != SCHEMA_READY)
+                .filter(|c| c.type_ != SCHEMA_READY && c.type_ != BACKED_UP)
                 .collect(),
             ..status
         };

@@ -103,6 +103,7 @@ impl Report {
             // The SchemaRollout reconciler's field: kept for the comparison, left out of the
             // write (see `Pass::write`).
             schema_version: current.schema_version.clone(),
+            last_backup: current.last_backup.clone(),
         }
     }
 
