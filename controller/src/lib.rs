@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
+pub mod runner;
 pub mod schema_rollout;
 pub mod sql;
 pub mod telemetry;

@@ -1,6 +1,7 @@
 //! Silo's Kubernetes API, `silo.dev/v1alpha1`: the types, their schema validation and the
 //! condition helpers shared by the controller, the router and the tests.
 
+pub mod backup;
 pub mod conditions;
 pub mod contract;
 pub mod database_server;

@@ -1,0 +1,65 @@
+//! `silo`, the job runner of Silo's backup and restore Jobs (see `silo_controller::runner`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use silo_controller::runner::{self, Args, SECRET_ENV, Tools};
+use silo_crds::backup::{RunnerReport, TERMINATION_MESSAGE_LIMIT};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            if !matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                // Even bad arguments leave a report where the Job looks for one.
+                let path = std::env::var_os("SILO_REPORT").unwrap_or("/dev/termination-log".into());
+                let report = RunnerReport {
+                    error: Some(format!("invalid arguments: {}", error.kind())),
+                    ..Default::default()
+                };
+                let _ = std::fs::write(path, report.to_json_within(TERMINATION_MESSAGE_LIMIT));
+            }
+            error.exit();
+        }
+    };
+    let Args {
+        command,
+        report: report_path,
+        pg_dump,
+        pg_restore,
+        log_filter,
+    } = args;
+    let filter = tracing_subscriber::EnvFilter::try_new(&log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let secrets = SECRET_ENV
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .collect();
+    let tools = Tools {
+        pg_dump,
+        pg_restore,
+    };
+    let report = runner::run(command, &tools, secrets).await;
+    let json = report.to_json_within(TERMINATION_MESSAGE_LIMIT);
+    println!("{json}");
+    if let Err(error) = std::fs::write(&report_path, &json) {
+        tracing::warn!(path = %report_path.display(), error = %error, "writing the report");
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
