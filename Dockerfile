@@ -6,7 +6,7 @@
 # and the same `nonroot` user (65532, which libpq looks up when PGUSER is not set).
 #
 #   docker build -t silo:dev .
-ARG SILO_BINARIES="silo-controller silo-router"
+ARG SILO_BINARIES="silo-controller silo-router silo"
 ARG SILO_DEBIAN_PACKAGES="postgresql-client-15"
 
 FROM rust:1.95-bookworm AS build

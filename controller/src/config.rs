@@ -85,6 +85,11 @@ pub struct Args {
     /// values): scheduling, ServiceAccount, resources, limits, extra labels and annotations.
     #[arg(long, env = "SILO_JOB_SETTINGS")]
     pub job_settings: Option<std::path::PathBuf>,
+
+    /// JSON file with the fleet's backup settings (the chart's `backups` values): the default
+    /// destination, the volume of a `file://` destination, the S3 store, the per-server cap.
+    #[arg(long, env = "SILO_BACKUP_SETTINGS")]
+    pub backup_settings: Option<std::path::PathBuf>,
 }
 
 /// Log output format.

@@ -19,8 +19,9 @@ pub struct Context {
     pub servers: Store<DatabaseServer>,
     pub tenants: Store<Tenant>,
     pub rollouts: Store<SchemaRollout>,
-    /// Migration Jobs (those labelled with a rollout).
+    /// The controller's Jobs (migrations, backups), by the managed-by label.
     pub jobs: Store<Job>,
+    pub backups: Store<silo_crds::TenantBackup>,
     /// Held while a rollout plans and starts Jobs: the per-server cap counts every rollout's.
     pub rollout_starts: tokio::sync::Mutex<()>,
     /// Failed migrations' outcomes by Job uid, so their pods are read once.
@@ -45,6 +46,10 @@ pub struct Context {
     pub admin_secret_namespaces: Vec<String>,
     /// Applied to every Job the controller creates.
     pub job_settings: crate::jobs::JobSettings,
+    /// Where and how backups are taken.
+    pub backup_settings: crate::backup::settings::BackupSettings,
+    /// Held while a backup counts its server's running backups and starts its Job.
+    pub backup_starts: tokio::sync::Mutex<()>,
     /// Consecutive failures per DatabaseServer, for capped exponential backoff.
     pub server_failures: std::sync::Mutex<HashMap<String, u32>>,
 }
@@ -54,13 +59,14 @@ impl Context {
     /// kind's cache while running for the other: before this, "no such DatabaseServer" could
     /// mean "not listed yet", and a deletion policy must never be decided on that.
     pub async fn caches_filled(&self) -> bool {
-        let (tenants, servers, rollouts, jobs) = tokio::join!(
+        let (tenants, servers, rollouts, jobs, backups) = tokio::join!(
             store_ready(&self.tenants),
             store_ready(&self.servers),
             store_ready(&self.rollouts),
-            store_ready(&self.jobs)
+            store_ready(&self.jobs),
+            store_ready(&self.backups)
         );
-        tenants && servers && rollouts && jobs
+        tenants && servers && rollouts && jobs && backups
     }
 
     pub fn lock_failures(

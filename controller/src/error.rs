@@ -35,6 +35,10 @@ pub enum Error {
         message: String,
     },
 
+    /// A backup's object could not be reached or deleted.
+    #[error("{message}")]
+    Backup { message: String },
+
     #[error("{0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -60,6 +64,7 @@ impl Error {
             Error::Sql { source, .. } => sql_reason(source),
             Error::NameConflict { .. } => "NameConflict",
             Error::Secret { .. } => "SecretInvalid",
+            Error::Backup { .. } => "BackupStore",
             Error::Finalizer(e) => match e.as_ref() {
                 // The cached object was stale (another reconcile added the finalizer): just retry.
                 kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))

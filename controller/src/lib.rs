@@ -24,7 +24,7 @@ use kube::Client;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use silo_crds::{DatabaseServer, SchemaRollout, Tenant};
+use silo_crds::{DatabaseServer, SchemaRollout, Tenant, TenantBackup};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -48,6 +48,8 @@ pub enum RunError {
     Http(#[from] std::io::Error),
     #[error(transparent)]
     JobSettings(#[from] jobs::JobSettingsError),
+    #[error(transparent)]
+    BackupSettings(#[from] backup::settings::BackupSettingsError),
 }
 
 /// An API of `namespace`'s objects, or of every namespace's.
@@ -82,10 +84,15 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         lease_duration,
         identity,
         job_settings,
+        backup_settings,
     } = args;
     let job_settings = match job_settings {
         Some(path) => jobs::JobSettings::load(&path)?,
         None => jobs::JobSettings::default(),
+    };
+    let backup_settings = match backup_settings {
+        Some(path) => backup::settings::BackupSettings::load(&path)?,
+        None => backup::settings::BackupSettings::default(),
     };
     let identity = identity.unwrap_or_else(|| format!("silo-controller-{}", std::process::id()));
     let client = Client::try_default().await?;
@@ -101,19 +108,22 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let secret_api: Api<Secret> = scoped(&client, ns);
     let rollout_api: Api<SchemaRollout> = scoped(&client, ns);
     let job_api: Api<Job> = scoped(&client, ns);
+    let backup_api: Api<TenantBackup> = scoped(&client, ns);
     let server_api: Api<DatabaseServer> = Api::all(client.clone());
     let server_watch = wiring::selected(server_selector.as_deref());
     let tenant_watch = wiring::selected(tenant_selector.as_deref());
     let tenant_controller =
         wiring::tenant_controller(tenant_api, tenant_watch.clone(), tenant_concurrency);
     let (rollout_controller, jobs, job_changes) =
-        wiring::rollout_controller(rollout_api.clone(), job_api);
+        wiring::rollout_controller(rollout_api.clone(), job_api.clone());
     let server_controller = wiring::server_controller(server_api.clone(), server_watch.clone());
     let (server_changed, server_changed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (tenant_changed, tenant_changed_rx) = tokio::sync::mpsc::unbounded_channel();
     let tenants = tenant_controller.store();
     let servers = server_controller.store();
     let rollouts = rollout_controller.store();
+    let backup_controller = wiring::backup_controller(backup_api);
+    let backups = backup_controller.store();
 
     let before_scrape = wiring::count_tenants_by_phase(tenants.clone(), metrics.clone());
     let http = tokio::spawn(http::serve(
@@ -147,7 +157,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         tenants,
         rollouts,
         jobs,
+        backups,
         rollout_starts: Default::default(),
+        backup_settings,
+        backup_starts: Default::default(),
         failures: Default::default(),
         placements: Default::default(),
         server_changed,
@@ -187,6 +200,14 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         rollout_controller,
         job_changes,
         rollout_api,
+        tenant_meta_api.clone(),
+        tenant_watch.clone(),
+        ctx.clone(),
+        shutdown.clone(),
+    );
+    let backup_loop = wiring::run_backups(
+        backup_controller,
+        job_api.clone(),
         tenant_meta_api,
         tenant_watch,
         ctx.clone(),
@@ -198,7 +219,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     ));
 
     let controllers = async {
-        tokio::join!(tenant_loop, server_loop, rollout_loop);
+        tokio::join!(tenant_loop, server_loop, rollout_loop, backup_loop);
     };
     let result = wiring::while_leading(controllers, leader.as_mut()).await;
 

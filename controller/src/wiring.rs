@@ -9,14 +9,16 @@ use std::sync::atomic::Ordering;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Client;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
+use kube::{Client, ResourceExt};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
-use silo_crds::{DatabaseServer, RolloutPhase, SchemaRollout, Tenant, TenantPhase};
+use silo_crds::{
+    DatabaseServer, JobPhase, RolloutPhase, SchemaRollout, Tenant, TenantBackup, TenantPhase,
+};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +28,7 @@ use crate::RunError;
 use crate::context::{self, Context};
 use crate::http::Health;
 use crate::metrics::{Metrics, PhaseLabels};
-use crate::{database_server, schema_rollout, tenant};
+use crate::{backup, database_server, schema_rollout, tenant};
 
 /// A watch of everything, or of the objects whose labels match `selector`.
 pub fn selected(selector: Option<&str>) -> watcher::Config {
@@ -126,8 +128,8 @@ pub fn run_tenants(
         .for_each(|_| async {})
 }
 
-/// The SchemaRollout controller, before its triggers are added, and the cache of migration Jobs
-/// (those labelled with a rollout) with its stream of changes.
+/// The SchemaRollout controller, before its triggers are added, and the cache of the controller's
+/// Jobs (migrations, backups: labelled managed-by silo) with its stream of changes.
 pub fn rollout_controller(
     rollouts: Api<SchemaRollout>,
     jobs: Api<Job>,
@@ -140,7 +142,7 @@ pub fn rollout_controller(
     let (reader, writer) = reflector::store();
     let job_changes = watcher(
         jobs,
-        watcher::Config::default().labels(silo_crds::contract::ROLLOUT_LABEL),
+        watcher::Config::default().labels(silo_crds::contract::MANAGED_SELECTOR),
     )
     .default_backoff()
     .reflect(writer)
@@ -175,6 +177,12 @@ pub fn run_rollouts(
     let owner_and_progressing = {
         let store = ctx.rollouts.clone();
         move |job: Job| {
+            if !job
+                .labels()
+                .contains_key(silo_crds::contract::ROLLOUT_LABEL)
+            {
+                return Vec::new();
+            }
             let owner = job
                 .metadata
                 .owner_references
@@ -209,6 +217,48 @@ pub fn run_rollouts(
         .watches(rollouts, watcher::Config::default(), target_after)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(schema_rollout::reconcile, schema_rollout::error_policy, ctx)
+        .for_each(|_| async {})
+}
+
+/// The TenantBackup controller, before it runs.
+pub fn backup_controller(backups: Api<TenantBackup>) -> Controller<TenantBackup> {
+    Controller::new(backups, watcher::Config::default())
+}
+
+/// Runs the TenantBackup controller until shutdown: a backup is reconciled when it changes, when
+/// its Job changes, and when its tenant changes (it may wait for the tenant to be Ready).
+pub fn run_backups(
+    controller: Controller<TenantBackup>,
+    jobs: Api<Job>,
+    tenants: Api<PartialObjectMeta<Tenant>>,
+    tenant_watch: watcher::Config,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> {
+    let store = ctx.backups.clone();
+    let backups_of_tenant = move |tenant: PartialObjectMeta<Tenant>| {
+        store
+            .state()
+            .into_iter()
+            .filter(|b| {
+                b.metadata.namespace == tenant.metadata.namespace
+                    && Some(&b.spec.tenant) == tenant.metadata.name.as_ref()
+                    && !matches!(
+                        b.status.as_ref().and_then(|s| s.phase),
+                        Some(JobPhase::Succeeded | JobPhase::Failed)
+                    )
+            })
+            .map(|b| ObjectRef::from_obj(b.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    controller
+        .owns(
+            jobs,
+            watcher::Config::default().labels(silo_crds::contract::BACKUP_LABEL),
+        )
+        .watches(tenants, tenant_watch, backups_of_tenant)
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(backup::reconcile, backup::error_policy, ctx)
         .for_each(|_| async {})
 }
 

@@ -208,8 +208,16 @@ The controller's rights on Tenants and their Secrets: cluster-wide, or in contro
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete"]
-# A failed migration's last words: its pods' termination messages, listed once per failed Job.
-# No `get` on pods/log: FallbackToLogsOnError puts the end of the log in the pod's status.
+# TenantBackups: watched; the finalizer `silo.dev/backup-object` (deleting a TenantBackup deletes
+# its object) added and removed by patch; status written by server-side apply.
+- apiGroups: ["silo.dev"]
+  resources: ["tenantbackups"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["silo.dev"]
+  resources: ["tenantbackups/status"]
+  verbs: ["patch"]
+# A finished Job's termination message: a failed migration's last words (FallbackToLogsOnError),
+# a backup runner's report. Listed once per finished Job; no `get` on pods/log.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]

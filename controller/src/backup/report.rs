@@ -1,20 +1,7 @@
 //! What the `silo` job runner reports through its termination message (JSON), as the controller
 //! reads it.
 
-use serde::Deserialize;
-
-/// The runner's report. Fields it does not write read as empty.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct Report {
-    pub ok: bool,
-    pub bytes: Option<i64>,
-    pub sha256: Option<String>,
-    pub uri: Option<String>,
-    pub verified: Option<bool>,
-    pub mismatches: Vec<String>,
-    pub error: Option<String>,
-}
+pub use silo_crds::backup::RunnerReport as Report;
 
 /// The report in a termination message; a message that is no report (the container died before
 /// writing one, or a log tail) becomes a failure that quotes it.
@@ -48,7 +35,12 @@ mod tests {
         );
         let crashed = parse(Some("Segmentation fault"));
         assert!(!crashed.ok);
-        assert!(crashed.error.unwrap_or_default().contains("Segmentation fault"));
+        assert!(
+            crashed
+                .error
+                .unwrap_or_default()
+                .contains("Segmentation fault")
+        );
         assert!(!parse(None).ok);
     }
 }

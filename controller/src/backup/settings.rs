@@ -22,6 +22,13 @@ pub struct BackupSettings {
     /// For `s3://`: the store's endpoint and the Secret with its credentials.
     #[serde(default)]
     pub s3: S3Settings,
+    /// Backups running at once against one DatabaseServer.
+    #[serde(default = "default_max_concurrent_per_server")]
+    pub max_concurrent_per_server: usize,
+}
+
+fn default_max_concurrent_per_server() -> usize {
+    2
 }
 
 /// How backup Jobs reach an S3-compatible store.
@@ -52,6 +59,7 @@ impl Default for BackupSettings {
             destination: default_destination(),
             volume: None,
             s3: S3Settings::default(),
+            max_concurrent_per_server: default_max_concurrent_per_server(),
         }
     }
 }

@@ -283,7 +283,10 @@ impl Pass<'_> {
             .collect();
         let mut busy = HashMap::new();
         for job in self.ctx.jobs.state() {
-            if job.uid().is_some_and(|uid| mine.contains(&uid))
+            if !job
+                .labels()
+                .contains_key(silo_crds::contract::ROLLOUT_LABEL)
+                || job.uid().is_some_and(|uid| mine.contains(&uid))
                 || outcome::outcome(&job, &[]) != Outcome::Running
             {
                 continue;

@@ -51,7 +51,7 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
 }
 
 /// The termination message of the newest pod whose container ended with one.
-fn last_words(pods: &[Pod]) -> Option<String> {
+pub fn last_words(pods: &[Pod]) -> Option<String> {
     let mut ended: Vec<(&Pod, String)> = pods
         .iter()
         .filter_map(|pod| {

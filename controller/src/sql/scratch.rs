@@ -22,7 +22,12 @@ pub fn scratch_name(database: &str) -> String {
 
 /// Creates the scratch database `name` owned by `role`, empty; one left from an earlier attempt
 /// is dropped first. Only the owner may connect.
-pub async fn create(pool: &PgPool, name: &str, role: &str, backup: &str) -> Result<(), sqlx::Error> {
+pub async fn create(
+    pool: &PgPool,
+    name: &str,
+    role: &str,
+    backup: &str,
+) -> Result<(), sqlx::Error> {
     drop_scratch(pool, name).await?;
     let db = quote_ident(name);
     sqlx::raw_sql(&format!("CREATE DATABASE {db} OWNER {}", quote_ident(role)))
