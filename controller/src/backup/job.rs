@@ -24,8 +24,9 @@ pub struct Source<'a> {
     pub server: &'a str,
     pub schema_version: Option<&'a str>,
     /// The scratch database a verifying backup restores into (created and dropped by the
-    /// controller, owned by the tenant's role).
-    pub verify_into: Option<&'a str>,
+    /// controller, owned by the tenant's role), as `postgres://host:port/database`: the runner
+    /// logs in with the tenant's user and password from its environment.
+    pub verify_into: Option<String>,
 }
 
 /// The Job's name: one per TenantBackup.
@@ -118,8 +119,8 @@ pub fn backup_job(
     if let Some(version) = source.schema_version {
         args.extend(["--schema-version".into(), version.into()]);
     }
-    if let Some(database) = source.verify_into {
-        args.extend(["--verify-into".into(), format!("dbname={database}")]);
+    if let Some(url) = &source.verify_into {
+        args.extend(["--verify-into".into(), url.clone()]);
     }
 
     let (volumes, mounts) = match (file_path(destination), &backups.volume) {
@@ -220,7 +221,7 @@ mod tests {
             tenant: "acme",
             server: "pg-main",
             schema_version: Some("v3"),
-            verify_into: Some("t_shop_acme_verify"),
+            verify_into: Some("postgres://pg.example:5432/t_shop_acme_verify".into()),
         }
     }
 
@@ -290,7 +291,7 @@ mod tests {
                 "--schema-version",
                 "v3",
                 "--verify-into",
-                "dbname=t_shop_acme_verify"
+                "postgres://pg.example:5432/t_shop_acme_verify"
             ]
         );
         let mounts = c.volume_mounts.unwrap_or_default();

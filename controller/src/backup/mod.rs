@@ -243,11 +243,15 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
             .await
             .map_err(|e| Error::sql("creating the scratch database", &server, e))?;
     }
+    let verify_into = match (backup.spec.verify, ctx.servers.get(&ObjectRef::new(&server))) {
+        (true, Some(dbs)) => Some(database_url(&dbs.spec.host, dbs.spec.port, &scratch_db)),
+        _ => None,
+    };
     let source = job::Source {
         tenant: &backup.spec.tenant,
         server: &server,
         schema_version: tenant_status.schema_version.as_deref(),
-        verify_into: backup.spec.verify.then_some(scratch_db.as_str()),
+        verify_into,
     };
     let new_job = job::backup_job(
         backup,
@@ -276,6 +280,16 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
     )
     .await?;
     Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// `postgres://host:port/database`, without user or password (the runner's environment has them).
+fn database_url(host: &str, port: i32, database: &str) -> String {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    };
+    format!("postgres://{host}:{port}/{database}")
 }
 
 /// Backup Jobs running against `server`.
