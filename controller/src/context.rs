@@ -22,6 +22,7 @@ pub struct Context {
     /// The controller's Jobs (migrations, backups), by the managed-by label.
     pub jobs: Store<Job>,
     pub backups: Store<silo_crds::TenantBackup>,
+    pub restores: Store<silo_crds::TenantRestore>,
     /// Held while a rollout plans and starts Jobs: the per-server cap counts every rollout's.
     pub rollout_starts: tokio::sync::Mutex<()>,
     /// Failed migrations' outcomes by Job uid, so their pods are read once.
@@ -59,14 +60,15 @@ impl Context {
     /// kind's cache while running for the other: before this, "no such DatabaseServer" could
     /// mean "not listed yet", and a deletion policy must never be decided on that.
     pub async fn caches_filled(&self) -> bool {
-        let (tenants, servers, rollouts, jobs, backups) = tokio::join!(
+        let (tenants, servers, rollouts, jobs, backups, restores) = tokio::join!(
             store_ready(&self.tenants),
             store_ready(&self.servers),
             store_ready(&self.rollouts),
             store_ready(&self.jobs),
-            store_ready(&self.backups)
+            store_ready(&self.backups),
+            store_ready(&self.restores)
         );
-        tenants && servers && rollouts && jobs && backups
+        tenants && servers && rollouts && jobs && backups && restores
     }
 
     pub fn lock_failures(

@@ -68,6 +68,23 @@ pub fn fit_job_name(name: &str, suffix: &str) -> String {
     format!("{cut}-{hash}{suffix}")
 }
 
+/// Deletes `job` (its pods in the background), only if it is still the Job that was read.
+pub async fn delete_job(jobs: &kube::Api<Job>, job: &Job) -> Result<(), kube::Error> {
+    use kube::ResourceExt;
+    let params = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: job.uid(),
+            resource_version: None,
+        }),
+        ..kube::api::DeleteParams::background()
+    };
+    match jobs.delete(&job.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobSettingsError {
     #[error("reading job settings {path}: {source}")]

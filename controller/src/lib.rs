@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
+pub mod restore;
 pub mod runner;
 pub mod schema_rollout;
 pub mod sql;
@@ -24,7 +25,7 @@ use kube::Client;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use silo_crds::{DatabaseServer, SchemaRollout, Tenant, TenantBackup};
+use silo_crds::{DatabaseServer, SchemaRollout, Tenant, TenantBackup, TenantRestore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -109,6 +110,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let rollout_api: Api<SchemaRollout> = scoped(&client, ns);
     let job_api: Api<Job> = scoped(&client, ns);
     let backup_api: Api<TenantBackup> = scoped(&client, ns);
+    let restore_api: Api<TenantRestore> = scoped(&client, ns);
     let server_api: Api<DatabaseServer> = Api::all(client.clone());
     let server_watch = wiring::selected(server_selector.as_deref());
     let tenant_watch = wiring::selected(tenant_selector.as_deref());
@@ -124,6 +126,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let rollouts = rollout_controller.store();
     let backup_controller = wiring::backup_controller(backup_api);
     let backups = backup_controller.store();
+    let restore_controller = wiring::restore_controller(restore_api.clone());
+    let restores = restore_controller.store();
 
     let before_scrape = wiring::count_tenants_by_phase(tenants.clone(), metrics.clone());
     let http = tokio::spawn(http::serve(
@@ -158,6 +162,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         rollouts,
         jobs,
         backups,
+        restores,
         rollout_starts: Default::default(),
         backup_settings,
         backup_starts: Default::default(),
@@ -186,6 +191,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         server_api,
         server_watch,
         rollout_api.clone(),
+        restore_api,
         tenant_changed_rx,
         ctx.clone(),
         shutdown.clone(),
@@ -205,6 +211,12 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         ctx.clone(),
         shutdown.clone(),
     );
+    let restore_loop = wiring::run_restores(
+        restore_controller,
+        job_api.clone(),
+        ctx.clone(),
+        shutdown.clone(),
+    );
     let backup_loop = wiring::run_backups(
         backup_controller,
         job_api.clone(),
@@ -219,7 +231,13 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     ));
 
     let controllers = async {
-        tokio::join!(tenant_loop, server_loop, rollout_loop, backup_loop);
+        tokio::join!(
+            tenant_loop,
+            server_loop,
+            rollout_loop,
+            backup_loop,
+            restore_loop
+        );
     };
     let result = wiring::while_leading(controllers, leader.as_mut()).await;
 

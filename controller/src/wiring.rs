@@ -18,6 +18,7 @@ use kube::{Client, ResourceExt};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use silo_crds::{
     DatabaseServer, JobPhase, RolloutPhase, SchemaRollout, Tenant, TenantBackup, TenantPhase,
+    TenantRestore,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -28,7 +29,7 @@ use crate::RunError;
 use crate::context::{self, Context};
 use crate::http::Health;
 use crate::metrics::{Metrics, PhaseLabels};
-use crate::{backup, database_server, schema_rollout, tenant};
+use crate::{backup, database_server, restore, schema_rollout, tenant};
 
 /// A watch of everything, or of the objects whose labels match `selector`.
 pub fn selected(selector: Option<&str>) -> watcher::Config {
@@ -83,6 +84,7 @@ pub fn run_tenants(
     servers: Api<DatabaseServer>,
     server_watch: watcher::Config,
     rollouts: Api<SchemaRollout>,
+    restores: Api<TenantRestore>,
     tenant_changed: UnboundedReceiver<ObjectRef<Tenant>>,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
@@ -122,6 +124,15 @@ pub fn run_tenants(
         )
         .watches(servers, server_watch, tenants_on_server)
         .watches(rollouts, watcher::Config::default(), tenants_migrating_in)
+        .watches(
+            restores,
+            watcher::Config::default(),
+            |restore: TenantRestore| {
+                // A restore locks its tenant while it runs, and unlocks it when it ends.
+                let namespace = restore.metadata.namespace.unwrap_or_default();
+                Some(ObjectRef::new(&restore.spec.tenant).within(&namespace))
+            },
+        )
         .reconcile_on(UnboundedReceiverStream::new(tenant_changed))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(tenant::reconcile, tenant::error_policy, ctx)
@@ -262,6 +273,29 @@ pub fn run_backups(
         .for_each(|_| async {})
 }
 
+/// The TenantRestore controller, before it runs.
+pub fn restore_controller(restores: Api<TenantRestore>) -> Controller<TenantRestore> {
+    Controller::new(restores, watcher::Config::default())
+}
+
+/// Runs the TenantRestore controller until shutdown: a restore is reconciled when it changes and
+/// when its Job changes (it also looks again on a short timer while its tenant locks).
+pub fn run_restores(
+    controller: Controller<TenantRestore>,
+    jobs: Api<Job>,
+    ctx: Arc<Context>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> {
+    controller
+        .owns(
+            jobs,
+            watcher::Config::default().labels(silo_crds::contract::RESTORE_LABEL),
+        )
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(restore::reconcile, restore::error_policy, ctx)
+        .for_each(|_| async {})
+}
+
 /// Runs the DatabaseServer controller until shutdown. A tenant placed or removed changes its
 /// server's tenant count: the Tenant reconciler says so through `Context::server_changed`.
 pub fn run_servers(
@@ -305,6 +339,7 @@ pub fn count_tenants_by_phase(
             "Migrating",
             "Ready",
             "Suspended",
+            "Restoring",
             "Deleting",
             "Failed",
             "Unknown",

@@ -138,6 +138,9 @@ pub enum TenantPhase {
     Ready,
     /// Access is switched off by `suspended: true`.
     Suspended,
+    /// A TenantRestore is restoring its database: its role cannot log in, its sessions were
+    /// ended, and the router refuses it, until the restore ends.
+    Restoring,
     /// The Tenant is being deleted according to its deletion policy.
     Deleting,
     /// Provisioning failed in a way that needs attention; the Ready condition says why.

@@ -1,4 +1,4 @@
-//! End-to-end scenarios for TenantBackups: the `silo` runner as a Job on the node, dumping a real
+//! End-to-end scenarios for TenantBackups and TenantRestores: the `silo` runner as a Job on the node, dumping a real
 //! tenant database to a `file://` volume (a hostPath on the node, which shares this machine's
 //! disk), verified, recorded on the Tenant, and deleted with its TenantBackup.
 
@@ -72,6 +72,38 @@ async fn wait_backup(ns: &TestNs, name: &str) -> anyhow::Result<TenantBackup> {
     .await
 }
 
+/// Every row of the test's tables, as text, in order.
+async fn contents(conn: &mut PgConnection) -> anyhow::Result<(String, String)> {
+    let orders: Option<String> =
+        sqlx::query_scalar("SELECT string_agg(o::text, ',' ORDER BY id) FROM orders o")
+            .fetch_one(&mut *conn)
+            .await?;
+    let customers: Option<String> =
+        sqlx::query_scalar("SELECT string_agg(c::text, ',' ORDER BY id) FROM customers c")
+            .fetch_one(&mut *conn)
+            .await?;
+    Ok((orders.unwrap_or_default(), customers.unwrap_or_default()))
+}
+
+async fn wait_restore(ns: &TestNs, name: &str) -> anyhow::Result<silo_crds::TenantRestoreStatus> {
+    let api: Api<silo_crds::TenantRestore> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(
+        &format!("TenantRestore {name} to finish"),
+        TIMEOUT,
+        || async {
+            let status = api.get_opt(name).await.ok().flatten()?.status?;
+            matches!(status.phase?, JobPhase::Succeeded | JobPhase::Failed).then_some(status)
+        },
+    )
+    .await
+}
+
+fn restore_yaml(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: silo.dev/v1alpha1\nkind: TenantRestore\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+    )
+}
+
 fn backup_yaml(name: &str, spec: &str) -> String {
     format!(
         "apiVersion: silo.dev/v1alpha1\nkind: TenantBackup\nmetadata: {{name: {name}}}\nspec: {spec}\n"
@@ -80,7 +112,8 @@ fn backup_yaml(name: &str, spec: &str) -> String {
 
 /// A backup Job dumps the tenant's database to the volume, verifies it by restoring it into a
 /// scratch database, records its size and sha256 (those of the stored file) on the TenantBackup
-/// and on the Tenant, and the object goes with the TenantBackup.
+/// and on the Tenant; a restore in place brings a dropped table and changed rows back, a restore
+/// into another tenant copies it; the object goes with the TenantBackup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_is_stored_verified_recorded_and_deleted_with_its_object() {
     with_temp_ns("backup-file", |ns: TestNs| async move {
@@ -88,16 +121,20 @@ async fn a_backup_is_stored_verified_recorded_and_deleted_with_its_object() {
         let pg = PgServer::start()?;
         ns.add_server(&ns.server_name("pg"), &pg, "").await?;
         let (_controller, dir) = start_controller(&ns)?;
+        let admin = pg.admin_pool().await?;
         ns.apply_ok(&tenant_yaml("acme", "  {}")).await?;
         ns.wait_phase("acme", TenantPhase::Ready, TIMEOUT).await?;
         let uri = ns.secret_value("acme", "uri").await?;
         let mut conn = PgConnection::connect(&uri).await?;
         sqlx::raw_sql(
             "CREATE TABLE orders (id serial PRIMARY KEY, note text);
-             INSERT INTO orders (note) SELECT 'order ' || i FROM generate_series(1, 500) i;",
+             INSERT INTO orders (note) SELECT 'order ' || i FROM generate_series(1, 500) i;
+             CREATE TABLE customers (id int PRIMARY KEY, name text);
+             INSERT INTO customers SELECT i, 'customer ' || i FROM generate_series(1, 20) i;",
         )
         .execute(&mut conn)
         .await?;
+        let original = contents(&mut conn).await?;
 
         ns.apply_ok(&backup_yaml("acme-1", "{tenant: acme, verify: true}"))
             .await?;
@@ -143,7 +180,6 @@ async fn a_backup_is_stored_verified_recorded_and_deleted_with_its_object() {
             tenant.phase
         );
         // The scratch database went, the Job too.
-        let admin = pg.admin_pool().await?;
         let scratch: i64 =
             sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE '%\\_verify'")
                 .fetch_one(&admin)
@@ -187,6 +223,40 @@ async fn a_backup_is_stored_verified_recorded_and_deleted_with_its_object() {
             "{}",
             out.stderr
         );
+
+        // Restore in place: a dropped table and changed rows come back as they were.
+        sqlx::raw_sql(
+            "DROP TABLE orders; UPDATE customers SET name = 'renamed'; DELETE FROM customers WHERE id > 10;",
+        )
+        .execute(&mut conn)
+        .await?;
+        drop(conn);
+        ns.apply_ok(&restore_yaml("acme-back", "{tenant: acme, from: {backup: acme-1}}")).await?;
+        let restored = wait_restore(&ns, "acme-back").await?;
+        ensure!(restored.phase == Some(JobPhase::Succeeded), "{restored:?}");
+        ns.wait_phase("acme", TenantPhase::Ready, TIMEOUT).await?;
+        let mut conn = PgConnection::connect(&uri).await?;
+        ensure!(contents(&mut conn).await? == original, "the restored rows differ from the backup's");
+        let logins: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_roles WHERE rolname LIKE '%\\_restore'")
+            .fetch_one(&admin)
+            .await?;
+        ensure!(logins == 0, "the restore's login was left behind");
+
+        // Restore into another tenant: its database gets the backup's tables, nothing else moves.
+        ns.apply_ok(&tenant_yaml("globex", "  {}")).await?;
+        ns.wait_phase("globex", TenantPhase::Ready, TIMEOUT).await?;
+        ns.apply_ok(&restore_yaml("globex-from-acme", "{tenant: globex, from: {backup: acme-1}}")).await?;
+        let copied = wait_restore(&ns, "globex-from-acme").await?;
+        ensure!(copied.phase == Some(JobPhase::Succeeded), "{copied:?}");
+        ns.wait_phase("globex", TenantPhase::Ready, TIMEOUT).await?;
+        let globex_uri = ns.secret_value("globex", "uri").await?;
+        let mut globex = PgConnection::connect(&globex_uri).await?;
+        ensure!(contents(&mut globex).await? == original, "globex did not get acme's backup");
+        ensure!(contents(&mut conn).await? == original, "acme changed when globex was restored");
+
+        // A restore naming no backup is refused by kubectl apply.
+        let out = ns.apply(&restore_yaml("nothing", "{tenant: acme, from: {}}")).await?;
+        ensure!(!out.success && out.stderr.contains("exactly one of backup or uri"), "{}", out.stderr);
 
         // Deleting the TenantBackup deletes its object and manifest.
         let api: Api<TenantBackup> = Api::namespaced(ns.client.clone(), &ns.name);

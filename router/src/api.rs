@@ -99,6 +99,7 @@ async fn metrics(State(api): State<Api>) -> impl IntoResponse {
     for (state, label) in [
         (TenantState::Ready, "ready"),
         (TenantState::Suspended, "suspended"),
+        (TenantState::Restoring, "restoring"),
         (TenantState::Deleting, "deleting"),
         (TenantState::Pending, "pending"),
     ] {

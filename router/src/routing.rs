@@ -8,6 +8,8 @@ use std::sync::Arc;
 pub enum TenantState {
     Ready,
     Suspended,
+    /// A restore runs into its database.
+    Restoring,
     Deleting,
     /// Known but not provisioned yet.
     Pending,

@@ -216,6 +216,14 @@ The controller's rights on Tenants and their Secrets: cluster-wide, or in contro
 - apiGroups: ["silo.dev"]
   resources: ["tenantbackups/status"]
   verbs: ["patch"]
+# TenantRestores: watched (by the Tenant controller too: a running restore locks its tenant);
+# status written by server-side apply.
+- apiGroups: ["silo.dev"]
+  resources: ["tenantrestores"]
+  verbs: ["list", "watch"]
+- apiGroups: ["silo.dev"]
+  resources: ["tenantrestores/status"]
+  verbs: ["patch"]
 # A finished Job's termination message: a failed migration's last words (FallbackToLogsOnError),
 # a backup runner's report. Listed once per finished Job; no `get` on pods/log.
 - apiGroups: [""]

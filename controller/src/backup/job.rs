@@ -39,7 +39,7 @@ pub fn tenant_prefix(destination: &str, namespace: &str, tenant: &str) -> String
     format!("{}/{namespace}/{tenant}", destination.trim_end_matches('/'))
 }
 
-fn from_secret(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
+pub fn from_secret(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: None,
@@ -54,12 +54,62 @@ fn from_secret(name: &str, secret: &str, key: &str, optional: bool) -> EnvVar {
     }
 }
 
-fn value(name: &str, value: impl Into<String>) -> EnvVar {
+pub fn value(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.into(),
         value: Some(value.into()),
         value_from: None,
     }
+}
+
+/// What a Job needs to reach the store at `url` (a destination or an object in it): the S3
+/// settings and credentials in its environment, or the volume of a `file://` destination mounted
+/// at the path of the fleet's destination.
+pub fn store_access(
+    url: &str,
+    backups: &BackupSettings,
+) -> (Vec<EnvVar>, Option<(Volume, VolumeMount)>) {
+    let mut env = Vec::new();
+    if url.starts_with("s3://") {
+        let s3 = &backups.s3;
+        if !s3.credentials_secret.is_empty() {
+            for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+                env.push(from_secret(key, &s3.credentials_secret, key, false));
+            }
+        }
+        if !s3.endpoint.is_empty() {
+            env.push(value("AWS_ENDPOINT", &s3.endpoint));
+            env.push(value(
+                "AWS_ALLOW_HTTP",
+                s3.endpoint.starts_with("http://").to_string(),
+            ));
+        }
+        if !s3.region.is_empty() {
+            env.push(value("AWS_REGION", &s3.region));
+        }
+        env.push(value(
+            "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+            (!s3.path_style).to_string(),
+        ));
+        return (env, None);
+    }
+    let volume = match (file_path(&backups.destination), &backups.volume) {
+        (Some(path), Some(volume)) if file_path(url).is_some_and(|p| p.starts_with(path)) => {
+            Some((
+                Volume {
+                    name: "backups".into(),
+                    ..volume.clone()
+                },
+                VolumeMount {
+                    name: "backups".into(),
+                    mount_path: path.into(),
+                    ..Default::default()
+                },
+            ))
+        }
+        _ => None,
+    };
+    (env, volume)
 }
 
 /// The backup Job of `backup`, writing to `destination`.
@@ -82,28 +132,8 @@ pub fn backup_job(
     .iter()
     .map(|(name, key)| from_secret(name, &secret, key, false))
     .collect();
-    if destination.starts_with("s3://") {
-        let s3 = &backups.s3;
-        if !s3.credentials_secret.is_empty() {
-            for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
-                env.push(from_secret(key, &s3.credentials_secret, key, false));
-            }
-        }
-        if !s3.endpoint.is_empty() {
-            env.push(value("AWS_ENDPOINT", &s3.endpoint));
-            env.push(value(
-                "AWS_ALLOW_HTTP",
-                s3.endpoint.starts_with("http://").to_string(),
-            ));
-        }
-        if !s3.region.is_empty() {
-            env.push(value("AWS_REGION", &s3.region));
-        }
-        env.push(value(
-            "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
-            (!s3.path_style).to_string(),
-        ));
-    }
+    let (store_env, volume) = store_access(destination, backups);
+    env.extend(store_env);
 
     let mut args: Vec<String> = vec![
         "backup".into(),
@@ -123,19 +153,9 @@ pub fn backup_job(
         args.extend(["--verify-into".into(), url.clone()]);
     }
 
-    let (volumes, mounts) = match (file_path(destination), &backups.volume) {
-        (Some(path), Some(volume)) => (
-            Some(vec![Volume {
-                name: "backups".into(),
-                ..volume.clone()
-            }]),
-            Some(vec![VolumeMount {
-                name: "backups".into(),
-                mount_path: path.into(),
-                ..Default::default()
-            }]),
-        ),
-        _ => (None, None),
+    let (volumes, mounts) = match volume {
+        Some((volume, mount)) => (Some(vec![volume]), Some(vec![mount])),
+        None => (None, None),
     };
     let labels = BTreeMap::from([
         (

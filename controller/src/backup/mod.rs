@@ -110,7 +110,7 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
     // Done: its outcome is in the status read here, so its Job may go.
     if finished(&current) {
         if let Some(job) = job {
-            delete_job(&jobs, &job).await?;
+            crate::jobs::delete_job(&jobs, &job).await?;
         }
         return Ok(Action::await_change());
     }
@@ -243,7 +243,10 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
             .await
             .map_err(|e| Error::sql("creating the scratch database", &server, e))?;
     }
-    let verify_into = match (backup.spec.verify, ctx.servers.get(&ObjectRef::new(&server))) {
+    let verify_into = match (
+        backup.spec.verify,
+        ctx.servers.get(&ObjectRef::new(&server)),
+    ) {
         (true, Some(dbs)) => Some(database_url(&dbs.spec.host, dbs.spec.port, &scratch_db)),
         _ => None,
     };
@@ -283,7 +286,7 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
 }
 
 /// `postgres://host:port/database`, without user or password (the runner's environment has them).
-fn database_url(host: &str, port: i32, database: &str) -> String {
+pub fn database_url(host: &str, port: i32, database: &str) -> String {
     let host = if host.contains(':') {
         format!("[{host}]")
     } else {
@@ -461,7 +464,7 @@ async fn cleanup(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
     let job_ref = ObjectRef::new(&job::job_name(&backup.name_any())).within(&namespace);
     if let Some(job) = ctx.jobs.get(&job_ref) {
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-        delete_job(&jobs, &job).await?;
+        crate::jobs::delete_job(&jobs, &job).await?;
     }
     let Some(uri) = backup.status.as_ref().and_then(|s| s.uri.clone()) else {
         return Ok(Action::await_change());
@@ -488,19 +491,4 @@ async fn cleanup(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
     }
     info!(backup = %key(backup), uri = %uri, "backup object deleted");
     Ok(Action::await_change())
-}
-
-async fn delete_job(jobs: &Api<Job>, job: &Job) -> Result<()> {
-    let params = kube::api::DeleteParams {
-        preconditions: Some(kube::api::Preconditions {
-            uid: job.uid(),
-            resource_version: None,
-        }),
-        ..kube::api::DeleteParams::background()
-    };
-    match jobs.delete(&job.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -65,7 +65,7 @@ impl Pass<'_> {
                 continue;
             }
             let uid = job.uid().unwrap_or_default();
-            delete_job(&jobs, job).await?;
+            crate::jobs::delete_job(&jobs, job).await?;
             info!(rollout = %self.key(), tenant = %key_of(s), "failed migration retried with a changed spec");
             self.ctx.lock_failures().remove(&uid);
             deleted.push(uid);
@@ -181,7 +181,7 @@ impl Pass<'_> {
             if s.at() == Some(self.version)
                 && let Some(job) = &s.job
             {
-                delete_job(&jobs, job).await?;
+                crate::jobs::delete_job(&jobs, job).await?;
             }
         }
         Ok(())
@@ -292,22 +292,6 @@ impl Pass<'_> {
         if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
             warn!(rollout = %self.key(), error = %e, "publishing event failed");
         }
-    }
-}
-
-/// Deletes `job` (and, in the background, its pods), only if it is still the Job that was read.
-async fn delete_job(jobs: &Api<Job>, job: &Job) -> Result<()> {
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: job.uid(),
-            resource_version: None,
-        }),
-        ..DeleteParams::background()
-    };
-    match jobs.delete(&job.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
     }
 }
 

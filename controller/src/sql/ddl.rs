@@ -314,6 +314,25 @@ pub async fn terminate_sessions(
     .await
 }
 
+/// As [`terminate_sessions`], sparing the sessions of `keep` (a restore's login).
+pub async fn terminate_sessions_but(
+    pool: &PgPool,
+    database: &str,
+    role: &str,
+    keep: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity
+          WHERE (datname = $1 OR usename = $2) AND usename IS DISTINCT FROM $3
+            AND pid <> pg_catalog.pg_backend_pid()",
+    )
+    .bind(database)
+    .bind(role)
+    .bind(keep)
+    .fetch_one(pool)
+    .await
+}
+
 /// The outcome of a deletion policy on the server.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Cleanup {

@@ -4,6 +4,7 @@ pub mod ddl;
 pub mod identity;
 pub mod naming;
 pub mod pools;
+pub mod restore;
 pub mod scram;
 pub mod scratch;
 

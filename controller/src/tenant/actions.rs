@@ -191,6 +191,8 @@ impl Pass<'_> {
             uid: &facts.uid,
         };
         let suspended = tenant.spec.suspended;
+        // A restore locks the tenant as a suspension does, sparing the restore's own login.
+        let locked = suspended || facts.restoring.is_some();
         let _permit = handle.ddl_permit().await;
         let pool = &handle.pool;
         // Nothing is created, changed or given a password before the names are known to be ours.
@@ -205,7 +207,7 @@ impl Pass<'_> {
             role: &names.role,
             password,
             connection_limit: tenant.spec.connection_limit,
-            login: !suspended,
+            login: !locked,
         };
         let mut changes = ddl::ensure_role(pool, &role, &claimant, &handle.verified)
             .await
@@ -218,12 +220,14 @@ impl Pass<'_> {
                 changes.push(change);
             }
         }
-        if suspended {
-            let ended = ddl::terminate_sessions(pool, &names.database, &names.role)
-                .await
-                .map_err(|e| Error::sql("ending sessions", server, e))?;
+        if locked {
+            let restore_login = crate::sql::restore::login_name(&names.role);
+            let ended =
+                ddl::terminate_sessions_but(pool, &names.database, &names.role, &restore_login)
+                    .await
+                    .map_err(|e| Error::sql("ending sessions", server, e))?;
             if ended > 0 {
-                info!(tenant = %facts.key, sessions = ended, "sessions of suspended tenant ended");
+                info!(tenant = %facts.key, sessions = ended, "sessions of a locked tenant ended");
             }
         }
         Ok(changes)

@@ -89,6 +89,8 @@ struct Facts {
     policy: DeletionPolicy,
     /// The phase last reported.
     phase: Option<TenantPhase>,
+    /// A TenantRestore restoring into its database, not finished: the tenant stays locked.
+    restoring: Option<String>,
 }
 
 impl Facts {
@@ -106,6 +108,7 @@ impl Facts {
             server,
             policy: tenant.spec.deletion.policy,
             phase: status.and_then(|s| s.phase),
+            restoring: crate::restore::active_for(tenant, ctx),
             key,
         }
     }
@@ -242,8 +245,16 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
         }
         _ => done,
     };
+    let done = match &facts.restoring {
+        Some(restore) => status::restoring(done, restore),
+        None => done,
+    };
     let routed = pass.routes().await;
     pass.write(&done.condition(routed)).await?;
+    if facts.restoring.is_some() {
+        // Unlocked as soon as the restore ends, whichever watch tells first.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     Ok(Action::requeue(ctx.resync))
 }
 

@@ -146,6 +146,7 @@ fn phase_reason(phase: TenantPhase) -> &'static str {
         TenantPhase::Migrating => "Migrating",
         TenantPhase::Ready => "Ready",
         TenantPhase::Suspended => "Suspended",
+        TenantPhase::Restoring => "Restoring",
         TenantPhase::Deleting => "Deleting",
         TenantPhase::Failed => "Failed",
     }
@@ -210,6 +211,16 @@ pub fn provisioned(
             .condition(provisioned)
             .condition(Desired::new(READY, true, "Ready", message))
     }
+}
+
+/// A TenantRestore restores into the tenant's database: locked until it ends.
+pub fn restoring(provisioned: Report, restore: &str) -> Report {
+    let message = format!(
+        "TenantRestore {restore} is restoring the database: logins are refused until it ends"
+    );
+    provisioned
+        .phase(TenantPhase::Restoring)
+        .condition(Desired::new(READY, false, "Restoring", message))
 }
 
 /// A provisioned tenant that was never Ready waits in `Migrating` until its namespace's target

@@ -97,6 +97,9 @@ fn unavailable(state: TenantState) -> Option<&'static str> {
     match state {
         TenantState::Ready => None,
         TenantState::Suspended => Some("is suspended: it accepts no connections until resumed"),
+        TenantState::Restoring => {
+            Some("is being restored: it accepts no connections until the restore ends")
+        }
         TenantState::Deleting => Some("is being deleted"),
         TenantState::Pending => Some("is not ready yet: its database is still being set up"),
     }

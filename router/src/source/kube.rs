@@ -245,6 +245,8 @@ fn state_of(tenant: &Tenant) -> TenantState {
         TenantState::Deleting
     } else if tenant.spec.suspended || phase == Some(TenantPhase::Suspended) {
         TenantState::Suspended
+    } else if phase == Some(TenantPhase::Restoring) {
+        TenantState::Restoring
     } else if phase == Some(TenantPhase::Ready) {
         TenantState::Ready
     } else {
