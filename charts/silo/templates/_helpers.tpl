@@ -175,6 +175,16 @@ release's router Service; empty without a router.
   | toPrettyJson }}
 {{- end }}
 
+{{- define "silo.backups.settings" -}}
+{{- $b := .Values.backups -}}
+{{- $settings := dict
+  "destination" $b.destination
+  "s3" $b.s3
+  "maxConcurrentPerServer" (int $b.maxConcurrentPerServer) -}}
+{{- if $b.volume }}{{- $_ := set $settings "volume" $b.volume }}{{- end }}
+{{- $settings | toPrettyJson }}
+{{- end }}
+
 {{/*
 The controller's rights on Tenants and their Secrets: cluster-wide, or in controller.watchNamespace.
 */}}
