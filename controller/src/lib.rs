@@ -232,6 +232,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
 
     let controllers = async {
         tokio::join!(
+            backup::scheduler::run(ctx.clone(), shutdown.clone()),
             tenant_loop,
             server_loop,
             rollout_loop,

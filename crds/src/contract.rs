@@ -41,6 +41,8 @@ pub const SCHEMA_VERSION_LABEL: &str = "silo.dev/schema-version-hash";
 
 /// Label naming the TenantBackup a backup Job runs for.
 pub const BACKUP_LABEL: &str = "silo.dev/backup";
+/// Label on a TenantBackup the controller created on its schedule (retention applies to those).
+pub const SCHEDULED_LABEL: &str = "silo.dev/scheduled";
 /// Label naming the TenantRestore a restore Job runs for.
 pub const RESTORE_LABEL: &str = "silo.dev/restore";
 

@@ -19,8 +19,8 @@ pub use schema_rollout::{
     SchemaRolloutSpec, SchemaRolloutStatus,
 };
 pub use tenant::{
-    DeletionPolicy, DeletionSpec, Isolation, LastBackup, RoutingSpec, Tenant, TenantPhase,
-    TenantSpec, TenantStatus,
+    BackupPolicy, DeletionPolicy, DeletionSpec, Isolation, LastBackup, RoutingSpec, Tenant,
+    TenantPhase, TenantSpec, TenantStatus,
 };
 pub use tenant_backup::{
     JobPhase, RestoreSource, TenantBackup, TenantBackupSpec, TenantBackupStatus, TenantRestore,

@@ -55,6 +55,28 @@ pub struct TenantSpec {
     /// How the router's HTTP resolve API (`GET /v1/resolve?host=&path=`) recognises this tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<RoutingSpec>,
+
+    /// This tenant's scheduled backups, where they differ from the fleet's (the chart's
+    /// `backups` values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupPolicy>,
+}
+
+/// A tenant's own scheduled backups.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupPolicy {
+    /// `false`: no scheduled backups for this tenant (a TenantBackup still works).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// A five-field cron pattern (UTC) instead of the fleet's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 9, max = 100))]
+    pub schedule: Option<String>,
+    /// How many scheduled backups are kept instead of the fleet's `keepLast`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_last: Option<i32>,
 }
 
 /// Requests the router's resolve API attributes to a tenant.
@@ -88,6 +110,7 @@ impl Default for TenantSpec {
             isolation: Isolation::default(),
             server_selector: None,
             connection_limit: default_connection_limit(),
+            backup: None,
             suspended: false,
             deletion: DeletionSpec::default(),
             routing: None,

@@ -7,6 +7,8 @@
 
 pub mod job;
 pub mod report;
+pub mod schedule;
+pub mod scheduler;
 pub mod settings;
 pub mod status;
 

@@ -25,6 +25,68 @@ pub struct BackupSettings {
     /// Backups running at once against one DatabaseServer.
     #[serde(default = "default_max_concurrent_per_server")]
     pub max_concurrent_per_server: usize,
+    /// When every tenant is backed up: a five-field cron pattern (UTC); empty means no scheduled
+    /// backups.
+    #[serde(default)]
+    pub schedule: String,
+    /// How long after each occurrence the fleet's backups may start, each tenant at its own
+    /// moment within it (e.g. `2h`).
+    #[serde(default = "default_window")]
+    pub window: String,
+    /// Which scheduled backups are kept.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Verify every N-th scheduled backup of a tenant (0: never).
+    #[serde(default)]
+    pub verify_every: u32,
+}
+
+/// Which scheduled backups are kept; a tenant's newest successful backup always is.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retention {
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// E.g. `30d`; empty means no age limit.
+    #[serde(default)]
+    pub max_age: String,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_last: default_keep_last(),
+            max_age: String::new(),
+        }
+    }
+}
+
+fn default_keep_last() -> usize {
+    7
+}
+
+fn default_window() -> String {
+    "1h".into()
+}
+
+/// A duration such as `90s`, `2h` or `30d`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 90s, 15m, 2h or 30d"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration such as 90s, 15m, 2h or 30d"
+            ));
+        }
+    };
+    Ok(std::time::Duration::from_secs(n * seconds))
 }
 
 fn default_max_concurrent_per_server() -> usize {
@@ -60,6 +122,10 @@ impl Default for BackupSettings {
             volume: None,
             s3: S3Settings::default(),
             max_concurrent_per_server: default_max_concurrent_per_server(),
+            schedule: String::new(),
+            window: default_window(),
+            retention: Retention::default(),
+            verify_every: 0,
         }
     }
 }
@@ -103,7 +169,16 @@ impl BackupSettings {
     }
 
     fn check(&self) -> Result<(), String> {
-        check_destination(&self.destination).map_err(|e| format!("destination: {e}"))
+        check_destination(&self.destination).map_err(|e| format!("destination: {e}"))?;
+        let window = parse_duration(&self.window).map_err(|e| format!("window: {e}"))?;
+        if !self.schedule.is_empty() {
+            super::schedule::Schedule::parse(&self.schedule, window)?;
+        }
+        if !self.retention.max_age.is_empty() {
+            parse_duration(&self.retention.max_age)
+                .map_err(|e| format!("retention.maxAge: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -149,6 +224,29 @@ mod tests {
             let err = check_destination(bad).expect_err(bad);
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn durations_and_schedules_are_checked() {
+        assert_eq!(
+            parse_duration("2h"),
+            Ok(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(
+            parse_duration("30d"),
+            Ok(std::time::Duration::from_secs(30 * 86400))
+        );
+        assert!(parse_duration("2 hours").is_err());
+        let bad: BackupSettings =
+            serde_json::from_str(r#"{"schedule": "at three"}"#).expect("parses");
+        assert!(bad.check().expect_err("not cron").contains("at three"));
+        let bad: BackupSettings =
+            serde_json::from_str(r#"{"retention": {"maxAge": "-3d"}}"#).expect("parses");
+        assert!(
+            bad.check()
+                .expect_err("negative")
+                .contains("retention.maxAge")
+        );
     }
 
     #[test]
