@@ -429,7 +429,7 @@ fn file_url(dir: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_to_a_file_restores_every_row() -> anyhow::Result<()> {
+async fn runner_backup_to_a_file_restores_every_row() -> anyhow::Result<()> {
     let f = Fixture::start("file").await?;
     let original = f.fingerprint("src").await?;
     let dest = f.dir.join("backups/shop/acme");
@@ -482,8 +482,8 @@ async fn a_backup_to_a_file_restores_every_row() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_to_s3_restores_every_row() -> anyhow::Result<()> {
-    let Some(s3) = S3::for_test("a_backup_to_s3_restores_every_row") else {
+async fn runner_backup_to_s3_restores_every_row() -> anyhow::Result<()> {
+    let Some(s3) = S3::for_test("runner_backup_to_s3_restores_every_row") else {
         return Ok(());
     };
     let f = Fixture::start("s3").await?;
@@ -548,7 +548,7 @@ async fn a_backup_to_s3_restores_every_row() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupted_object_or_a_wrong_sha256_changes_nothing() -> anyhow::Result<()> {
+async fn runner_corrupted_object_or_a_wrong_sha256_changes_nothing() -> anyhow::Result<()> {
     let f = Fixture::start("corrupt").await?;
     let dest = f.dir.join("backups");
     let report = f.backup(&file_url(&dest), "b1", &[]).await?.ok()?;
@@ -628,7 +628,7 @@ fn dying_pg_dump(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dump_killed_midway_leaves_no_object_and_no_manifest() -> anyhow::Result<()> {
+async fn runner_dump_killed_midway_leaves_no_object_and_no_manifest() -> anyhow::Result<()> {
     let f = Fixture::start("killed").await?;
     f.add_bulk(16_000).await?; // some 16 MB of dump: parts are uploaded before it dies
     let pg_dump = dying_pg_dump(&f.dir)?;
@@ -658,7 +658,8 @@ async fn a_dump_killed_midway_leaves_no_object_and_no_manifest() -> anyhow::Resu
     let left = walk_files(&dest);
     assert!(left.is_empty(), "files left behind: {left:?}");
 
-    let Some(s3) = S3::for_test("a_dump_killed_midway_leaves_no_object_and_no_manifest (s3 part)")
+    let Some(s3) =
+        S3::for_test("runner_dump_killed_midway_leaves_no_object_and_no_manifest (s3 part)")
     else {
         return Ok(());
     };
@@ -706,7 +707,7 @@ async fn a_dump_killed_midway_leaves_no_object_and_no_manifest() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_destination_fails_clearly_and_leaves_nothing() -> anyhow::Result<()> {
+async fn runner_unreachable_destination_fails_clearly_and_leaves_nothing() -> anyhow::Result<()> {
     let f = Fixture::start("unreachable").await?;
     // Nothing listens on this loopback port.
     let port = free_port()?;
@@ -749,7 +750,8 @@ async fn an_unreachable_destination_fails_clearly_and_leaves_nothing() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_verified_backup_has_the_source_row_counts_in_the_scratch_copy() -> anyhow::Result<()> {
+async fn runner_verified_backup_has_the_source_row_counts_in_the_scratch_copy() -> anyhow::Result<()>
+{
     let f = Fixture::start("verify").await?;
     f.sql("postgres", "CREATE DATABASE scratch").await?;
     let dest = f.dir.join("backups");
@@ -807,7 +809,8 @@ async fn a_verified_backup_has_the_source_row_counts_in_the_scratch_copy() -> an
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_newer_than_pg_dump_is_refused_before_anything_is_written() -> anyhow::Result<()> {
+async fn runner_server_newer_than_pg_dump_is_refused_before_anything_is_written()
+-> anyhow::Result<()> {
     let f = Fixture::start("newer").await?;
     let marker = f.dir.join("pg_dump-ran");
     let script = f.dir.join("old-pg_dump");
@@ -852,10 +855,10 @@ async fn a_server_newer_than_pg_dump_is_refused_before_anything_is_written() -> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_dump_streams_in_bounded_memory() -> anyhow::Result<()> {
+async fn runner_large_dump_streams_in_bounded_memory() -> anyhow::Result<()> {
     let f = Fixture::start("large").await?;
     f.add_bulk(100_000).await?; // some 100 MB of dump
-    let s3 = S3::for_test("a_large_dump_streams_in_bounded_memory (to s3; file:// instead)");
+    let s3 = S3::for_test("runner_large_dump_streams_in_bounded_memory (to s3; file:// instead)");
     let (destination, env) = match &s3 {
         Some(s3) => (
             format!(

@@ -70,11 +70,11 @@ pub async fn backup(
         "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
          SET LOCAL idle_in_transaction_session_timeout = 0",
     )
-        .await
-        .map_err(|source| RunnerError::Query {
-            what: "starting the snapshot transaction",
-            source,
-        })?;
+    .await
+    .map_err(|source| RunnerError::Query {
+        what: "starting the snapshot transaction",
+        source,
+    })?;
     let snapshot: String = sqlx::query_scalar("SELECT pg_catalog.pg_export_snapshot()")
         .fetch_one(&mut conn)
         .await
