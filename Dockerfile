@@ -1,13 +1,15 @@
 # syntax=docker/dockerfile:1
-# The silo image: silo-controller and silo-router, and the PostgreSQL client tools that Silo's Jobs
-# run. The e2e harness builds an image with the same contents without a registry or Docker
+# The silo image: silo-controller, silo-router and silo (the job runner of backups and restores),
+# and the PostgreSQL client tools that Silo's Jobs run (ca-certificates for S3 over HTTPS). The e2e
+# harness builds an image with the same contents without a registry or Docker
 # (e2e/scripts/images.sh): it reads SILO_BINARIES, SILO_DEBIAN_PACKAGES, PATH, USER and ENTRYPOINT
 # from this file, so the two cannot drift apart; in place of this base image it has busybox's shell
-# and the same `nonroot` user (65532, which libpq looks up when PGUSER is not set).
+# and the same `nonroot` user (65532, which libpq looks up when PGUSER is not set). SILO_BINARIES
+# names binaries (cargo build --bin), whichever workspace package they are in.
 #
 #   docker build -t silo:dev .
 ARG SILO_BINARIES="silo-controller silo-router silo"
-ARG SILO_DEBIAN_PACKAGES="postgresql-client-15"
+ARG SILO_DEBIAN_PACKAGES="postgresql-client-15 ca-certificates"
 
 FROM rust:1.95-bookworm AS build
 ARG SILO_BINARIES
@@ -15,7 +17,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked $(for b in $SILO_BINARIES; do printf -- '-p %s ' "$b"; done) \
+    cargo build --release --locked $(for b in $SILO_BINARIES; do printf -- '--bin %s ' "$b"; done) \
     && mkdir /out \
     && for b in $SILO_BINARIES; do cp "target/release/$b" /out/; done
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the end-to-end tests: builds the pinned Kubernetes binaries (cached), starts a cluster
 # with a real node (e2e/scripts/cluster.sh; or uses $KUBECONFIG when SILO_E2E_USE_KUBECONFIG=1),
-# installs the CRDs, builds the controller and router and the silo image for the node, applies the
+# installs the CRDs, starts an S3-compatible store (e2e/scripts/s3.sh), builds the controller, router
+# and job runner and the silo image for the node, applies the
 # chart's RBAC for the local controller and router to run under, and runs `cargo test -p silo-e2e`.
 # Everything it starts is stopped on exit.
 # Extra arguments go to the test binary, e.g. `e2e/run-tests.sh a_tenant`.
@@ -27,14 +28,20 @@ cleanup() {
     echo "run-tests.sh: logs of the failed run are in $CARGO_TARGET_DIR/e2e-logs" >&2
   fi
   harness_down "$WORK" || rc=1
+  "$ROOT/e2e/scripts/s3.sh" down "$WORK/s3" || rc=1
   rm -rf "$WORK"
   exit "$rc"
 }
 trap cleanup EXIT INT TERM
 
 harness_up "$WORK"
+# The S3-compatible store of the runner tests: versitygw on loopback (built once, cached).
+"$ROOT/e2e/scripts/s3.sh" up "$WORK/s3"
+# shellcheck disable=SC1091
+source "$WORK/s3/env"
 cargo build --quiet -p silo-controller -p silo-router --manifest-path "$ROOT/Cargo.toml"
 export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/debug/silo-controller"
+export SILO_RUNNER_BIN="$CARGO_TARGET_DIR/debug/silo"
 export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/debug/silo-router"
 if [[ -f "$WORK/cluster/node.enabled" ]]; then
   "$ROOT/e2e/scripts/images.sh" silo "$WORK/silo-image.tar" "$CARGO_TARGET_DIR/debug" e2e

@@ -4,6 +4,8 @@
 set -euo pipefail
 
 packages=(postgresql postgresql-client openssl iproute2 procps python3-venv
+  # The S3 test store (versitygw, e2e/scripts/s3.sh) and its bucket, made with curl's SigV4.
+  curl ca-certificates
   # The e2e node: container runtime, CNI plugins, image tools, kube-proxy's iptables.
   containerd runc containernetworking-plugins umoci busybox-static iptables conntrack util-linux
   gcc libc6-dev file binutils

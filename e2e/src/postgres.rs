@@ -239,7 +239,8 @@ impl Drop for PgServer {
     }
 }
 
-fn pg_bin_dir() -> anyhow::Result<PathBuf> {
+/// The PostgreSQL binaries of the newest installed version (or `SILO_PG_BIN`).
+pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("SILO_PG_BIN") {
         return Ok(PathBuf::from(dir));
     }

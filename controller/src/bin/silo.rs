@@ -52,6 +52,11 @@ async fn main() -> ExitCode {
         pg_restore,
     };
     let report = runner::run(command, &tools, secrets).await;
+    tracing::info!(
+        ok = report.ok,
+        peak_rss_kib = peak_rss_kib().unwrap_or(0),
+        "done"
+    );
     let json = report.to_json_within(TERMINATION_MESSAGE_LIMIT);
     println!("{json}");
     if let Err(error) = std::fs::write(&report_path, &json) {
@@ -62,4 +67,11 @@ async fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// This process's peak resident set size (VmHWM), which the tests hold to a bound.
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }

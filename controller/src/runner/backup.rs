@@ -64,12 +64,17 @@ pub async fn backup(
 
     // One snapshot for the dump and the row counts: exported by a transaction that stays open
     // until both are done.
-    conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await
-        .map_err(|source| RunnerError::Query {
-            what: "starting the snapshot transaction",
-            source,
-        })?;
+    // The transaction idles while pg_dump runs: a role's idle_in_transaction_session_timeout
+    // must not end it before the row counts are taken.
+    conn.execute(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; \
+         SET LOCAL idle_in_transaction_session_timeout = 0",
+    )
+    .await
+    .map_err(|source| RunnerError::Query {
+        what: "starting the snapshot transaction",
+        source,
+    })?;
     let snapshot: String = sqlx::query_scalar("SELECT pg_catalog.pg_export_snapshot()")
         .fetch_one(&mut conn)
         .await

@@ -78,6 +78,12 @@ impl Location {
             url: shown.clone(),
             why,
         };
+        if !matches!(parsed.scheme(), "file" | "s3") {
+            return Err(LocationError::UnsupportedScheme {
+                scheme: parsed.scheme().to_string(),
+                url: shown,
+            });
+        }
         if parsed.query().is_some() || parsed.fragment().is_some() {
             return Err(malformed("no query or fragment allowed"));
         }
@@ -120,7 +126,7 @@ impl Location {
             }
             other => Err(LocationError::UnsupportedScheme {
                 scheme: other.to_string(),
-                url: shown,
+                url: shown.clone(),
             }),
         }
     }

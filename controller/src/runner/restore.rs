@@ -121,10 +121,8 @@ pub async fn restore(
         hasher.update(&chunk);
         bytes += chunk.len() as u64;
         let release = tail.push(&chunk);
-        if feeding && !release.is_empty() {
-            if let Some(pipe) = stdin.as_mut() {
-                feeding = pipe.write_all(&release).await.is_ok();
-            }
+        if let Some(pipe) = stdin.as_mut().filter(|_| feeding && !release.is_empty()) {
+            feeding = pipe.write_all(&release).await.is_ok();
         }
     }
     let actual = hex(&hasher.finalize());
