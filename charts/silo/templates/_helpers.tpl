@@ -180,7 +180,11 @@ release's router Service; empty without a router.
 {{- $settings := dict
   "destination" $b.destination
   "s3" $b.s3
-  "maxConcurrentPerServer" (int $b.maxConcurrentPerServer) -}}
+  "maxConcurrentPerServer" (int $b.maxConcurrentPerServer)
+  "schedule" $b.schedule
+  "window" $b.window
+  "retention" (dict "keepLast" (int $b.retention.keepLast) "maxAge" $b.retention.maxAge)
+  "verifyEvery" (int $b.verifyEvery) -}}
 {{- if $b.volume }}{{- $_ := set $settings "volume" $b.volume }}{{- end }}
 {{- $settings | toPrettyJson }}
 {{- end }}
