@@ -71,7 +71,13 @@ pub struct JobLog {
 impl JobLog {
     /// Starts watching; returns once the watch has listed (nothing before is missed after).
     pub async fn start(ns: &TestNs) -> anyhow::Result<JobLog> {
+        Self::start_with(ns, ROLLOUT_LABEL).await
+    }
+
+    /// Watches the Jobs that match `selector` (e.g. the backup label).
+    pub async fn start_with(ns: &TestNs, selector: &str) -> anyhow::Result<JobLog> {
         let api: Api<Job> = Api::namespaced(ns.client.clone(), &ns.name);
+        let selector = selector.to_string();
         let jobs: Arc<Mutex<Vec<JobRecord>>> = Default::default();
         let seq: Arc<Mutex<u64>> = Default::default();
         let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
@@ -79,7 +85,7 @@ impl JobLog {
             let (jobs, seq) = (jobs.clone(), seq.clone());
             tokio::spawn(async move {
                 let mut listed = Some(listed_tx);
-                let mut events = watcher(api, watcher::Config::default().labels(ROLLOUT_LABEL))
+                let mut events = watcher(api, watcher::Config::default().labels(&selector))
                     .default_backoff()
                     .boxed();
                 while let Some(event) = events.next().await {

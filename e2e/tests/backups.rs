@@ -18,6 +18,15 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 /// A controller whose Jobs run the harness's silo image, and whose backups go to a fresh
 /// directory of this machine mounted into the Jobs as a hostPath.
 fn start_controller(ns: &TestNs) -> anyhow::Result<(ControllerProcess, PathBuf)> {
+    start_controller_with(ns, &serde_json::json!({ "maxConcurrentPerServer": 1 }))
+}
+
+/// As [`start_controller`], with more backup settings (`extra`, merged over the destination and
+/// the volume).
+fn start_controller_with(
+    ns: &TestNs,
+    extra: &serde_json::Value,
+) -> anyhow::Result<(ControllerProcess, PathBuf)> {
     let image = node::image()?;
     let dir = std::env::var_os("SILO_E2E_DIR")
         .map(PathBuf::from)
@@ -37,15 +46,14 @@ fn start_controller(ns: &TestNs) -> anyhow::Result<(ControllerProcess, PathBuf)>
         serde_json::json!({ "image": image, "imagePullPolicy": "Never" }).to_string(),
     )?;
     let backups = settings.join("backups.json");
-    std::fs::write(
-        &backups,
-        serde_json::json!({
-            "destination": format!("file://{}", dir.display()),
-            "volume": { "hostPath": { "path": dir, "type": "Directory" } },
-            "maxConcurrentPerServer": 1,
-        })
-        .to_string(),
-    )?;
+    let mut settings_json = serde_json::json!({
+        "destination": format!("file://{}", dir.display()),
+        "volume": { "hostPath": { "path": dir, "type": "Directory" } },
+    });
+    if let (Some(base), Some(more)) = (settings_json.as_object_mut(), extra.as_object()) {
+        base.extend(more.clone());
+    }
+    std::fs::write(&backups, settings_json.to_string())?;
     let controller = ControllerProcess::start_with_env(
         ns,
         None,
@@ -273,6 +281,170 @@ async fn a_backup_is_stored_verified_recorded_and_deleted_with_its_object() {
         ensure!(
             !file.with_extension("json").exists(),
             "the manifest outlived its TenantBackup"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// Scheduled backups: 30 tenants on 2 servers, a slot every 2 minutes spread over a 2-minute
+/// window, one backup at a time per server: every tenant is backed up in each slot, the starts
+/// spread over the window, the cap holds (from the Jobs' order), a controller killed mid-round
+/// loses and doubles nothing, and `keepLast: 2` leaves exactly two backups per tenant, objects
+/// included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_spread_over_their_window_under_the_cap_and_keep_the_last_two() {
+    with_temp_ns("backup-sched", |ns: TestNs| async move {
+        node::image()?;
+        let (pg1, pg2) = (PgServer::start()?, PgServer::start()?);
+        ns.add_server(&ns.server_name("a"), &pg1, "").await?;
+        ns.add_server(&ns.server_name("b"), &pg2, "").await?;
+        let schedule = serde_json::json!({
+            "schedule": "*/2 * * * *",
+            "window": "2m",
+            "maxConcurrentPerServer": 1,
+            "retention": { "keepLast": 2 },
+        });
+        let (mut controller, dir) = start_controller_with(&ns, &schedule)?;
+        for server in [ns.server_name("a"), ns.server_name("b")] {
+            let server = format!("databaseserver/{server}");
+            let out = ns
+                .kubectl(&["wait", "--for=condition=Ready", &server, "--timeout=60s"])
+                .await?;
+            ensure!(out.success, "{}", out.stderr);
+        }
+        let names: Vec<String> = (0..30).map(|i| format!("s{i:02}")).collect();
+        let yaml: Vec<String> = names.iter().map(|n| tenant_yaml(n, "  {}")).collect();
+        ns.apply_ok(&yaml.join("---\n")).await?;
+        let mut server_of = std::collections::HashMap::new();
+        for name in &names {
+            let t = ns.wait_phase(name, TenantPhase::Ready, TIMEOUT).await?;
+            server_of.insert(
+                name.clone(),
+                t.status.and_then(|s| s.server).context("placed")?,
+            );
+        }
+        let log =
+            silo_e2e::rollouts::JobLog::start_with(&ns, silo_crds::contract::BACKUP_LABEL).await?;
+        let api: Api<TenantBackup> = Api::namespaced(ns.client.clone(), &ns.name);
+        let succeeded = || async {
+            let list = api.list(&Default::default()).await.ok()?;
+            Some(
+                list.items
+                    .into_iter()
+                    .filter(|b| {
+                        b.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Succeeded)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+
+        // A round gets under way; the controller is killed in the middle of it and restarted.
+        wait_for("a few scheduled backups to start", TIMEOUT, || async {
+            (log.jobs().len() >= 5).then_some(())
+        })
+        .await?;
+        controller.kill9();
+        let (_controller, _) = start_controller_with(&ns, &schedule)?;
+
+        // Three slots: every tenant in each, then retention keeps two.
+        let per_tenant = |backups: &[TenantBackup]| {
+            let mut slots: std::collections::HashMap<String, Vec<String>> = Default::default();
+            for b in backups {
+                slots
+                    .entry(b.spec.tenant.clone())
+                    .or_default()
+                    .push(b.metadata.name.clone().unwrap_or_default());
+            }
+            slots
+        };
+        let mut seen_slots: std::collections::HashMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            for b in succeeded().await.unwrap_or_default() {
+                seen_slots
+                    .entry(b.spec.tenant.clone())
+                    .or_default()
+                    .insert(b.metadata.name.clone().unwrap_or_default());
+            }
+            if names
+                .iter()
+                .all(|n| seen_slots.get(n).is_some_and(|s| s.len() >= 3))
+            {
+                break;
+            }
+            let behind: Vec<(&String, usize)> = names
+                .iter()
+                .map(|n| (n, seen_slots.get(n).map_or(0, |s| s.len())))
+                .filter(|(_, k)| *k < 3)
+                .collect();
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "after 10 minutes, tenants with fewer than 3 rounds: {behind:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let (_, most_on) = silo_e2e::rollouts::most_at_once(&log.jobs(), &server_of);
+        ensure!(
+            most_on.values().all(|n| *n <= 1),
+            "backups at once per server: {most_on:?} (maxConcurrentPerServer 1)"
+        );
+        // One backup per tenant per slot: each name is its slot, and each slot's backup has one Job.
+        let jobs = log.jobs();
+        let mut per_name: std::collections::HashMap<&str, usize> = Default::default();
+        for j in &jobs {
+            *per_name.entry(j.name.as_str()).or_default() += 1;
+        }
+        ensure!(
+            per_name.values().all(|n| *n == 1),
+            "a backup ran twice: {per_name:?}"
+        );
+        // The starts of one slot spread over its window.
+        let first = api.list(&Default::default()).await?.items;
+        let mut minutes: std::collections::BTreeSet<i64> = Default::default();
+        for b in &first {
+            if let Some(created) = &b.metadata.creation_timestamp {
+                minutes.insert(created.0.as_second() / 30);
+            }
+        }
+        ensure!(
+            minutes.len() >= 3,
+            "the backups were all created within a minute: {minutes:?}"
+        );
+
+        wait_for("retention to keep two per tenant", TIMEOUT, || async {
+            let all = api.list(&Default::default()).await.ok()?.items;
+            let finished: Vec<TenantBackup> = all
+                .into_iter()
+                .filter(|b| {
+                    matches!(
+                        b.status.as_ref().and_then(|s| s.phase),
+                        Some(JobPhase::Succeeded)
+                    )
+                })
+                .collect();
+            per_tenant(&finished)
+                .values()
+                .all(|v| v.len() == 2)
+                .then_some(())
+        })
+        .await?;
+        for name in &names {
+            let objects = std::fs::read_dir(dir.join(&ns.name).join(name))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "dump"))
+                .count();
+            ensure!(
+                objects <= 3,
+                "{name}: {objects} dumps kept (keepLast 2, one round may be in flight)"
+            );
+        }
+        let tenant = ns.tenants().get("s00").await?.status.unwrap_or_default();
+        ensure!(
+            silo_crds::conditions::is_true(&tenant.conditions, "BackedUp"),
+            "{:?}",
+            tenant.conditions
         );
         Ok(())
     })
