@@ -234,6 +234,20 @@ impl Fixture {
 
     /// Runs `silo ARGS` with the source's libpq environment plus `env`.
     async fn silo(&self, args: &[&str], env: &[(String, String)]) -> anyhow::Result<Run> {
+        self.silo_then(args, env, |_| async { Ok(()) }).await
+    }
+
+    /// Runs `silo ARGS` as [`Fixture::silo`] does, doing `meanwhile(pid)` while it runs.
+    async fn silo_then<F, Fut>(
+        &self,
+        args: &[&str],
+        env: &[(String, String)],
+        meanwhile: F,
+    ) -> anyhow::Result<Run>
+    where
+        F: FnOnce(u32) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
         let bin = runner_bin()?;
         let report_path = self.dir.join(format!("report-{}.json", random_password()));
         let path = format!(
@@ -266,7 +280,9 @@ impl Fixture {
         for (k, v) in self.libpq_env("src").iter().chain(env) {
             command.env(k, v);
         }
-        let output = tokio::time::timeout(RUN_TIMEOUT, command.output())
+        let child = command.spawn()?;
+        meanwhile(child.id().context("the runner has no pid")?).await?;
+        let output = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
             .await
             .with_context(|| format!("silo {args:?} did not end within {RUN_TIMEOUT:?}"))??;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -881,5 +897,69 @@ async fn runner_large_dump_streams_in_bounded_memory() -> anyhow::Result<()> {
         "peak RSS {peak} KiB for a {bytes}-byte dump, over 64 MiB"
     );
     eprintln!("runner peak RSS {peak} KiB for a {bytes}-byte dump to {destination}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_sigterm_mid_upload_aborts_it() -> anyhow::Result<()> {
+    let f = Fixture::start("sigterm").await?;
+    f.add_bulk(12_000).await?;
+    // A pg_dump that writes 10 MB and then stalls, as a slow source would.
+    let real = pg_bin_dir()?.join("pg_dump");
+    let script = f.dir.join("stalling-pg_dump");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             case \"$1\" in --version) exec {real} --version ;; esac\n\
+             {real} \"$@\" | head -c 10000000\n\
+             exec sleep 120\n",
+            real = real.display()
+        ),
+    )?;
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&script)
+        .status()?;
+    let dest = f.dir.join("backups");
+    let staging = dest.clone();
+    let run = f
+        .silo_then(
+            &[
+                "--pg-dump",
+                &script.display().to_string(),
+                "backup",
+                "--destination",
+                &file_url(&dest),
+                "--name",
+                "b1",
+                "--tenant",
+                "shop/acme",
+                "--server",
+                "pg-shared",
+            ],
+            &[],
+            |pid| async move {
+                // Once the upload has written its first part (a staging file), as a Job past its
+                // deadline would be.
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while walk_files(&staging).is_empty() {
+                    ensure!(
+                        std::time::Instant::now() < deadline,
+                        "no staging file appeared"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status()?;
+                Ok(())
+            },
+        )
+        .await?;
+    let error = run.failed()?;
+    assert!(error.contains("interrupted"), "{error}");
+    let left = walk_files(&dest);
+    assert!(left.is_empty(), "files left behind: {left:?}");
     Ok(())
 }

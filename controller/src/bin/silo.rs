@@ -47,9 +47,12 @@ async fn main() -> ExitCode {
         .iter()
         .filter_map(|name| std::env::var(name).ok())
         .collect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
     let tools = Tools {
         pg_dump,
         pg_restore,
+        stop,
     };
     let report = runner::run(command, &tools, secrets).await;
     tracing::info!(
@@ -74,4 +77,18 @@ fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Cancels `stop` on SIGTERM (what Kubernetes sends a Job's pod) or SIGINT.
+async fn stop_on_signal(stop: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::warn!("signal received: stopping");
+    stop.cancel();
 }

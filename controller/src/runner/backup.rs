@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
+use std::time::Duration;
 
 use object_store::{ObjectStoreExt, PutPayload};
 use sha2::{Digest, Sha256};
@@ -224,7 +225,7 @@ async fn dump_to(
     let mut hasher = Sha256::new();
     let mut bytes: u64 = 0;
     let mut buf = vec![0u8; READ_BUFFER];
-    let streamed: Result<(), RunnerError> = async {
+    let stream = async {
         loop {
             let n = stdout
                 .read(&mut buf)
@@ -243,8 +244,14 @@ async fn dump_to(
                 .await
                 .map_err(store_error("uploading to"))?;
         }
-    }
-    .await;
+    };
+    let streamed: Result<(), RunnerError> = tokio::select! {
+        streamed = stream => streamed,
+        () = tools.stop.cancelled() => Err(RunnerError::Interrupted),
+    };
+    // Closing our end makes whatever still writes to it (pg_dump, or the children of a wrapper
+    // script) fail instead of blocking.
+    drop(stdout);
     if streamed.is_err() {
         let _ = child.start_kill();
     }
@@ -252,8 +259,13 @@ async fn dump_to(
         what: "waiting for pg_dump",
         source,
     });
+    // Bounded: a grandchild that outlived a killed pg_dump may hold its stderr open.
     let stderr_tail = match stderr {
-        Some(task) => task.await.unwrap_or_default(),
+        Some(task) => tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default(),
         None => String::new(),
     };
     let outcome = match (streamed, status) {

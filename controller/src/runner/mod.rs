@@ -15,6 +15,7 @@ use std::path::PathBuf;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use silo_crds::backup::RunnerReport;
+use tokio_util::sync::CancellationToken;
 
 use self::location::LocationError;
 use self::redact::Redactor;
@@ -108,11 +109,14 @@ pub struct RestoreArgs {
     pub role: Option<String>,
 }
 
-/// The client tools the runner runs.
+/// The client tools the runner runs, and the signal to stop.
 #[derive(Clone, Debug)]
 pub struct Tools {
     pub pg_dump: PathBuf,
     pub pg_restore: PathBuf,
+    /// Cancelled on SIGTERM/SIGINT (a Job deleted or past its deadline): an upload in progress
+    /// is aborted and pg_restore killed, as on any other failure.
+    pub stop: CancellationToken,
 }
 
 #[derive(thiserror::Error, Debug)]
@@ -176,6 +180,8 @@ pub enum RunnerError {
     Sha256Mismatch { expected: String, actual: String },
     #[error("verification failed: {0} table(s) differ between the source and the restored copy")]
     Verification(usize),
+    #[error("interrupted by SIGTERM or SIGINT")]
+    Interrupted,
     #[error("verifying restore into the scratch database: {0}")]
     VerifyRestore(Box<RunnerError>),
 }
@@ -197,6 +203,7 @@ impl RunnerError {
             RunnerError::BadSha256(_) => "InvalidSha256",
             RunnerError::Sha256Mismatch { .. } => "Sha256Mismatch",
             RunnerError::Verification(_) | RunnerError::VerifyRestore(_) => "VerificationFailed",
+            RunnerError::Interrupted => "Interrupted",
         }
     }
 }

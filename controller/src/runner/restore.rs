@@ -110,20 +110,25 @@ pub async fn restore(
     // pg_restore may stop reading early (an error in its transaction): a failed write ends the
     // feeding, and its exit status and stderr tell why.
     let mut feeding = true;
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(source) => {
-                kill(&mut child).await;
-                return Err(store_error("reading")(source));
+    let feed = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(store_error("reading"))?;
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            let release = tail.push(&chunk);
+            if let Some(pipe) = stdin.as_mut().filter(|_| feeding && !release.is_empty()) {
+                feeding = pipe.write_all(&release).await.is_ok();
             }
-        };
-        hasher.update(&chunk);
-        bytes += chunk.len() as u64;
-        let release = tail.push(&chunk);
-        if let Some(pipe) = stdin.as_mut().filter(|_| feeding && !release.is_empty()) {
-            feeding = pipe.write_all(&release).await.is_ok();
         }
+        Ok(())
+    };
+    let fed: Result<(), RunnerError> = tokio::select! {
+        fed = feed => fed,
+        () = tools.stop.cancelled() => Err(RunnerError::Interrupted),
+    };
+    if let Err(error) = fed {
+        kill(&mut child).await;
+        return Err(error);
     }
     let actual = hex(&hasher.finalize());
     report.bytes = Some(bytes);
