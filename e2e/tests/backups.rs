@@ -340,7 +340,8 @@ async fn scheduled_backups_spread_over_their_window_under_the_cap_and_keep_the_l
         };
 
         // A round gets under way; the controller is killed in the middle of it and restarted.
-        wait_for("a few scheduled backups to start", TIMEOUT, || async {
+        // The first slot after the tenants' creation, plus each one's offset: up to 4 minutes.
+        wait_for("a few scheduled backups to start", Duration::from_secs(300), || async {
             (log.jobs().len() >= 5).then_some(())
         })
         .await?;

@@ -223,10 +223,11 @@ The controller's rights on Tenants and their Secrets: cluster-wide, or in contro
   resources: ["jobs"]
   verbs: ["list", "watch", "create", "delete"]
 # TenantBackups: watched; the finalizer `silo.dev/backup-object` (deleting a TenantBackup deletes
-# its object) added and removed by patch; status written by server-side apply.
+# its object) added and removed by patch; created on the schedule and deleted by retention;
+# status written by server-side apply.
 - apiGroups: ["silo.dev"]
   resources: ["tenantbackups"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch", "patch", "create", "delete"]
 - apiGroups: ["silo.dev"]
   resources: ["tenantbackups/status"]
   verbs: ["patch"]
