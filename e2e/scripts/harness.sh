@@ -19,7 +19,8 @@ harness_up() {
   "$SILO_KUBECTL" apply -f "$ROOT/charts/silo/files/crds/" >/dev/null
   # Retried: a CRD read before the API server wrote its first status has no conditions, and
   # `kubectl wait` then fails at once ("accessor error: <nil>") instead of waiting.
-  local crds=(crd/tenants.silo.dev crd/databaseservers.silo.dev)
+  local crds=() f
+  for f in "$ROOT"/charts/silo/files/crds/*.yaml; do crds+=("crd/$(basename "$f" .yaml)"); done
   for _ in $(seq 30); do
     "$SILO_KUBECTL" wait --for condition=established --timeout=10s "${crds[@]}" >/dev/null 2>&1 && break
     sleep 1

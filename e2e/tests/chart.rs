@@ -20,7 +20,14 @@ use silo_e2e::{PgServer, TestNs, tenant_yaml, wait_for};
 use sqlx::{Connection, PgConnection, PgPool};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
-const CRDS: [&str; 2] = ["tenants.silo.dev", "databaseservers.silo.dev"];
+/// Every CRD the chart carries, from the types (`silo_crds::all`), so that a new kind is never
+/// missed.
+fn crds() -> Vec<String> {
+    silo_crds::all()
+        .into_iter()
+        .filter_map(|crd| crd.metadata.name)
+        .collect()
+}
 
 /// The CRDs belong to one release at a time: the tests that put them under a release of their
 /// own take turns.
@@ -74,7 +81,8 @@ fn e2e_values(ns: &TestNs) -> anyhow::Result<String> {
 /// moving its CRDs under Helm does; the release's install then adopts them. Hold `CRD_OWNER`.
 async fn adopt_crds(ns: &TestNs) -> anyhow::Result<()> {
     let release = format!("meta.helm.sh/release-namespace={}", ns.name);
-    for crd in CRDS {
+    for crd in crds() {
+        let crd = crd.as_str();
         for args in [
             vec![
                 "annotate",
@@ -197,7 +205,8 @@ async fn the_chart_lints_and_the_api_server_accepts_what_it_renders() {
         let documents: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered.stdout)
             .map(serde::Deserialize::deserialize)
             .collect::<Result<_, _>>()?;
-        for crd in CRDS {
+        for crd in crds() {
+            let crd = crd.as_str();
             let file = std::fs::read_to_string(format!("{}/files/crds/{crd}.yaml", chart))?;
             let generated: serde_yaml::Value = serde_yaml::from_str(&file)?;
             let rendered = documents
@@ -797,8 +806,8 @@ async fn the_chart_installs_upgrades_and_uninstalls_silo() {
             (left == 0).then_some(())
         })
         .await?;
-        for crd in CRDS {
-            let out = ns.kubectl(&["get", "crd", crd]).await?;
+        for crd in crds() {
+            let out = ns.kubectl(&["get", "crd", &crd]).await?;
             ensure!(out.success, "CRD {crd} was removed by helm uninstall");
         }
         for tenant in ["acme", "globex"] {

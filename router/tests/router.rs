@@ -429,16 +429,45 @@ async fn http_api_resolves_and_reports() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tenant file with both tenants on one server, `pg`, whose budget is `max_connections`.
+fn one_server_yaml(pg: &PgServer, max_connections: usize) -> String {
+    let yaml = tenants_yaml(pg, "Ready").replace("}\n", ", server: pg}\n");
+    format!("servers: {{pg: {{maxConnections: {max_connections}}}}}\n{yaml}")
+}
+
 /// Puts both tenants on one server, `pg`, with a budget of `max_connections`, and waits for the
 /// router to reload its file.
 async fn share_one_server(s: &Setup, max_connections: usize) -> anyhow::Result<()> {
-    let yaml = tenants_yaml(&s.pg, "Ready").replace("}\n", ", server: pg}\n");
-    std::fs::write(
-        &s.file,
-        format!("servers: {{pg: {{maxConnections: {max_connections}}}}}\n{yaml}"),
-    )?;
+    std::fs::write(&s.file, one_server_yaml(&s.pg, max_connections))?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     Ok(())
+}
+
+/// Server connections of the two tenants, as the server counts them.
+async fn tenant_backends(admin: &sqlx::PgPool) -> anyhow::Result<i64> {
+    let n = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('t_acme', 't_beta')",
+    )
+    .fetch_one(admin)
+    .await?;
+    Ok(n)
+}
+
+/// Waits for the server to count at most `budget` connections of the two tenants: a closed
+/// connection's backend leaves pg_stat_activity a moment later.
+async fn settles_within(admin: &sqlx::PgPool, budget: i64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let open = tenant_backends(admin).await?;
+        if open <= budget {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{open} server connections on a server whose budget is {budget}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -473,14 +502,6 @@ async fn idle_connections_count_and_make_room_for_another_tenant() -> anyhow::Re
     let s = setup("transaction").await?;
     share_one_server(&s, 2).await?;
     let admin = s.pg.admin_pool().await?;
-    let backends = || async {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('t_acme', 't_beta')",
-        )
-        .fetch_one(&admin)
-        .await?;
-        anyhow::Ok(n)
-    };
 
     // Two transactions of acme at once: two server connections, idle once they end.
     let a1 = pg_connect(&dsn(s.port, "t_acme", "pw-acme", "acme")).await?;
@@ -489,32 +510,99 @@ async fn idle_connections_count_and_make_room_for_another_tenant() -> anyhow::Re
     a2.batch_execute("BEGIN; SELECT 1").await?;
     a1.batch_execute("COMMIT").await?;
     a2.batch_execute("COMMIT").await?;
-    ensure!(backends().await? == 2, "acme holds two, idle");
+    ensure!(tenant_backends(&admin).await? == 2, "acme holds two, idle");
 
     // beta needs one: an idle one of acme makes room (acme's would stay idle for good, so
     // waiting would end in 53300).
     let b = pg_connect(&dsn(s.port, "t_beta", "pw-beta", "beta")).await?;
     b.batch_execute("SELECT 1").await?;
-    // (A closed connection's backend leaves pg_stat_activity a moment later.)
-    let at_most_two = || async {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let open = backends().await?;
-            if open <= 2 {
-                return anyhow::Ok(());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "{open} server connections on a server whose budget is 2"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    at_most_two().await?;
+    settles_within(&admin, 2).await?;
     // acme still gets its work done, on what is left.
     a1.batch_execute("SELECT 1").await?;
     a2.batch_execute("SELECT 1").await?;
-    at_most_two().await?;
+    settles_within(&admin, 2).await?;
+    Ok(())
+}
+
+/// Waits until the router's table gives `tenant` a connection limit of `size`: the file reloaded.
+async fn wait_for_pool_size(s: &Setup, tenant: &str, size: u64) -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{}/v1/tenants", s.http);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tenants: serde_json::Value = reqwest::get(&url).await?.json().await?;
+        let now = tenants["tenants"]
+            .as_array()
+            .and_then(|l| l.iter().find(|t| t["tenant"] == tenant))
+            .and_then(|t| t["poolSize"].as_u64());
+        if now == Some(size) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{tenant}'s pool size is {now:?}, not {size}, after the reload"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A tenant whose route changes gets a new pool, and the old pool's server connections leave
+/// the server's budget: the idle ones at once, the ones its sessions still hold as they are
+/// released. Only a tenant's current pool can make room for another tenant, so connections kept
+/// by the old pool would hold their places for good, and the server's other tenants would be
+/// refused (53300) while the tenant uses none of them.
+#[tokio::test]
+async fn a_replaced_pool_gives_its_connections_back_to_the_server_budget() -> anyhow::Result<()> {
+    let s = setup("transaction").await?;
+    share_one_server(&s, 3).await?;
+    let admin = s.pg.admin_pool().await?;
+    let acme = dsn(s.port, "t_acme", "pw-acme", "acme");
+    let beta = dsn(s.port, "t_beta", "pw-beta", "beta");
+
+    // The budget spent: beta's login leaves it one idle connection; acme, from sessions opened
+    // before its route changes, holds one in a transaction and one idle.
+    let b1 = pg_connect(&beta).await?;
+    let a1 = pg_connect(&acme).await?;
+    let a2 = pg_connect(&acme).await?;
+    a1.batch_execute("BEGIN; SELECT 1").await?;
+    a2.batch_execute("BEGIN; SELECT 1; COMMIT").await?;
+    ensure!(
+        tenant_backends(&admin).await? == 3,
+        "beta's idle, acme's busy and idle"
+    );
+
+    // acme's route changes (its connection limit); its open sessions go on, on the old pool.
+    std::fs::write(
+        &s.file,
+        one_server_yaml(&s.pg, 3).replace("connectionLimit: 4", "connectionLimit: 3"),
+    )?;
+    wait_for_pool_size(&s, "default.acme", 3).await?;
+    // A new session of acme gets the new pool, whose login takes a connection.
+    let a3 = pg_connect(&acme)
+        .await
+        .context("a new session of acme after its route changed")?;
+    a3.batch_execute("SELECT 1").await?;
+    settles_within(&admin, 3).await?;
+    // The transaction held across the change ends, and its server connection comes back.
+    a1.batch_execute("COMMIT").await?;
+
+    // acme is idle: beta may use the whole budget, taking the place of acme's new pool's idle
+    // connection; none may be held by the old pool.
+    let b2 = pg_connect(&beta).await?;
+    let b3 = pg_connect(&beta).await?;
+    for (b, n) in [&b1, &b2, &b3].into_iter().zip(1..) {
+        b.batch_execute("BEGIN; SELECT 1")
+            .await
+            .with_context(|| format!("beta's transaction {n} of 3 on a server acme left idle"))?;
+    }
+    settles_within(&admin, 3).await?;
+    for b in [&b1, &b2, &b3] {
+        b.batch_execute("COMMIT").await?;
+    }
+    // acme's sessions, old and new, still get their work done.
+    for a in [&a1, &a2, &a3] {
+        a.batch_execute("SELECT 1").await?;
+    }
+    settles_within(&admin, 3).await?;
     Ok(())
 }
 
