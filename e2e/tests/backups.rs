@@ -341,9 +341,11 @@ async fn scheduled_backups_spread_over_their_window_under_the_cap_and_keep_the_l
 
         // A round gets under way; the controller is killed in the middle of it and restarted.
         // The first slot after the tenants' creation, plus each one's offset: up to 4 minutes.
-        wait_for("a few scheduled backups to start", Duration::from_secs(300), || async {
-            (log.jobs().len() >= 5).then_some(())
-        })
+        wait_for(
+            "a few scheduled backups to start",
+            Duration::from_secs(300),
+            || async { (log.jobs().len() >= 5).then_some(()) },
+        )
         .await?;
         controller.kill9();
         let (_controller, _) = start_controller_with(&ns, &schedule)?;
