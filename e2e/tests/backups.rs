@@ -262,6 +262,9 @@ async fn a_backup_is_stored_verified_recorded_and_deleted_with_its_object() {
         ensure!(contents(&mut globex).await? == original, "globex did not get acme's backup");
         ensure!(contents(&mut conn).await? == original, "acme changed when globex was restored");
 
+        // A negative retention is refused by kubectl apply, naming the field.
+        let out = ns.apply(&tenant_yaml("neg", "  backup: {keepLast: -1}")).await?;
+        ensure!(!out.success && out.stderr.contains("spec.backup.keepLast"), "{}", out.stderr);
         // A restore naming no backup is refused by kubectl apply.
         let out = ns.apply(&restore_yaml("nothing", "{tenant: acme, from: {}}")).await?;
         ensure!(!out.success && out.stderr.contains("exactly one of backup or uri"), "{}", out.stderr);
