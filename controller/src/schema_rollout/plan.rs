@@ -154,6 +154,9 @@ pub fn plan(tenants: &[TenantFacts], limits: &Limits, busy: &HashMap<String, usi
         running += 1;
         start.push(tenant.name.clone());
     }
+    // The counts say what holds once these have started.
+    counts.pending -= start.len();
+    counts.running += start.len();
     Plan {
         phase: RolloutPhase::Progressing,
         reason: None,
@@ -484,6 +487,17 @@ mod tests {
     }
 
     #[test]
+    fn the_counts_include_what_starts_now() {
+        let plan = plan(&fleet(), &limits(), &HashMap::new());
+        assert_eq!(plan.start, ["a"]);
+        assert_eq!(
+            (plan.counts.running, plan.counts.pending),
+            (1, 5),
+            "the canary runs, five wait"
+        );
+    }
+
+    #[test]
     fn counts_are_exact() {
         let tenants = with(
             fleet(),
@@ -508,8 +522,9 @@ mod tests {
                 total: 6,
                 succeeded: 1,
                 failed: 1,
-                running: 1,
-                pending: 2,
+                // e and f start now: what the status says once they have.
+                running: 3,
+                pending: 0,
                 skipped: 1
             }
         );

@@ -275,7 +275,7 @@ spec:
         (
             "floor: total Job time / maxConcurrent",
             format!(
-                "{floor:.2} s   (ratio wall / floor {:.2}: silo's own share)",
+                "{floor:.2} s   (wall / floor {:.2}: refill gaps + last wave's tail)",
                 wall.as_secs_f64() / floor
             ),
         ),
