@@ -122,7 +122,13 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
     if let Some(job) = job {
         match outcome::outcome(&job, &[]) {
             Outcome::Running => {
-                let server = current.server.clone().unwrap_or_default();
+                // The tenant's server, not the status's: the status read may predate the write
+                // that recorded it.
+                let server = tenant
+                    .as_ref()
+                    .and_then(|t| t.status.as_ref()?.server.clone())
+                    .or_else(|| current.server.clone())
+                    .unwrap_or_default();
                 write(
                     backup,
                     ctx,
@@ -341,9 +347,18 @@ async fn read_report(ctx: &Context, namespace: &str, job: &Job) -> Result<report
 
 /// Drops a verifying backup's scratch database; a failure is logged (the next verify drops it).
 async fn drop_scratch(ctx: &Context, tenant: Option<&Tenant>, done: &TenantBackupStatus) {
-    let (Some(tenant), Some(server)) = (tenant, done.server.as_deref()) else {
+    let Some(tenant) = tenant else {
         return;
     };
+    let Some(server) = tenant
+        .status
+        .as_ref()
+        .and_then(|s| s.server.clone())
+        .or_else(|| done.server.clone())
+    else {
+        return;
+    };
+    let server = server.as_str();
     let Some(handle) = ctx.pools.get(server) else {
         return;
     };
