@@ -9,6 +9,7 @@ pub mod node;
 pub mod postgres;
 pub mod rollouts;
 pub mod router;
+pub mod s3;
 pub mod wait;
 
 pub use controller::ControllerProcess;

@@ -1,15 +1,18 @@
 //! End-to-end scenarios for TenantBackups and TenantRestores: the `silo` runner as a Job on the node, dumping a real
 //! tenant database to a `file://` volume (a hostPath on the node, which shares this machine's
-//! disk), verified, recorded on the Tenant, and deleted with its TenantBackup.
+//! disk) or to an S3-compatible store, verified, recorded on the Tenant, and deleted with its
+//! TenantBackup; failures that store nothing, restores that change nothing unless they succeed.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use kube::api::{Api, DeleteParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, PostParams};
 use sha2::{Digest, Sha256};
 use silo_crds::{JobPhase, TenantBackup, TenantPhase};
 use silo_e2e::kube_env::with_temp_ns;
+use silo_e2e::s3::S3Store;
 use silo_e2e::{ControllerProcess, PgServer, TestNs, node, tenant_yaml, wait_for};
 use sqlx::{Connection, PgConnection};
 
@@ -18,14 +21,15 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 /// A controller whose Jobs run the harness's silo image, and whose backups go to a fresh
 /// directory of this machine mounted into the Jobs as a hostPath.
 fn start_controller(ns: &TestNs) -> anyhow::Result<(ControllerProcess, PathBuf)> {
-    start_controller_with(ns, &serde_json::json!({ "maxConcurrentPerServer": 1 }))
+    start_controller_with(ns, &serde_json::json!({ "maxConcurrentPerServer": 1 }), &[])
 }
 
 /// As [`start_controller`], with more backup settings (`extra`, merged over the destination and
-/// the volume).
+/// the volume) and more environment for the controller.
 fn start_controller_with(
     ns: &TestNs,
     extra: &serde_json::Value,
+    env: &[(String, String)],
 ) -> anyhow::Result<(ControllerProcess, PathBuf)> {
     let image = node::image()?;
     let dir = std::env::var_os("SILO_E2E_DIR")
@@ -54,15 +58,12 @@ fn start_controller_with(
         base.extend(more.clone());
     }
     std::fs::write(&backups, settings_json.to_string())?;
-    let controller = ControllerProcess::start_with_env(
-        ns,
-        None,
-        &[],
-        &[
-            ("SILO_JOB_SETTINGS", jobs.to_str().context("a path")?),
-            ("SILO_BACKUP_SETTINGS", backups.to_str().context("a path")?),
-        ],
-    )?;
+    let mut all_env = vec![
+        ("SILO_JOB_SETTINGS", jobs.to_str().context("a path")?),
+        ("SILO_BACKUP_SETTINGS", backups.to_str().context("a path")?),
+    ];
+    all_env.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let controller = ControllerProcess::start_with_env(ns, None, &[], &all_env)?;
     Ok((controller, dir))
 }
 
@@ -308,7 +309,7 @@ async fn scheduled_backups_spread_over_their_window_under_the_cap_and_keep_the_l
             "maxConcurrentPerServer": 1,
             "retention": { "keepLast": 2 },
         });
-        let (mut controller, dir) = start_controller_with(&ns, &schedule)?;
+        let (mut controller, dir) = start_controller_with(&ns, &schedule, &[])?;
         for server in [ns.server_name("a"), ns.server_name("b")] {
             let server = format!("databaseserver/{server}");
             let out = ns
@@ -351,7 +352,7 @@ async fn scheduled_backups_spread_over_their_window_under_the_cap_and_keep_the_l
         )
         .await?;
         controller.kill9();
-        let (_controller, _) = start_controller_with(&ns, &schedule)?;
+        let (_controller, _) = start_controller_with(&ns, &schedule, &[])?;
 
         // Three slots: every tenant in each, then retention keeps two.
         let per_tenant = |backups: &[TenantBackup]| {
@@ -451,6 +452,185 @@ async fn scheduled_backups_spread_over_their_window_under_the_cap_and_keep_the_l
             silo_crds::conditions::is_true(&tenant.conditions, "BackedUp"),
             "{:?}",
             tenant.conditions
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// The key of an `s3://bucket/key` URI.
+fn s3_key<'a>(uri: &'a str, bucket: &str) -> anyhow::Result<&'a str> {
+    uri.strip_prefix(&format!("s3://{bucket}/"))
+        .with_context(|| format!("{uri} is not in bucket {bucket}"))
+}
+
+/// Backups to an S3-compatible store (versitygw on the node's link address), from Jobs that take
+/// their credentials from a Secret: the stored object, read back with the test's own client, has
+/// the sha256 and size in status. With the store down a backup fails saying why, stores nothing,
+/// keeps the previous one and turns `BackedUp` False. An object corrupted in the store fails its
+/// restore on the sha256 and leaves the tenant's rows as they were, the tenant unlocked. Deleting
+/// the TenantBackup deletes the object and its manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_backups_are_checked_against_the_store_and_a_failing_or_corrupted_store_changes_nothing()
+{
+    with_temp_ns("backup-s3", |ns: TestNs| async move {
+        node::image()?;
+        let store = S3Store::start(&ns.name)?;
+        let pg = PgServer::start()?;
+        ns.add_server(&ns.server_name("pg"), &pg, "").await?;
+        let credentials: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "s3-credentials" },
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": store.access_key,
+                "AWS_SECRET_ACCESS_KEY": store.secret_key,
+            },
+        }))?;
+        ns.secrets()
+            .create(&PostParams::default(), &credentials)
+            .await?;
+        let settings = serde_json::json!({
+            "destination": format!("s3://{}/fleet", store.bucket),
+            "s3": {
+                "endpoint": store.endpoint,
+                "region": store.region,
+                "pathStyle": true,
+                "credentialsSecret": "s3-credentials",
+            },
+        });
+        // The controller deletes objects itself, with the same store's credentials.
+        let (_controller, _) = start_controller_with(&ns, &settings, &store.aws_env())?;
+        ns.apply_ok(&tenant_yaml("acme", "  {}")).await?;
+        ns.wait_phase("acme", TenantPhase::Ready, TIMEOUT).await?;
+        let uri = ns.secret_value("acme", "uri").await?;
+        let mut conn = PgConnection::connect(&uri).await?;
+        sqlx::raw_sql(
+            "CREATE TABLE orders (id serial PRIMARY KEY, note text);
+             INSERT INTO orders (note) SELECT 'order ' || i FROM generate_series(1, 300) i;
+             CREATE TABLE customers (id int PRIMARY KEY, name text);
+             INSERT INTO customers SELECT i, 'customer ' || i FROM generate_series(1, 20) i;",
+        )
+        .execute(&mut conn)
+        .await?;
+
+        ns.apply_ok(&backup_yaml("acme-1", "{tenant: acme}"))
+            .await?;
+        let first = wait_backup(&ns, "acme-1").await?.status.unwrap_or_default();
+        ensure!(first.phase == Some(JobPhase::Succeeded), "{first:?}");
+        let first_uri = first.uri.clone().context("no uri")?;
+        let key = s3_key(&first_uri, &store.bucket)?.to_string();
+        ensure!(
+            key == format!("fleet/{}/acme/acme-1.dump", ns.name),
+            "unexpected key {key}"
+        );
+        let object = store.get(&key).await?;
+        let sha: String = Sha256::digest(&object)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        ensure!(
+            first.sha256.as_deref() == Some(sha.as_str())
+                && first.bytes == Some(object.len() as i64),
+            "status says {:?} / {:?} bytes, the stored object is {sha} / {} bytes",
+            first.sha256,
+            first.bytes,
+            object.len()
+        );
+        let manifest = key.replace(".dump", ".json");
+        ensure!(!store.get(&manifest).await?.is_empty(), "an empty manifest");
+
+        // The store goes down: the next backup fails, saying where it could not write, and
+        // stores nothing; the previous backup stays, and the Tenant says it is not backed up.
+        store.stop()?;
+        ns.apply_ok(&backup_yaml("acme-2", "{tenant: acme}"))
+            .await?;
+        let failed = wait_backup(&ns, "acme-2").await?.status.unwrap_or_default();
+        ensure!(failed.phase == Some(JobPhase::Failed), "{failed:?}");
+        let error = failed.error.clone().unwrap_or_default();
+        ensure!(
+            error.contains(&format!("fleet/{}/acme/acme-2.dump", ns.name)),
+            "the error does not say where: {error}"
+        );
+        ensure!(!error.contains(&store.secret_key), "a secret in the error");
+        let tenant = ns.tenants().get("acme").await?.status.unwrap_or_default();
+        let backed_up = tenant
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "BackedUp")
+            .context("no BackedUp condition")?;
+        ensure!(
+            backed_up.status == "False"
+                && backed_up.reason == "BackupFailed"
+                && backed_up.message.contains("acme-2"),
+            "{backed_up:?}"
+        );
+        ensure!(
+            tenant.last_backup.as_ref().map(|l| l.name.as_str()) == Some("acme-1"),
+            "lastBackup moved: {:?}",
+            tenant.last_backup
+        );
+        store.resume()?;
+        let keys = store.keys(&format!("fleet/{}/acme", ns.name)).await?;
+        ensure!(
+            keys.iter().all(|k| !k.contains("acme-2")),
+            "the failed backup left {keys:?}"
+        );
+        ensure!(
+            keys.contains(&key) && store.get(&key).await? == object,
+            "the previous backup's object changed: {keys:?}"
+        );
+        let backups: Api<TenantBackup> = Api::namespaced(ns.client.clone(), &ns.name);
+        ensure!(
+            backups.get_opt("acme-1").await?.is_some(),
+            "the previous TenantBackup went"
+        );
+
+        // A byte flipped in the store: the restore fails on the sha256 and changes nothing.
+        let file = store.object_file(&key);
+        let mut bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0xff;
+        std::fs::write(&file, &bytes)?;
+        sqlx::raw_sql("UPDATE customers SET name = 'renamed'; DELETE FROM orders WHERE id > 100;")
+            .execute(&mut conn)
+            .await?;
+        let before = contents(&mut conn).await?;
+        drop(conn);
+        ns.apply_ok(&restore_yaml(
+            "acme-bad",
+            "{tenant: acme, from: {backup: acme-1}}",
+        ))
+        .await?;
+        let bad = wait_restore(&ns, "acme-bad").await?;
+        ensure!(
+            bad.phase == Some(JobPhase::Failed)
+                && bad.error.as_deref().is_some_and(|e| e.contains("sha256")),
+            "{bad:?}"
+        );
+        ns.wait_phase("acme", TenantPhase::Ready, TIMEOUT).await?;
+        let mut conn = PgConnection::connect(&uri).await?;
+        ensure!(
+            contents(&mut conn).await? == before,
+            "a failed restore changed the tenant's rows"
+        );
+
+        // Deleting the TenantBackups deletes the object and the manifest; the failed one had none.
+        for name in ["acme-1", "acme-2"] {
+            backups.delete(name, &DeleteParams::default()).await?;
+        }
+        wait_for("the TenantBackups to go", TIMEOUT, || async {
+            backups
+                .list(&Default::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        })
+        .await?;
+        let keys = store.keys(&format!("fleet/{}", ns.name)).await?;
+        ensure!(
+            keys.is_empty(),
+            "objects outlived their TenantBackups: {keys:?}"
         );
         Ok(())
     })

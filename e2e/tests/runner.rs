@@ -8,111 +8,31 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use object_store::aws::AmazonS3Builder;
+use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt};
 use sha2::{Digest, Sha256};
 use silo_crds::backup::{BackupManifest, RunnerReport};
 use silo_e2e::PgServer;
 use silo_e2e::postgres::{ADMIN_USER, free_port, pg_bin_dir, random_password};
+use silo_e2e::s3::S3Store;
 use sqlx::{Connection, Executor, PgConnection};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 /// Set in the runner's environment and never to appear in anything it prints.
 const AWS_SECRET_CANARY: &str = "aws-secret-canary-6f1d";
 
-/// The S3 test server `e2e/scripts/s3.sh` started, from its environment.
-struct S3 {
-    endpoint: String,
-    region: String,
-    bucket: String,
-    access_key: String,
-    secret_key: String,
-    /// versitygw's POSIX backend folder (objects and multipart staging live there).
-    data: PathBuf,
-}
-
-impl S3 {
-    /// The S3 server, or `None` after saying loudly why the test that needs it is skipped.
-    fn for_test(test: &str) -> Option<S3> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        match (
-            var("SILO_E2E_S3_ENDPOINT"),
-            var("SILO_E2E_S3_BUCKET"),
-            var("SILO_E2E_S3_ACCESS_KEY"),
-            var("SILO_E2E_S3_SECRET_KEY"),
-        ) {
-            (Some(endpoint), Some(bucket), Some(access_key), Some(secret_key)) => Some(S3 {
-                endpoint,
-                region: var("SILO_E2E_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
-                bucket,
-                access_key,
-                secret_key,
-                data: var("SILO_E2E_S3_DATA")
-                    .map(PathBuf::from)
-                    .unwrap_or_default(),
-            }),
-            _ => {
-                eprintln!(
-                    "SKIPPED {test}: no S3 test server (SILO_E2E_S3_ENDPOINT and its credentials \
-                     unset; e2e/run-tests.sh starts one with e2e/scripts/s3.sh)"
-                );
-                None
-            }
-        }
-    }
-
-    /// The runner's S3 settings: the AWS_* variables its docs name.
-    fn runner_env(&self) -> Vec<(String, String)> {
-        vec![
-            ("AWS_ENDPOINT".into(), self.endpoint.clone()),
-            ("AWS_REGION".into(), self.region.clone()),
-            ("AWS_ACCESS_KEY_ID".into(), self.access_key.clone()),
-            ("AWS_SECRET_ACCESS_KEY".into(), self.secret_key.clone()),
-            ("AWS_ALLOW_HTTP".into(), "true".into()),
-        ]
-    }
-
-    /// The test's own client.
-    fn client(&self) -> anyhow::Result<Arc<dyn ObjectStore>> {
-        Ok(Arc::new(
-            AmazonS3Builder::new()
-                .with_endpoint(&self.endpoint)
-                .with_region(&self.region)
-                .with_bucket_name(&self.bucket)
-                .with_access_key_id(&self.access_key)
-                .with_secret_access_key(&self.secret_key)
-                .with_allow_http(true)
-                .build()?,
-        ))
-    }
-
-    /// Keys under `prefix`.
-    async fn keys(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
-        use futures::TryStreamExt;
-        let client = self.client()?;
-        let prefix = ObjectPath::from(prefix);
-        let objects: Vec<_> = client.list(Some(&prefix)).try_collect().await?;
-        Ok(objects
-            .into_iter()
-            .map(|o| o.location.to_string())
-            .collect())
-    }
-
-    /// Files versitygw still stages for multipart uploads to `key` (its POSIX backend keeps them
-    /// under `.sgwtmp/multipart/<sha256 of the key>`): an aborted upload leaves none.
-    fn staged_parts(&self, key: &str) -> Vec<PathBuf> {
-        let dir = self
-            .data
-            .join(&self.bucket)
-            .join(".sgwtmp/multipart")
-            .join(sha256_hex(key.as_bytes()));
-        walk_files(&dir)
-    }
+/// Files versitygw still stages for multipart uploads to `key` (its POSIX backend keeps them
+/// under `.sgwtmp/multipart/<sha256 of the key>`): an aborted upload leaves none.
+fn staged_parts(s3: &S3Store, key: &str) -> Vec<PathBuf> {
+    let dir = s3
+        .data
+        .join(&s3.bucket)
+        .join(".sgwtmp/multipart")
+        .join(sha256_hex(key.as_bytes()));
+    walk_files(&dir)
 }
 
 /// The source database, its PostgreSQL server, and a folder for the test's files.
@@ -499,14 +419,14 @@ async fn runner_backup_to_a_file_restores_every_row() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runner_backup_to_s3_restores_every_row() -> anyhow::Result<()> {
-    let Some(s3) = S3::for_test("runner_backup_to_s3_restores_every_row") else {
+    let Some(s3) = S3Store::shared("runner_backup_to_s3_restores_every_row") else {
         return Ok(());
     };
     let f = Fixture::start("s3").await?;
     let original = f.fingerprint("src").await?;
     let prefix = format!("shop/acme-{}", random_password().to_lowercase());
     let destination = format!("s3://{}/{prefix}", s3.bucket);
-    let report = f.backup(&destination, "b1", &s3.runner_env()).await?.ok()?;
+    let report = f.backup(&destination, "b1", &s3.aws_env()).await?.ok()?;
     assert_eq!(report.uri, Some(format!("{destination}/b1.dump")));
     assert_eq!(report.manifest, Some(format!("{destination}/b1.json")));
 
@@ -535,7 +455,7 @@ async fn runner_backup_to_s3_restores_every_row() -> anyhow::Result<()> {
     let sha = report.sha256.clone().unwrap_or_default();
     let source = format!("{destination}/b1.dump");
     let into = target.url("copy");
-    let env = s3.runner_env();
+    let env = s3.aws_env();
     let run = f
         .silo(
             &[
@@ -555,7 +475,7 @@ async fn runner_backup_to_s3_restores_every_row() -> anyhow::Result<()> {
     f.damage("src").await?;
     f.silo(
         &["restore", "--source", &source, "--sha256", &sha],
-        &s3.runner_env(),
+        &s3.aws_env(),
     )
     .await?
     .ok()?;
@@ -675,7 +595,7 @@ async fn runner_dump_killed_midway_leaves_no_object_and_no_manifest() -> anyhow:
     assert!(left.is_empty(), "files left behind: {left:?}");
 
     let Some(s3) =
-        S3::for_test("runner_dump_killed_midway_leaves_no_object_and_no_manifest (s3 part)")
+        S3Store::shared("runner_dump_killed_midway_leaves_no_object_and_no_manifest (s3 part)")
     else {
         return Ok(());
     };
@@ -695,7 +615,7 @@ async fn runner_dump_killed_midway_leaves_no_object_and_no_manifest() -> anyhow:
                 "--server",
                 "pg-shared",
             ],
-            &s3.runner_env(),
+            &s3.aws_env(),
         )
         .await?;
     let error = run.failed()?;
@@ -710,11 +630,11 @@ async fn runner_dump_killed_midway_leaves_no_object_and_no_manifest() -> anyhow:
         .await?;
     open.put_part(vec![7u8; 1024].into()).await?;
     ensure!(
-        !s3.staged_parts(&open_key).is_empty(),
+        !staged_parts(&s3, &open_key).is_empty(),
         "versitygw stages parts elsewhere"
     );
     open.abort().await?;
-    let staged = s3.staged_parts(&format!("{prefix}/b1.dump"));
+    let staged = staged_parts(&s3, &format!("{prefix}/b1.dump"));
     assert!(
         staged.is_empty(),
         "the multipart upload was not aborted: {staged:?}"
@@ -874,7 +794,8 @@ async fn runner_server_newer_than_pg_dump_is_refused_before_anything_is_written(
 async fn runner_large_dump_streams_in_bounded_memory() -> anyhow::Result<()> {
     let f = Fixture::start("large").await?;
     f.add_bulk(100_000).await?; // some 100 MB of dump
-    let s3 = S3::for_test("runner_large_dump_streams_in_bounded_memory (to s3; file:// instead)");
+    let s3 =
+        S3Store::shared("runner_large_dump_streams_in_bounded_memory (to s3; file:// instead)");
     let (destination, env) = match &s3 {
         Some(s3) => (
             format!(
@@ -882,7 +803,7 @@ async fn runner_large_dump_streams_in_bounded_memory() -> anyhow::Result<()> {
                 s3.bucket,
                 random_password().to_lowercase()
             ),
-            s3.runner_env(),
+            s3.aws_env(),
         ),
         None => (file_url(&f.dir.join("backups")), Vec::new()),
     };
