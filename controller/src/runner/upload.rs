@@ -6,6 +6,9 @@ use bytes::BytesMut;
 use object_store::{MultipartUpload, PutPayload, PutResult};
 use tokio::task::JoinSet;
 
+/// How long an abort waits for the parts in flight (at most `max_in_flight` parts).
+const ABORT_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub struct Upload {
     upload: Box<dyn MultipartUpload>,
     part: BytesMut,
@@ -72,10 +75,19 @@ impl Upload {
         self.upload.complete().await
     }
 
-    /// Stops the parts in flight and discards the upload (S3: AbortMultipartUpload; a file: its
-    /// staging file is removed).
+    /// Discards the upload (S3: AbortMultipartUpload; a file: its staging file is removed) once
+    /// the parts in flight have ended. Cancelling them instead would only drop the client's side:
+    /// a part the store was still receiving is then stored after the abort, and stays (S3 says an
+    /// abort may have to be repeated for that reason; versitygw keeps such a part for good).
     pub async fn abort(mut self) -> object_store::Result<()> {
-        self.in_flight.shutdown().await;
+        let drained = async {
+            while !self.in_flight.is_empty() {
+                let _ = self.join_one().await;
+            }
+        };
+        if tokio::time::timeout(ABORT_DRAIN, drained).await.is_err() {
+            self.in_flight.shutdown().await;
+        }
         self.upload.abort().await
     }
 }
