@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Backup benchmark (not a test), one run on loopback: a tenant database of about 1 GB
-# (`pgbench -i -s 70`; SILO_BENCH_SCALE changes it) dumped by
+# Backup benchmark (not a test), one run on loopback: a tenant database of about 1.3 GB
+# (`pgbench -i -s 70`, SILO_BENCH_SCALE, which compresses to almost nothing, plus 256 MiB of random
+# bytes, SILO_BENCH_RANDOM_MIB, which do not compress, so that the dump is large) dumped by
 #   (a) pg_dump -Fc > file, the baseline,
 #   (b) silo backup to file:// (pg_dump streamed through the runner: sha256, manifest),
 #   (c) silo backup to S3 (versitygw on loopback, multipart upload),
@@ -13,6 +14,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/silo/target}"
 SCALE="${SILO_BENCH_SCALE:-70}"
+RANDOM_MIB="${SILO_BENCH_RANDOM_MIB:-256}"
 ROUNDS="${SILO_BENCH_ROUNDS:-2}"
 
 "$ROOT/e2e/scripts/install-deps.sh"
@@ -39,6 +41,8 @@ psql_admin() { psql -qAtX -d postgres "$@"; }
 psql_admin -c "CREATE DATABASE tenant"
 echo "bench-backup.sh: filling a database with pgbench -i -s $SCALE" >&2
 "$PGBIN/pgbench" -q -i -s "$SCALE" tenant >/dev/null 2>&1
+psql -qAtX -c "CREATE EXTENSION pgcrypto" \
+  -c "CREATE TABLE payload AS SELECT g AS id, gen_random_bytes(1024) AS data FROM generate_series(1, $RANDOM_MIB * 1024) g"
 DB_BYTES="$(psql_admin -c "SELECT pg_database_size('tenant')")"
 ROWS="$(psql -qAtX -c "SELECT count(*) FROM pgbench_accounts")"
 
@@ -56,11 +60,11 @@ elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 report() { python3 -c "import json,sys; print(json.load(open(sys.argv[2]))[sys.argv[1]])" "$1" "$2"; }
 # rss FILE: the runner's peak RSS in MiB, from its last log line.
 rss() { python3 -c "import re,sys; m=re.findall(r'peak_rss_kib=(\d+)', open(sys.argv[1]).read()); print(f'{int(m[-1])/1024:.1f}')" "$1"; }
-# silo_backup DESTINATION NAME LOG [ENV...]
+# silo_backup DESTINATION NAME RUN [ENV...]: the report in $WORK/RUN.report, the log in $WORK/RUN.log
 silo_backup() {
-  local dest="$1" name="$2" log="$3"; shift 3
+  local dest="$1" name="$2" run="$3"; shift 3
   env "$@" SILO_PG_DUMP="$PGBIN/pg_dump" "$SILO" backup --destination "$dest" --name "$name" \
-    --tenant bench/tenant --server bench --report "$WORK/$name.report" >/dev/null 2>"$log"
+    --tenant bench/tenant --server bench --report "$WORK/$run.report" >/dev/null 2>"$WORK/$run.log"
 }
 
 declare -A BEST
@@ -71,17 +75,18 @@ for round in $(seq "$ROUNDS"); do
   echo "bench-backup.sh: round $round of $ROUNDS" >&2
   t0="$(now)"; "$PGBIN/pg_dump" -Fc -f "$WORK/plain/tenant.dump" tenant; t1="$(now)"
   keep_best pg_dump "$(elapsed "$t0" "$t1")"
-  t0="$(now)"; silo_backup "file://$WORK/file" "r$round" "$WORK/file-r$round.log"; t1="$(now)"
+  t0="$(now)"; silo_backup "file://$WORK/file" "r$round" "file-r$round"; t1="$(now)"
   keep_best file "$(elapsed "$t0" "$t1")"
   FILE_RSS="$(rss "$WORK/file-r$round.log")"
-  t0="$(now)"; silo_backup "$S3_URL" "r$round" "$WORK/s3-r$round.log" "${S3_ENV[@]}"; t1="$(now)"
+  t0="$(now)"; silo_backup "$S3_URL" "r$round" "s3-r$round" "${S3_ENV[@]}"; t1="$(now)"
   keep_best s3 "$(elapsed "$t0" "$t1")"
   S3_RSS="$(rss "$WORK/s3-r$round.log")"
   [[ $round == "$ROUNDS" ]] || rm -f "$WORK/file/r$round.dump" "$WORK/s3/data/$SILO_E2E_S3_BUCKET/bench/r$round.dump"
 done
 DUMP_BYTES="$(stat -c %s "$WORK/plain/tenant.dump")"
-SILO_BYTES="$(report bytes "$WORK/r$ROUNDS.report")"
-SHA="$(report sha256 "$WORK/r$ROUNDS.report")"
+SILO_BYTES="$(report bytes "$WORK/file-r$ROUNDS.report")"
+SHA="$(report sha256 "$WORK/file-r$ROUNDS.report")"
+S3_SHA="$(report sha256 "$WORK/s3-r$ROUNDS.report")"
 [[ "$(sha256sum "$WORK/file/r$ROUNDS.dump" | cut -d' ' -f1)" == "$SHA" ]] || { echo "the file's sha256 is not the report's" >&2; exit 1; }
 
 # Restores, each into a new database; every row must arrive.
@@ -98,19 +103,19 @@ SILO_PG_RESTORE="$PGBIN/pg_restore" "$SILO" restore --source "file://$WORK/file/
   --into "$(into r_file)" --report "$WORK/restore-file.report" >/dev/null 2>"$WORK/restore-file.log"
 t1="$(now)"; R_FILE="$(elapsed "$t0" "$t1")"; restore_check r_file; R_FILE_RSS="$(rss "$WORK/restore-file.log")"
 t0="$(now)"
-env "${S3_ENV[@]}" SILO_PG_RESTORE="$PGBIN/pg_restore" "$SILO" restore --source "$S3_URL/r$ROUNDS.dump" --sha256 "$SHA" \
+env "${S3_ENV[@]}" SILO_PG_RESTORE="$PGBIN/pg_restore" "$SILO" restore --source "$S3_URL/r$ROUNDS.dump" --sha256 "$S3_SHA" \
   --into "$(into r_s3)" --report "$WORK/restore-s3.report" >/dev/null 2>"$WORK/restore-s3.log"
 t1="$(now)"; R_S3="$(elapsed "$t0" "$t1")"; restore_check r_s3; R_S3_RSS="$(rss "$WORK/restore-s3.log")"
 
 python3 - "$DB_BYTES" "$DUMP_BYTES" "$SILO_BYTES" "${BEST[pg_dump]}" "${BEST[file]}" "${BEST[s3]}" \
-  "$FILE_RSS" "$S3_RSS" "$R_PLAIN" "$R_FILE" "$R_S3" "$R_FILE_RSS" "$R_S3_RSS" "$SCALE" "$ROUNDS" <<'PY'
+  "$FILE_RSS" "$S3_RSS" "$R_PLAIN" "$R_FILE" "$R_S3" "$R_FILE_RSS" "$R_S3_RSS" "$SCALE" "$ROUNDS" "$RANDOM_MIB" <<'PY'
 import sys
 (db, dump, silo_dump, pg_dump, file_, s3, file_rss, s3_rss, r_plain, r_file, r_s3,
- r_file_rss, r_s3_rss, scale, rounds) = sys.argv[1:]
+ r_file_rss, r_s3_rss, scale, rounds, random_mib) = sys.argv[1:]
 db, dump, silo_dump = int(db), int(dump), int(silo_dump)
 pg_dump, file_, s3, r_plain, r_file, r_s3 = map(float, (pg_dump, file_, s3, r_plain, r_file, r_s3))
 mb = lambda b: b / 1e6
-print(f"\nbackup benchmark: pgbench scale {scale}, database {mb(db):.0f} MB, dump {mb(dump):.0f} MB "
+print(f"\nbackup benchmark: pgbench scale {scale} + {random_mib} MiB random, database {mb(db):.0f} MB, dump {mb(dump):.0f} MB "
       f"(silo's {mb(silo_dump):.0f} MB), best of {rounds}")
 print(f"{'backup':<28}{'seconds':>9}{'DB MB/s':>10}{'x pg_dump':>12}{'peak RSS':>11}")
 print(f"{'pg_dump -Fc > file':<28}{pg_dump:>9.2f}{mb(db)/pg_dump:>10.1f}{1.0:>12.2f}{'':>11}")
