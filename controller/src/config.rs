@@ -90,6 +90,12 @@ pub struct Args {
     /// destination, the volume of a `file://` destination, the S3 store, the per-server cap.
     #[arg(long, env = "SILO_BACKUP_SETTINGS")]
     pub backup_settings: Option<std::path::PathBuf>,
+
+    /// Where the final backups of Tenants deleted with policy `Snapshot` go (their TenantBackup,
+    /// Job and temporary login Secret): a namespace that outlives tenant namespaces, by default
+    /// the lease's (the controller's own).
+    #[arg(long, env = "SILO_FINAL_BACKUP_NAMESPACE")]
+    pub final_backup_namespace: Option<String>,
 }
 
 /// Log output format.

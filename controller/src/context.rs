@@ -51,11 +51,22 @@ pub struct Context {
     pub backup_settings: crate::backup::settings::BackupSettings,
     /// Held while a backup counts its server's running backups and starts its Job.
     pub backup_starts: tokio::sync::Mutex<()>,
+    /// Where the final backups of Snapshot deletions go.
+    pub final_backup_namespace: String,
+    /// The one namespace this install watches, or all (`None`).
+    pub watch_namespace: Option<String>,
     /// Consecutive failures per DatabaseServer, for capped exponential backoff.
     pub server_failures: std::sync::Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
+    /// Whether this install watches `namespace` (and so reconciles what is created there).
+    pub fn watches(&self, namespace: &str) -> bool {
+        self.watch_namespace
+            .as_deref()
+            .is_none_or(|ns| ns == namespace)
+    }
+
     /// Waits until every cache holds what the API server had at startup. A reconcile reads one
     /// kind's cache while running for the other: before this, "no such DatabaseServer" could
     /// mean "not listed yet", and a deletion policy must never be decided on that.

@@ -39,6 +39,14 @@ pub enum Error {
     #[error("{message}")]
     Backup { message: String },
 
+    /// A deleted tenant's final backup is running: the finalizer stays.
+    #[error("the final backup is running")]
+    FinalBackupRunning,
+
+    /// A deleted tenant's final backup failed: nothing is dropped, and it is tried again.
+    #[error("the final backup failed: {message}")]
+    FinalBackupFailed { message: String },
+
     #[error("{0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -65,6 +73,8 @@ impl Error {
             Error::NameConflict { .. } => "NameConflict",
             Error::Secret { .. } => "SecretInvalid",
             Error::Backup { .. } => "BackupStore",
+            Error::FinalBackupRunning => "FinalBackupRunning",
+            Error::FinalBackupFailed { .. } => "FinalBackupFailed",
             Error::Finalizer(e) => match e.as_ref() {
                 // The cached object was stale (another reconcile added the finalizer): just retry.
                 kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))

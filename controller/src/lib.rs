@@ -86,7 +86,9 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         identity,
         job_settings,
         backup_settings,
+        final_backup_namespace,
     } = args;
+    let final_backup_namespace = final_backup_namespace.unwrap_or_else(|| lease_namespace.clone());
     let job_settings = match job_settings {
         Some(path) => jobs::JobSettings::load(&path)?,
         None => jobs::JobSettings::default(),
@@ -166,6 +168,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         rollout_starts: Default::default(),
         backup_settings,
         backup_starts: Default::default(),
+        final_backup_namespace,
+        watch_namespace: watch_namespace.clone(),
         failures: Default::default(),
         placements: Default::default(),
         server_changed,

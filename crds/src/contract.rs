@@ -45,6 +45,13 @@ pub const BACKUP_LABEL: &str = "silo.dev/backup";
 pub const SCHEDULED_LABEL: &str = "silo.dev/scheduled";
 /// Label naming the TenantRestore a restore Job runs for.
 pub const RESTORE_LABEL: &str = "silo.dev/restore";
+/// On the final TenantBackup of a Tenant deleted with policy `Snapshot` (in the controller's
+/// final-backup namespace), and on its Job and login Secret: the deleted Tenant's uid.
+pub const FINAL_BACKUP_LABEL: &str = "silo.dev/final-backup-of";
+/// On a final TenantBackup: the deleted Tenant's namespace (its name is in [`TENANT_LABEL`]).
+pub const TENANT_NAMESPACE_LABEL: &str = "silo.dev/tenant-namespace";
+/// On a final TenantBackup: when its retention ends and it may be deleted, object included.
+pub const EXPIRES_ANNOTATION: &str = "silo.dev/expires";
 
 /// Annotation on a migration Job: a hash of the rollout's template and `retry` it was started
 /// with. A failed Job of another attempt is deleted and its tenant migrated again.

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Reachable with admin rights"),
     printcolumn(name = "Tenants", type_ = "integer", json_path = ".status.tenants", description = "Tenants placed on this server"),
     printcolumn(name = "Max", type_ = "integer", json_path = ".spec.maxTenants", description = "Most tenants this server admits"),
+    printcolumn(name = "Tombstones", type_ = "integer", json_path = ".status.tombstones.count", description = "Deleted tenants' databases kept here until their purge"),
     printcolumn(name = "Version", type_ = "string", json_path = ".status.version", description = "PostgreSQL server version"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
@@ -132,4 +133,36 @@ pub struct DatabaseServerStatus {
     /// Databases of deleted tenants kept here by their `Retain` policy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retained: Vec<String>,
+    /// Databases of tenants deleted with policy `Snapshot`, kept here until their purge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tombstones: Option<Tombstones>,
+}
+
+/// The tombstones on a server: how many, and the first few to be purged.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Tombstones {
+    pub count: i32,
+    /// Ordered by purge time, at most [`Tombstones::LISTED`] of them.
+    #[serde(default)]
+    pub items: Vec<TombstoneEntry>,
+}
+
+impl Tombstones {
+    /// How many tombstones the status lists; `count` counts them all.
+    pub const LISTED: usize = 20;
+}
+
+/// A deleted tenant's database awaiting its purge.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TombstoneEntry {
+    /// `namespace/name` of the deleted Tenant.
+    pub tenant: String,
+    pub database: String,
+    /// When the Tenant was deleted and when its database is purged (RFC 3339).
+    pub deleted: String,
+    pub purge_after: String,
+    /// The final backup's URI.
+    pub backup: String,
 }

@@ -12,7 +12,8 @@ pub mod tenant;
 pub mod tenant_backup;
 
 pub use database_server::{
-    DatabaseServer, DatabaseServerSpec, DatabaseServerStatus, SecretRef, SslMode,
+    DatabaseServer, DatabaseServerSpec, DatabaseServerStatus, SecretRef, SslMode, TombstoneEntry,
+    Tombstones,
 };
 pub use schema_rollout::{
     FailedTenant, MigrationTemplate, RolloutPhase, RolloutStrategy, SchemaRollout,

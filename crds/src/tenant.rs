@@ -129,19 +129,51 @@ pub enum Isolation {
 }
 
 /// What happens to the tenant's database when the Tenant is deleted.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeletionSpec {
-    /// `Retain` (the default) locks the database and keeps it; `Delete` drops the database and role.
+    /// `Snapshot` (the default) locks the database, takes a final backup and keeps the database
+    /// for `gracePeriod` before purging it; `Retain` locks the database and keeps it; `Delete`
+    /// drops the database and role. Changes take effect at deletion.
     #[serde(default)]
     pub policy: DeletionPolicy,
+    /// `Snapshot`: how long the locked database is kept, and can be taken back by applying the
+    /// Tenant again, before it is purged (e.g. `7d`, `12h`).
+    #[serde(default = "default_grace_period")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}(s|m|h|d)$"))]
+    pub grace_period: String,
+    /// `Snapshot`: how long the final backup is kept after the deletion (e.g. `30d`).
+    #[serde(default = "default_final_backup_retention")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}(s|m|h|d)$"))]
+    pub final_backup_retention: String,
+}
+
+fn default_grace_period() -> String {
+    "7d".into()
+}
+
+fn default_final_backup_retention() -> String {
+    "30d".into()
+}
+
+impl Default for DeletionSpec {
+    fn default() -> Self {
+        DeletionSpec {
+            policy: DeletionPolicy::default(),
+            grace_period: default_grace_period(),
+            final_backup_retention: default_final_backup_retention(),
+        }
+    }
 }
 
 /// The fate of a deleted tenant's database.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum DeletionPolicy {
-    /// Lock the database (role NOLOGIN, CONNECT revoked) and keep it, recorded on its server as retained.
+    /// Lock the database (role NOLOGIN, CONNECT revoked, sessions ended), take a final backup,
+    /// and keep the database with a tombstone on its server for the grace period; then purge it.
     #[default]
+    Snapshot,
+    /// Lock the database (role NOLOGIN, CONNECT revoked) and keep it, recorded on its server as retained.
     Retain,
     /// Terminate sessions, drop the database and the role. The data is gone.
     Delete,

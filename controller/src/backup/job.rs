@@ -20,7 +20,12 @@ use crate::jobs::{JobSettings, fit_job_name};
 
 /// What the runner needs to know of the tenant.
 pub struct Source<'a> {
+    /// The tenant's namespace and name.
+    pub namespace: &'a str,
     pub tenant: &'a str,
+    /// The Secret (in the Job's namespace) with the connection under the tenant Secret's keys:
+    /// the tenant Secret itself, or a locked tenant's temporary login.
+    pub secret: String,
     pub server: &'a str,
     pub schema_version: Option<&'a str>,
     /// The scratch database a verifying backup restores into (created and dropped by the
@@ -121,7 +126,7 @@ pub fn backup_job(
     settings: &JobSettings,
 ) -> Job {
     let namespace = backup.namespace().unwrap_or_default();
-    let secret = contract::secret_name(source.tenant);
+    let secret = &source.secret;
     let mut env: Vec<EnvVar> = [
         ("PGHOST", keys::HOST),
         ("PGPORT", keys::PORT),
@@ -130,7 +135,7 @@ pub fn backup_job(
         ("PGPASSWORD", keys::PASSWORD),
     ]
     .iter()
-    .map(|(name, key)| from_secret(name, &secret, key, false))
+    .map(|(name, key)| from_secret(name, secret, key, false))
     .collect();
     let (store_env, volume) = store_access(destination, backups);
     env.extend(store_env);
@@ -138,11 +143,11 @@ pub fn backup_job(
     let mut args: Vec<String> = vec![
         "backup".into(),
         "--destination".into(),
-        tenant_prefix(destination, &namespace, source.tenant),
+        tenant_prefix(destination, source.namespace, source.tenant),
         "--name".into(),
         backup.name_any(),
         "--tenant".into(),
-        format!("{namespace}/{}", source.tenant),
+        format!("{}/{}", source.namespace, source.tenant),
         "--server".into(),
         source.server.into(),
     ];
@@ -238,7 +243,9 @@ mod tests {
 
     fn source() -> Source<'static> {
         Source {
+            namespace: "shop",
             tenant: "acme",
+            secret: contract::secret_name("acme"),
             server: "pg-main",
             schema_version: Some("v3"),
             verify_into: Some("postgres://pg.example:5432/t_shop_acme_verify".into()),

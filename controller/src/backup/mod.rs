@@ -103,6 +103,14 @@ fn finished(status: &TenantBackupStatus) -> bool {
 }
 
 async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
+    // A deleted tenant's final backup is run by the Tenant's own deletion (tenant::snapshot);
+    // here only its deletion (object included) is handled.
+    if backup
+        .labels()
+        .contains_key(silo_crds::contract::FINAL_BACKUP_LABEL)
+    {
+        return Ok(Action::await_change());
+    }
     let namespace = backup.namespace().unwrap_or_default();
     let current = backup.status.clone().unwrap_or_default();
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -259,7 +267,9 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
         _ => None,
     };
     let source = job::Source {
+        namespace: &namespace,
         tenant: &backup.spec.tenant,
+        secret: silo_crds::contract::secret_name(&backup.spec.tenant),
         server: &server,
         schema_version: tenant_status.schema_version.as_deref(),
         verify_into,
@@ -327,7 +337,11 @@ fn running_on(ctx: &Context, server: &str) -> usize {
 }
 
 /// The runner's report, from its pod's termination message.
-async fn read_report(ctx: &Context, namespace: &str, job: &Job) -> Result<report::Report> {
+pub(crate) async fn read_report(
+    ctx: &Context,
+    namespace: &str,
+    job: &Job,
+) -> Result<report::Report> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let selector = format!(
         "batch.kubernetes.io/controller-uid={}",

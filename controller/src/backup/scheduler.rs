@@ -14,7 +14,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use silo_crds::conditions::{self, BACKED_UP, Desired};
-use silo_crds::contract::{SCHEDULED_LABEL, TENANT_LABEL};
+use silo_crds::contract::{EXPIRES_ANNOTATION, FINAL_BACKUP_LABEL, SCHEDULED_LABEL, TENANT_LABEL};
 use silo_crds::{JobPhase, Tenant, TenantBackup, TenantBackupSpec, TenantPhase};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -75,6 +75,9 @@ async fn tick(ctx: &Context) {
     // The scheduled backups of each tenant, by `namespace/tenant`.
     let mut scheduled: HashMap<String, Vec<Arc<TenantBackup>>> = HashMap::new();
     for backup in &backups {
+        if final_backup_expired(backup, now) {
+            expire_final_backup(ctx, backup).await;
+        }
         if backup.labels().contains_key(SCHEDULED_LABEL) {
             let key = format!(
                 "{}/{}",
@@ -100,6 +103,35 @@ async fn tick(ctx: &Context) {
         }
         if let Err(e) = freshness(ctx, &tenant, &mine, &schedule, now).await {
             warn!(tenant = %key, error = %e, "writing BackedUp failed");
+        }
+    }
+}
+
+/// Whether `backup` is the final backup of a deleted tenant whose retention has ended (an
+/// unreadable time never ends: a backup is never deleted on a guess).
+fn final_backup_expired(backup: &TenantBackup, now: DateTime<Utc>) -> bool {
+    backup.labels().contains_key(FINAL_BACKUP_LABEL)
+        && backup.metadata.deletion_timestamp.is_none()
+        && backup
+            .annotations()
+            .get(EXPIRES_ANNOTATION)
+            .and_then(|t| t.parse::<DateTime<Utc>>().ok())
+            .is_some_and(|expires| expires <= now)
+}
+
+/// Deletes an expired final backup (its finalizer deletes the object).
+async fn expire_final_backup(ctx: &Context, backup: &TenantBackup) {
+    let api: Api<TenantBackup> =
+        Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
+    info!(backup = %backup.name_any(), "a deleted tenant's final backup reached the end of its retention");
+    match api
+        .delete(&backup.name_any(), &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => {
+            warn!(backup = %backup.name_any(), error = %e, "deleting an expired final backup failed")
         }
     }
 }

@@ -30,6 +30,8 @@ pub const KIND: &str = "databaseserver";
 const FIELD_MANAGER: &str = "silo-controller";
 /// Longest wait between two checks of a failing server.
 const MAX_BACKOFF: Duration = Duration::from_secs(120);
+/// Tombstones purged per server and pass at most, so that a fleet's purges are spread out.
+const PURGES_PER_PASS: usize = 5;
 /// How long a health check may take before the server counts as unreachable.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -124,9 +126,10 @@ async fn check(server: &DatabaseServer, ctx: &Context) -> Result<Healthy, Proble
     let query = async {
         let facts = ddl::server_facts(&handle.pool).await?;
         let retained = ddl::retained_databases(&handle.pool).await?;
-        Ok::<_, sqlx::Error>((facts, retained))
+        let tombstones = ddl::tombstones(&handle.pool).await?;
+        Ok::<_, sqlx::Error>((facts, retained, tombstones))
     };
-    let (facts, retained) = match tokio::time::timeout(CHECK_TIMEOUT, query).await {
+    let (facts, retained, tombstones) = match tokio::time::timeout(CHECK_TIMEOUT, query).await {
         Err(_) => {
             return Err(Problem {
                 reason: "Unreachable",
@@ -157,12 +160,64 @@ async fn check(server: &DatabaseServer, ctx: &Context) -> Result<Healthy, Proble
         });
     }
     let hardened = harden(server, &handle.pool).await;
+    let tombstones = purge_expired(server, ctx, &handle, tombstones).await;
     Ok(Healthy {
         version: facts.version,
         retained,
+        tombstones,
         username,
         hardened,
     })
+}
+
+/// Purges the tombstones whose grace period has ended, a few per pass and with the server's DDL
+/// to itself, with an Event each; returns the tombstones that remain.
+async fn purge_expired(
+    server: &DatabaseServer,
+    ctx: &Context,
+    handle: &crate::sql::pools::ServerHandle,
+    tombstones: Vec<ddl::TombstoneRow>,
+) -> Vec<ddl::TombstoneRow> {
+    let now = jiff::Timestamp::now();
+    let mut remaining = Vec::with_capacity(tombstones.len());
+    let mut purged = 0;
+    for row in tombstones {
+        if purged >= PURGES_PER_PASS || !status::purge_due(&row, now) {
+            remaining.push(row);
+            continue;
+        }
+        let outcome = {
+            // No provisioning in between: a Tenant applied again takes its database back either
+            // before the purge reads the tombstone (which the purge then leaves) or after the drop.
+            let _exclusive = handle.ddl_exclusive().await;
+            ddl::purge(&handle.pool, &row).await
+        };
+        let backup = row
+            .identity
+            .tombstone
+            .as_ref()
+            .map(|t| t.backup.clone())
+            .unwrap_or_default();
+        match outcome {
+            Ok(ddl::Purge::Purged) => {
+                purged += 1;
+                info!(server = %server.name_any(), database = %row.database, tenant = %row.identity.tenant, "grace period over; database purged");
+                let note = format!(
+                    "database {} of deleted Tenant {} purged at the end of its grace period; its final backup is {backup}",
+                    row.database, row.identity.tenant
+                );
+                publish(ctx, server, (EventType::Normal, "Purged", "Purge"), note).await;
+            }
+            Ok(ddl::Purge::TakenBack) => {
+                info!(server = %server.name_any(), database = %row.database, "tombstone changed before its purge (taken back); kept");
+            }
+            Err(e) => {
+                warn!(server = %server.name_any(), database = %row.database, error = %e, "purge failed; retried next pass");
+                remaining.push(row);
+            }
+        }
+    }
+    remaining
 }
 
 /// The `Hardened` condition: what PUBLIC may do in the maintenance databases, after revoking it
@@ -268,32 +323,50 @@ async fn announce(ctx: &Context, server: &DatabaseServer, name: &str, announceme
     match announcement {
         Announcement::Exposed { reason, message } => {
             warn!(server = %name, reason = %reason, message = %message, "database server exposes maintenance databases to PUBLIC");
-            publish(ctx, server, EventType::Warning, &reason, message).await;
+            publish(
+                ctx,
+                server,
+                (EventType::Warning, &reason, "Connect"),
+                message,
+            )
+            .await;
         }
         Announcement::Connected { version } => {
             info!(server = %name, version = %version, "database server ready");
             let note = format!("PostgreSQL {version} reachable");
-            publish(ctx, server, EventType::Normal, "Connected", note).await;
+            publish(
+                ctx,
+                server,
+                (EventType::Normal, "Connected", "Connect"),
+                note,
+            )
+            .await;
         }
         Announcement::NotReady { reason, message } => {
             warn!(server = %name, reason = reason, message = %message, "database server not ready");
-            publish(ctx, server, EventType::Warning, reason, message).await;
+            publish(
+                ctx,
+                server,
+                (EventType::Warning, reason, "Connect"),
+                message,
+            )
+            .await;
         }
     }
 }
 
+/// An Event on the server: its (type, reason, action) and note.
 async fn publish(
     ctx: &Context,
     server: &DatabaseServer,
-    type_: EventType,
-    reason: &str,
+    (type_, reason, action): (EventType, &str, &str),
     note: String,
 ) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(note),
-        action: "Connect".into(),
+        action: action.into(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &server.object_ref(&())).await {

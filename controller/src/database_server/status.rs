@@ -1,8 +1,8 @@
 //! What a DatabaseServer's status says after a health check, and what is announced about it (pure).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use silo_crds::DatabaseServerStatus;
 use silo_crds::conditions::{self, Desired, HARDENED, READY};
+use silo_crds::{DatabaseServerStatus, TombstoneEntry, Tombstones};
 
 use crate::sql::ddl;
 
@@ -18,6 +18,8 @@ pub struct Problem {
 pub struct Healthy {
     pub version: String,
     pub retained: Vec<String>,
+    /// Soonest purge first.
+    pub tombstones: Vec<ddl::TombstoneRow>,
     pub username: String,
     pub hardened: Desired,
 }
@@ -31,7 +33,7 @@ pub fn status(
     generation: Option<i64>,
     now: Time,
 ) -> DatabaseServerStatus {
-    let (desired, version, retained) = match check {
+    let (desired, version, retained, tombstones) = match check {
         Ok(h) => (
             vec![
                 Desired::new(
@@ -44,11 +46,13 @@ pub fn status(
             ],
             Some(h.version.clone()),
             h.retained.clone(),
+            listed(&h.tombstones),
         ),
         Err(p) => (
             vec![Desired::new(READY, false, p.reason, &p.message)],
             current.version.clone(),
             current.retained.clone(),
+            current.tombstones.clone(),
         ),
     };
     DatabaseServerStatus {
@@ -57,7 +61,43 @@ pub fn status(
         version,
         tenants: i32::try_from(tenants).unwrap_or(i32::MAX),
         retained,
+        tombstones,
     }
+}
+
+/// The tombstones as status shows them: all counted, the first [`Tombstones::LISTED`] listed.
+pub fn listed(rows: &[ddl::TombstoneRow]) -> Option<Tombstones> {
+    if rows.is_empty() {
+        return None;
+    }
+    let items = rows
+        .iter()
+        .filter_map(|row| {
+            let tombstone = row.identity.tombstone.as_ref()?;
+            Some(TombstoneEntry {
+                tenant: row.identity.tenant.clone(),
+                database: row.database.clone(),
+                deleted: tombstone.deleted.clone(),
+                purge_after: tombstone.purge_after.clone(),
+                backup: tombstone.backup.clone(),
+            })
+        })
+        .take(Tombstones::LISTED)
+        .collect();
+    Some(Tombstones {
+        count: i32::try_from(rows.len()).unwrap_or(i32::MAX),
+        items,
+    })
+}
+
+/// Whether a tombstone's grace period has ended at `now` (an unreadable time never ends: a
+/// database is never dropped on a guess).
+pub fn purge_due(row: &ddl::TombstoneRow, now: jiff::Timestamp) -> bool {
+    row.identity
+        .tombstone
+        .as_ref()
+        .and_then(|t| t.purge_after.parse::<jiff::Timestamp>().ok())
+        .is_some_and(|at| at <= now)
 }
 
 /// What a changed status is announced with (a log line and an Event each), in order.
@@ -144,9 +184,56 @@ mod tests {
         Ok(Healthy {
             version: "16.4".into(),
             retained: vec!["t_old_gone".into()],
+            tombstones: Vec::new(),
             username: "silo_admin".into(),
             hardened,
         })
+    }
+
+    fn tombstone(n: usize, purge_after: &str) -> ddl::TombstoneRow {
+        use crate::sql::identity::{Claimant, Identity, Tombstone};
+        let key = format!("shop/t{n}");
+        let comment = Claimant {
+            key: &key,
+            uid: "u",
+        }
+        .tombstone_comment(&Tombstone {
+            deleted: "2026-12-01T00:00:00Z".into(),
+            purge_after: purge_after.into(),
+            backup: format!("s3://b/shop/t{n}/t{n}-final.dump"),
+        });
+        ddl::TombstoneRow {
+            database: format!("t_shop_t{n}"),
+            owner: format!("t_shop_t{n}"),
+            identity: Identity::parse(Some(&comment)).expect("parses"),
+            comment,
+        }
+    }
+
+    #[test]
+    fn tombstones_are_all_counted_and_the_first_listed() {
+        assert_eq!(listed(&[]), None, "no tombstones, no field");
+        let rows: Vec<_> = (0..25)
+            .map(|n| tombstone(n, "2026-12-08T00:00:00Z"))
+            .collect();
+        let shown = listed(&rows).expect("some");
+        assert_eq!(shown.count, 25);
+        assert_eq!(shown.items.len(), silo_crds::Tombstones::LISTED);
+        assert_eq!(shown.items[3].tenant, "shop/t3");
+        assert_eq!(shown.items[3].backup, "s3://b/shop/t3/t3-final.dump");
+        assert_eq!(shown.items[3].purge_after, "2026-12-08T00:00:00Z");
+    }
+
+    #[test]
+    fn a_purge_is_due_only_once_its_time_has_come() {
+        let now: jiff::Timestamp = "2026-12-08T00:00:00Z".parse().expect("time");
+        assert!(purge_due(&tombstone(1, "2026-12-07T23:59:59Z"), now));
+        assert!(purge_due(&tombstone(1, "2026-12-08T00:00:00Z"), now));
+        assert!(!purge_due(&tombstone(1, "2026-12-08T00:00:01Z"), now));
+        assert!(
+            !purge_due(&tombstone(1, "soon"), now),
+            "an unreadable time never purges"
+        );
     }
 
     fn problem(reason: &'static str) -> Result<Healthy, Problem> {

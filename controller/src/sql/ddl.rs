@@ -6,7 +6,9 @@
 
 use sqlx::{PgPool, Row};
 
-use super::identity::{COMMENT_RETAINED, Claimant, Conflict, Identity, Observed, verdict};
+use super::identity::{
+    COMMENT_RETAINED, COMMENT_TOMBSTONE, Claimant, Conflict, Identity, Observed, verdict,
+};
 use super::{quote_ident, quote_literal, scram};
 
 /// The declared state of a tenant's role.
@@ -29,12 +31,17 @@ pub enum Change {
     ConnectGranted,
     OwnerRestored,
     Unretained,
+    /// A database kept under a tombstone (policy `Snapshot`) taken back within its grace period.
+    Undeleted,
 }
 
 impl Change {
     /// Whether this change repaired drift (as opposed to first-time provisioning).
     pub fn is_repair(self) -> bool {
-        !matches!(self, Change::RoleCreated | Change::DatabaseCreated)
+        !matches!(
+            self,
+            Change::RoleCreated | Change::DatabaseCreated | Change::Undeleted
+        )
     }
 }
 
@@ -50,8 +57,37 @@ impl std::fmt::Display for Change {
             Change::ConnectGranted => "CONNECT granted to the tenant role",
             Change::OwnerRestored => "database ownership given back to the tenant role",
             Change::Unretained => "retained database taken back into use",
+            Change::Undeleted => "deleted database taken back from its tombstone",
         })
     }
+}
+
+/// What taking over an object with this comment is: a retained one taken back into use, or a
+/// tombstoned one undeleted; nothing for a live one.
+fn taken_back(comment: Option<&str>) -> Option<Change> {
+    let identity = Identity::parse(comment).filter(|id| id.retained)?;
+    Some(match identity.tombstone {
+        Some(_) => Change::Undeleted,
+        None => Change::Unretained,
+    })
+}
+
+/// Whether `database` on this server lies under a tombstone of the Tenant `key`: where that
+/// Tenant, applied again, must be placed to take its database back.
+pub async fn has_tombstone_of(
+    pool: &PgPool,
+    database: &str,
+    key: &str,
+) -> Result<bool, sqlx::Error> {
+    let comment: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT pg_catalog.shobj_description(oid, 'pg_database') FROM pg_catalog.pg_database
+          WHERE datname = $1",
+    )
+    .bind(database)
+    .fetch_optional(pool)
+    .await?;
+    Ok(Identity::parse(comment.flatten().as_deref())
+        .is_some_and(|id| id.tombstone.is_some() && id.tenant == key))
 }
 
 /// Reads what the catalog holds under the tenant's role and database names, and whether the
@@ -127,9 +163,7 @@ pub async fn ensure_role(
         sqlx::raw_sql(&format!("COMMENT ON ROLE {role} IS {comment}"))
             .execute(pool)
             .await?;
-        if Identity::parse(current_comment.as_deref()).is_some_and(|id| id.retained) {
-            changes.push(Change::Unretained);
-        }
+        changes.extend(taken_back(current_comment.as_deref()));
     }
     if can_login != spec.login {
         sqlx::raw_sql(&format!("ALTER ROLE {role} {login}"))
@@ -257,9 +291,7 @@ pub async fn ensure_database(
     }
     let active = tenant.active_comment();
     if comment.as_deref() != Some(active.as_str()) {
-        if Identity::parse(comment.as_deref()).is_some_and(|id| id.retained) {
-            changes.push(Change::Unretained);
-        }
+        changes.extend(taken_back(comment.as_deref()));
         sqlx::raw_sql(&format!(
             "COMMENT ON DATABASE {db} IS {}",
             quote_literal(&active)
@@ -354,19 +386,29 @@ pub async fn lock_and_retain(
     if let Err(conflict) = claim(pool, role, database, tenant).await? {
         return Ok(Cleanup::NotOurs(conflict));
     }
+    lock(pool, database, role, None).await?;
+    mark(pool, database, role, &tenant.retained_comment(at)).await?;
+    Ok(Cleanup::Done)
+}
+
+/// Locks a tenant whose names were claimed: its role can no longer log in, CONNECT is revoked
+/// from it and from PUBLIC, and its sessions end - but those of `spare` (the login a final
+/// backup runs as), which keeps its own CONNECT.
+pub async fn lock(
+    pool: &PgPool,
+    database: &str,
+    role: &str,
+    spare: Option<&str>,
+) -> Result<(), sqlx::Error> {
     let db = quote_ident(database);
     let role_q = quote_ident(role);
-    let comment = quote_literal(&tenant.retained_comment(at));
     let role_exists = exists(pool, "pg_roles", "rolname", role).await?;
     if role_exists {
-        sqlx::raw_sql(&format!(
-            "ALTER ROLE {role_q} NOLOGIN; COMMENT ON ROLE {role_q} IS {comment}"
-        ))
-        .execute(pool)
-        .await?;
+        sqlx::raw_sql(&format!("ALTER ROLE {role_q} NOLOGIN"))
+            .execute(pool)
+            .await?;
     }
-    let db_exists = exists(pool, "pg_database", "datname", database).await?;
-    if db_exists {
+    if exists(pool, "pg_database", "datname", database).await? {
         sqlx::raw_sql(&format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"))
             .execute(pool)
             .await?;
@@ -377,12 +419,40 @@ pub async fn lock_and_retain(
             .execute(pool)
             .await?;
         }
-        sqlx::raw_sql(&format!("COMMENT ON DATABASE {db} IS {comment}"))
-            .execute(pool)
-            .await?;
     }
-    terminate_sessions(pool, database, role).await?;
-    Ok(Cleanup::Done)
+    match spare {
+        Some(login) => terminate_sessions_but(pool, database, role, login).await?,
+        None => terminate_sessions(pool, database, role).await?,
+    };
+    Ok(())
+}
+
+/// Writes `comment` (a retained or tombstone identity) on the role and the database, where they
+/// exist.
+pub async fn mark(
+    pool: &PgPool,
+    database: &str,
+    role: &str,
+    comment: &str,
+) -> Result<(), sqlx::Error> {
+    let comment = quote_literal(comment);
+    if exists(pool, "pg_roles", "rolname", role).await? {
+        sqlx::raw_sql(&format!(
+            "COMMENT ON ROLE {} IS {comment}",
+            quote_ident(role)
+        ))
+        .execute(pool)
+        .await?;
+    }
+    if exists(pool, "pg_database", "datname", database).await? {
+        sqlx::raw_sql(&format!(
+            "COMMENT ON DATABASE {} IS {comment}",
+            quote_ident(database)
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Policy `Delete`: sessions end, the database and the role are dropped - never a role or
@@ -425,6 +495,101 @@ pub async fn retained_databases(pool: &PgPool) -> Result<Vec<String>, sqlx::Erro
     .bind(COMMENT_RETAINED)
     .fetch_all(pool)
     .await
+}
+
+/// A database kept after its Tenant was deleted with policy `Snapshot`, and its tombstone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TombstoneRow {
+    pub database: String,
+    /// The database's owner: the deleted tenant's role.
+    pub owner: String,
+    pub identity: Identity,
+    /// The comment as it stands, which a purge checks again before it drops anything.
+    pub comment: String,
+}
+
+/// The tombstones on this server, soonest purge first.
+pub async fn tombstones(pool: &PgPool) -> Result<Vec<TombstoneRow>, sqlx::Error> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT d.datname::text, pg_catalog.pg_get_userbyid(d.datdba)::text,
+                pg_catalog.shobj_description(d.oid, 'pg_database')
+           FROM pg_catalog.pg_database d
+          WHERE pg_catalog.shobj_description(d.oid, 'pg_database') LIKE $1 || ' %'",
+    )
+    .bind(COMMENT_TOMBSTONE)
+    .fetch_all(pool)
+    .await?;
+    let mut out: Vec<TombstoneRow> = rows
+        .into_iter()
+        .filter_map(|(database, owner, comment)| {
+            let identity = Identity::parse(Some(&comment)).filter(|i| i.tombstone.is_some())?;
+            Some(TombstoneRow {
+                database,
+                owner,
+                identity,
+                comment,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        let purge = |r: &TombstoneRow| r.identity.tombstone.as_ref().map(|t| t.purge_after.clone());
+        purge(a)
+            .cmp(&purge(b))
+            .then_with(|| a.database.cmp(&b.database))
+    });
+    Ok(out)
+}
+
+/// Whether the purge dropped the database, or found that it had changed hands meanwhile.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Purge {
+    Purged,
+    /// The comment is no longer this tombstone (the Tenant was applied again): nothing dropped.
+    TakenBack,
+}
+
+/// The end of a grace period: the database and the role of `row` are dropped, if the database
+/// still carries the very tombstone that was read (an undelete in between wins) and the role is
+/// the same deleted tenant's.
+pub async fn purge(pool: &PgPool, row: &TombstoneRow) -> Result<Purge, sqlx::Error> {
+    let current: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT pg_catalog.shobj_description(oid, 'pg_database') FROM pg_catalog.pg_database
+          WHERE datname = $1",
+    )
+    .bind(&row.database)
+    .fetch_optional(pool)
+    .await?;
+    match current {
+        None => return Ok(Purge::Purged),
+        Some(comment) if comment.as_deref() != Some(row.comment.as_str()) => {
+            return Ok(Purge::TakenBack);
+        }
+        Some(_) => {}
+    }
+    sqlx::raw_sql(&format!(
+        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+        quote_ident(&row.database)
+    ))
+    .execute(pool)
+    .await?;
+    let role_comment: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT pg_catalog.shobj_description(oid, 'pg_authid') FROM pg_catalog.pg_roles
+          WHERE rolname = $1",
+    )
+    .bind(&row.owner)
+    .fetch_optional(pool)
+    .await?;
+    let role_is_the_tenants = role_comment
+        .flatten()
+        .as_deref()
+        .and_then(|c| Identity::parse(Some(c)))
+        .is_some_and(|id| id.tombstone.is_some() && id.tenant == row.identity.tenant);
+    if role_is_the_tenants {
+        sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {}", quote_ident(&row.owner)))
+            .execute(pool)
+            .await?;
+    }
+    Ok(Purge::Purged)
 }
 
 /// The databases every PostgreSQL server has, that no tenant needs: what PUBLIC may do there,

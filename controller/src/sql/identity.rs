@@ -6,42 +6,78 @@
 pub const COMMENT_ACTIVE: &str = "silo: tenant";
 /// Prefix of the comment on the role and database of a Tenant deleted with policy `Retain`.
 pub const COMMENT_RETAINED: &str = "silo: retained";
+/// Prefix of the comment on the role and database of a Tenant deleted with policy `Snapshot`:
+/// its tombstone, kept on the server itself until the database is purged.
+pub const COMMENT_TOMBSTONE: &str = "silo: tombstone";
 
 /// The identity recorded in a Silo comment:
-/// `silo: tenant <namespace>/<name> uid <uid>` or
-/// `silo: retained <namespace>/<name> uid <uid> deleted <time>`.
+/// `silo: tenant <namespace>/<name> uid <uid>`,
+/// `silo: retained <namespace>/<name> uid <uid> deleted <time>` or
+/// `silo: tombstone <namespace>/<name> uid <uid> deleted <time> purge <time> backup <uri>`.
 /// Comments written before the uid was recorded lack `uid <uid>`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// `namespace/name`.
     pub tenant: String,
     pub uid: Option<String>,
+    /// The Tenant was deleted and its database kept (`Retain`, or `Snapshot` until the purge).
     pub retained: bool,
+    pub tombstone: Option<Tombstone>,
+}
+
+/// What a `Snapshot` deletion records beside the database it keeps for the grace period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tombstone {
+    /// RFC 3339 times.
+    pub deleted: String,
+    pub purge_after: String,
+    /// The final backup's URI.
+    pub backup: String,
 }
 
 impl Identity {
     /// The identity in a comment, or `None` for a comment Silo did not write (or no comment).
     pub fn parse(comment: Option<&str>) -> Option<Identity> {
         let comment = comment?;
-        let (retained, rest) = if let Some(rest) = comment.strip_prefix(COMMENT_ACTIVE) {
-            (false, rest)
-        } else {
-            (true, comment.strip_prefix(COMMENT_RETAINED)?)
-        };
+        let (prefix, rest) = [COMMENT_ACTIVE, COMMENT_RETAINED, COMMENT_TOMBSTONE]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, comment.strip_prefix(prefix)?)))?;
+        let retained = prefix != COMMENT_ACTIVE;
         let mut words = rest.strip_prefix(' ')?.split(' ');
         let tenant = words.next().filter(|t| t.contains('/'))?.to_string();
-        let mut uid = None;
+        let (mut uid, mut deleted, mut purge_after, mut backup) = (None, None, None, None);
         while let Some(word) = words.next() {
             match (word, words.next()) {
                 ("uid", Some(value)) => uid = Some(value.to_string()),
-                ("deleted", Some(_)) if retained => {}
+                ("deleted", Some(value)) if retained => deleted = Some(value.to_string()),
+                ("purge", Some(value)) if prefix == COMMENT_TOMBSTONE => {
+                    purge_after = Some(value.to_string())
+                }
+                // The URI is the rest of the comment, whatever it holds.
+                ("backup", Some(first)) if prefix == COMMENT_TOMBSTONE => {
+                    backup = Some(
+                        std::iter::once(first)
+                            .chain(words.by_ref())
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    )
+                }
                 _ => return None,
             }
         }
+        let tombstone = match prefix {
+            COMMENT_TOMBSTONE => Some(Tombstone {
+                deleted: deleted?,
+                purge_after: purge_after?,
+                backup: backup?,
+            }),
+            _ => None,
+        };
         Some(Identity {
             tenant,
             uid,
             retained,
+            tombstone,
         })
     }
 
@@ -57,7 +93,11 @@ impl Identity {
 
     /// For messages: whose the object is.
     pub fn describe(&self) -> String {
-        let state = if self.retained { "retained " } else { "" };
+        let state = match (self.retained, &self.tombstone) {
+            (_, Some(_)) => "deleted ",
+            (true, None) => "retained ",
+            (false, None) => "",
+        };
         match &self.uid {
             Some(uid) => format!("{state}Tenant {} (uid {uid})", self.tenant),
             None => format!("{state}Tenant {}", self.tenant),
@@ -83,6 +123,20 @@ impl Claimant<'_> {
     pub fn retained_comment(&self, at: &str) -> String {
         format!(
             "{COMMENT_RETAINED} {} uid {} deleted {at}",
+            self.key, self.uid
+        )
+    }
+
+    /// The comment on the role and database of a tenant deleted with policy `Snapshot`: its
+    /// tombstone.
+    pub fn tombstone_comment(&self, tombstone: &Tombstone) -> String {
+        let Tombstone {
+            deleted,
+            purge_after,
+            backup,
+        } = tombstone;
+        format!(
+            "{COMMENT_TOMBSTONE} {} uid {} deleted {deleted} purge {purge_after} backup {backup}",
             self.key, self.uid
         )
     }
@@ -191,7 +245,8 @@ mod tests {
             Some(Identity {
                 tenant: "prod/acme".into(),
                 uid: Some("u1".into()),
-                retained: false
+                retained: false,
+                tombstone: None,
             })
         );
         assert_eq!(
@@ -212,6 +267,38 @@ mod tests {
             assert_eq!(id(foreign), None, "{foreign}");
         }
         assert_eq!(Identity::parse(None), None);
+    }
+
+    #[test]
+    fn a_tombstone_reads_back_what_was_written() {
+        let tombstone = Tombstone {
+            deleted: "2026-12-01T10:00:00Z".into(),
+            purge_after: "2026-12-08T10:00:00Z".into(),
+            backup: "file:///var/lib/silo/my backups/prod/acme/acme-final.dump".into(),
+        };
+        let comment = ME.tombstone_comment(&tombstone);
+        let read = id(&comment).expect("parses");
+        assert_eq!(read.tombstone.as_ref(), Some(&tombstone));
+        assert!(read.retained && read.admits(&ME));
+        assert!(
+            read.admits(&Claimant {
+                key: "prod/acme",
+                uid: "a-new-uid"
+            }),
+            "the same namespace and name take it back within the grace period"
+        );
+        assert!(!read.admits(&Claimant {
+            key: "prod/other",
+            uid: "u1"
+        }));
+        for incomplete in [
+            "silo: tombstone prod/acme uid u1 deleted t purge p",
+            "silo: tombstone prod/acme uid u1 deleted t backup b",
+            "silo: tombstone prod/acme uid u1 purge p backup b",
+            "silo: retained prod/acme uid u1 deleted t purge p backup b",
+        ] {
+            assert_eq!(id(incomplete), None, "{incomplete}");
+        }
     }
 
     #[test]

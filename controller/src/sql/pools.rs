@@ -68,6 +68,7 @@ pub struct ServerHandle {
     pub pool: PgPool,
     pub verified: super::scram::VerifiedPasswords,
     ddl: Semaphore,
+    ddl_limit: u32,
 }
 
 impl ServerHandle {
@@ -75,6 +76,15 @@ impl ServerHandle {
     pub async fn ddl_permit(&self) -> SemaphorePermit<'_> {
         // The semaphore is never closed, so acquire cannot fail.
         match self.ddl.acquire().await {
+            Ok(permit) => permit,
+            Err(_) => unreachable!("the DDL semaphore is never closed"),
+        }
+    }
+
+    /// Waits until no other DDL runs on this server and holds every slot: a purge, which must
+    /// not interleave with a tenant's provisioning taking the same database back.
+    pub async fn ddl_exclusive(&self) -> SemaphorePermit<'_> {
+        match self.ddl.acquire_many(self.ddl_limit).await {
             Ok(permit) => permit,
             Err(_) => unreachable!("the DDL semaphore is never closed"),
         }
@@ -132,6 +142,7 @@ impl ServerPools {
             pool,
             verified: Default::default(),
             ddl: Semaphore::new(self.limits.ddl_concurrency),
+            ddl_limit: u32::try_from(self.limits.ddl_concurrency).unwrap_or(u32::MAX),
         });
         if let Some(old) = servers.insert(name.to_string(), handle.clone()) {
             tokio::spawn(async move { old.pool.close().await });

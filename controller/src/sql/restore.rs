@@ -1,6 +1,8 @@
-//! The login a restore runs as while its tenant is locked: a temporary role that is a member of
-//! the tenant's role (so `pg_restore --role` makes the tenant the owner of what it creates, and
-//! CONNECT on the tenant's database comes with the membership), dropped when the restore ends.
+//! The logins Jobs run as while their tenant is locked: temporary roles that are members of the
+//! tenant's role, dropped when the Job ends. A restore's (`<role>_restore`): `pg_restore --role`
+//! makes the tenant the owner of what it creates, and CONNECT comes with the membership. A final
+//! backup's (`<role>_final`): reads everything the tenant owns, with a CONNECT of its own, since a
+//! deleted tenant's role has lost its CONNECT.
 
 use sqlx::PgPool;
 
@@ -8,13 +10,33 @@ use super::{quote_ident, quote_literal};
 
 /// The restore login of the tenant role `role`: `<role>_restore`, cut to fit.
 pub fn login_name(role: &str) -> String {
-    const SUFFIX: &str = "_restore";
-    let keep = 63 - SUFFIX.len();
+    with_suffix(role, "_restore")
+}
+
+/// The final backup's login of the tenant role `role`: `<role>_final`, cut to fit.
+pub fn final_login_name(role: &str) -> String {
+    with_suffix(role, "_final")
+}
+
+fn with_suffix(role: &str, suffix: &str) -> String {
+    let keep = 63 - suffix.len();
     let mut end = role.len().min(keep);
     while !role.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}{SUFFIX}", &role[..end])
+    format!("{}{suffix}", &role[..end])
+}
+
+/// Gives `login` CONNECT on `database` in its own right.
+pub async fn grant_connect(pool: &PgPool, login: &str, database: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(&format!(
+        "GRANT CONNECT ON DATABASE {} TO {}",
+        quote_ident(database),
+        quote_ident(login)
+    ))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Creates (or resets) the restore login `login` of `role` with the password of `verifier`.
@@ -66,5 +88,7 @@ mod tests {
     fn login_names_fit() {
         assert_eq!(login_name("t_shop_acme"), "t_shop_acme_restore");
         assert_eq!(login_name(&"x".repeat(63)).len(), 63);
+        assert_eq!(final_login_name("t_shop_acme"), "t_shop_acme_final");
+        assert_eq!(final_login_name(&"x".repeat(63)).len(), 63);
     }
 }

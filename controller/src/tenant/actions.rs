@@ -54,39 +54,46 @@ impl Pass<'_> {
     pub(super) async fn place(&self) -> Result<Result<String, Unplaceable>> {
         let Pass { tenant, facts, ctx } = self;
         let key = &facts.key;
+        // A Tenant applied again within its grace period goes back to its tombstoned database.
+        let tombstoned = self.tombstone_server().await?;
         let chosen = {
             let mut placements = lock_placements(&ctx.placements);
             if let Some(server) = placements.get(key) {
                 return Ok(Ok(server.clone()));
             }
-            let counts = ctx.tenants_by_server(&placements);
-            let candidates: Vec<Candidate> = ctx
-                .servers
-                .state()
-                .iter()
-                .map(|s| Candidate {
-                    name: s.name_any(),
-                    labels: s.labels().clone(),
-                    dedicated: s.spec.dedicated,
-                    cordoned: s.spec.cordoned,
-                    ready: s
-                        .status
-                        .as_ref()
-                        .is_some_and(|st| conditions::is_true(&st.conditions, READY)),
-                    max_tenants: usize::try_from(s.spec.max_tenants).unwrap_or(0),
-                    tenants: counts.get(&s.name_any()).copied().unwrap_or(0),
-                })
-                .collect();
-            match place_tenant(
-                tenant.spec.isolation,
-                tenant.spec.server_selector.as_ref(),
-                &candidates,
-            ) {
-                Ok(server) => {
-                    placements.insert(key.clone(), server.clone());
-                    server
+            if let Some(server) = tombstoned {
+                placements.insert(key.clone(), server.clone());
+                server
+            } else {
+                let counts = ctx.tenants_by_server(&placements);
+                let candidates: Vec<Candidate> = ctx
+                    .servers
+                    .state()
+                    .iter()
+                    .map(|s| Candidate {
+                        name: s.name_any(),
+                        labels: s.labels().clone(),
+                        dedicated: s.spec.dedicated,
+                        cordoned: s.spec.cordoned,
+                        ready: s
+                            .status
+                            .as_ref()
+                            .is_some_and(|st| conditions::is_true(&st.conditions, READY)),
+                        max_tenants: usize::try_from(s.spec.max_tenants).unwrap_or(0),
+                        tenants: counts.get(&s.name_any()).copied().unwrap_or(0),
+                    })
+                    .collect();
+                match place_tenant(
+                    tenant.spec.isolation,
+                    tenant.spec.server_selector.as_ref(),
+                    &candidates,
+                ) {
+                    Ok(server) => {
+                        placements.insert(key.clone(), server.clone());
+                        server
+                    }
+                    Err(unplaceable) => return Ok(Err(unplaceable)),
                 }
-                Err(unplaceable) => return Ok(Err(unplaceable)),
             }
         };
         // Written only if nobody placed the tenant meanwhile (another install sharing the cluster).
@@ -105,6 +112,33 @@ impl Pass<'_> {
         )
         .await;
         Ok(Ok(chosen))
+    }
+
+    /// The server of this install holding a tombstone of this tenant (its namespace and name),
+    /// if any, asked among the servers whose status shows tombstones. Such a server that cannot
+    /// be asked stops the placement: placing the tenant elsewhere would give it an empty database
+    /// while its own waits for the purge.
+    async fn tombstone_server(&self) -> Result<Option<String>> {
+        let Pass { facts, ctx, .. } = self;
+        let with_tombstones = ctx.servers.state().into_iter().filter(|s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.tombstones.as_ref())
+                .is_some_and(|t| t.count > 0)
+        });
+        for server in with_tombstones {
+            let name = server.name_any();
+            let Some(handle) = ctx.pools.get(&name) else {
+                return Err(Error::ServerNotConnected { server: name });
+            };
+            let found = ddl::has_tombstone_of(&handle.pool, &facts.names.database, &facts.key)
+                .await
+                .map_err(|e| Error::sql("looking for a tombstone", &name, e))?;
+            if found {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
     }
 
     /// Creates the credentials Secret, or brings an existing one back to the declared contents.
@@ -252,7 +286,9 @@ impl Pass<'_> {
                     .await
                     .map_err(|e| Error::sql("dropping tenant", server, e))?
             }
-            DeletionPolicy::Retain => {
+            // Snapshot deletions go through tenant::snapshot; were one to come here, its data
+            // would be kept.
+            DeletionPolicy::Retain | DeletionPolicy::Snapshot => {
                 let at = jiff::Timestamp::now().to_string();
                 ddl::lock_and_retain(&handle.pool, &names.database, &names.role, &claimant, &at)
                     .await

@@ -7,6 +7,7 @@
 mod actions;
 pub mod placement;
 pub mod secret;
+pub mod snapshot;
 pub mod status;
 
 use std::sync::Arc;
@@ -65,6 +66,11 @@ pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> A
     if error.reason() == "Conflict" {
         tracing::debug!(tenant = %tenant_key(&tenant), error = %error, "stale object; retrying");
         return Action::requeue(Duration::from_millis(200));
+    }
+    match error.reason() {
+        "FinalBackupRunning" => return Action::requeue(snapshot::POLL),
+        "FinalBackupFailed" => return Action::requeue(snapshot::RETRY),
+        _ => {}
     }
     warn!(tenant = %tenant_key(&tenant), reason = error.reason(), error = %error, "tenant reconcile failed");
     Action::requeue(match error.reason() {
@@ -216,6 +222,15 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
         pass.publish(EventType::Warning, "DriftRepaired", note)
             .await;
     }
+    if changes.contains(&Change::Undeleted) {
+        info!(tenant = %facts.key, server = %server, database = %facts.names.database, "deleted tenant taken back within its grace period");
+        let note = format!(
+            "database {} on {server} taken back from its tombstone, data as it was at the deletion; new credentials in Secret {}",
+            facts.names.database,
+            silo_crds::contract::secret_name(&facts.name)
+        );
+        pass.publish(EventType::Normal, "Undeleted", note).await;
+    }
     if changes.contains(&Change::DatabaseCreated) {
         info!(tenant = %facts.key, server = %server, database = %facts.names.database, "database created");
     }
@@ -281,6 +296,9 @@ async fn cleanup(pass: &Pass<'_>) -> Result<Action> {
     let Some(handle) = ctx.pools.get(&server) else {
         return Err(Error::ServerNotConnected { server });
     };
+    if policy == DeletionPolicy::Snapshot {
+        return snapshot_deletion(pass, &deleting, &handle, server).await;
+    }
     if let ddl::Cleanup::NotOurs(conflict) = pass.carry_out_policy(&handle, &server).await? {
         let note =
             format!("{conflict} on {server}, not to this tenant; nothing was changed or dropped");
@@ -297,7 +315,7 @@ async fn cleanup(pass: &Pass<'_>) -> Result<Action> {
             let note = format!("database {} dropped from {server}", facts.names.database);
             pass.publish(EventType::Normal, "Deleted", note).await;
         }
-        DeletionPolicy::Retain => {
+        DeletionPolicy::Retain | DeletionPolicy::Snapshot => {
             // Keep the credentials with the data: the Secret outlives the Tenant, marked retained.
             pass.retain_secret().await?;
             info!(tenant = %facts.key, server = %server, database = %facts.names.database, "tenant database locked and retained");
@@ -310,4 +328,49 @@ async fn cleanup(pass: &Pass<'_>) -> Result<Action> {
     }
     pass.forget_placement(server);
     Ok(Action::await_change())
+}
+
+/// Policy `Snapshot`: the finalizer goes once the tenant is locked, backed up and tombstoned;
+/// while the final backup runs or after it failed, it stays, and the status says why.
+async fn snapshot_deletion(
+    pass: &Pass<'_>,
+    deleting: &Report,
+    handle: &crate::sql::pools::ServerHandle,
+    server: String,
+) -> Result<Action> {
+    let Pass { tenant, facts, .. } = pass;
+    match snapshot::snapshot(pass, handle, &server).await {
+        Ok(snapshot::Snapshot::Done { backup }) => {
+            info!(tenant = %facts.key, server = %server, database = %facts.names.database, backup = %backup, "tenant locked, backed up and tombstoned");
+            let note = format!(
+                "database {} locked on {server} and backed up to {backup}; kept for {} (apply the Tenant again to take it back), then purged",
+                facts.names.database, tenant.spec.deletion.grace_period
+            );
+            pass.publish(EventType::Normal, "Snapshotted", note).await;
+            pass.forget_placement(server);
+            Ok(Action::await_change())
+        }
+        Ok(snapshot::Snapshot::NotOurs(conflict)) => {
+            let note = format!(
+                "{conflict} on {server}, not to this tenant; nothing was changed or dropped"
+            );
+            warn!(tenant = %facts.key, server = %server, conflict = %conflict, "deletion left a foreign role or database alone");
+            pass.publish(EventType::Warning, "NotOurs", note).await;
+            pass.forget_placement(server);
+            Ok(Action::await_change())
+        }
+        Err(Error::FinalBackupFailed { message }) => {
+            warn!(tenant = %facts.key, server = %server, error = %message, "final backup failed; nothing dropped, retrying");
+            let message = format!(
+                "the final backup failed, so the database is kept locked and nothing is dropped; retrying every {}s: {message}",
+                snapshot::RETRY.as_secs()
+            );
+            pass.write(&deleting.failing("FinalBackupFailed", &message))
+                .await?;
+            pass.publish(EventType::Warning, "FinalBackupFailed", message.clone())
+                .await;
+            Err(Error::FinalBackupFailed { message })
+        }
+        Err(e) => Err(e),
+    }
 }
