@@ -636,3 +636,173 @@ async fn s3_backups_are_checked_against_the_store_and_a_failing_or_corrupted_sto
     })
     .await;
 }
+
+/// A namespace of the test's own for the final backups of Snapshot deletions (the controller's
+/// namespace in a real install), and the controller environment that names it.
+async fn final_namespace(ns: &TestNs) -> anyhow::Result<(String, Vec<(String, String)>)> {
+    let name = format!("{}-final", ns.name);
+    let out = ns.kubectl(&["create", "namespace", &name]).await?;
+    ensure!(out.success, "{}", out.stderr);
+    Ok((
+        name.clone(),
+        vec![("SILO_FINAL_BACKUP_NAMESPACE".to_string(), name)],
+    ))
+}
+
+/// The final TenantBackups in `namespace`.
+async fn final_backups(ns: &TestNs, namespace: &str) -> anyhow::Result<Vec<TenantBackup>> {
+    let api: Api<TenantBackup> = Api::namespaced(ns.client.clone(), namespace);
+    Ok(api.list(&Default::default()).await?.items)
+}
+
+async fn database_exists(admin: &sqlx::PgPool, name: &str) -> anyhow::Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(admin)
+            .await?,
+    )
+}
+
+async fn role_exists(admin: &sqlx::PgPool, name: &str) -> anyhow::Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(name)
+            .fetch_one(admin)
+            .await?,
+    )
+}
+
+/// Policy `Snapshot`, the default: a deleted Tenant is locked and backed up, its finalizer goes,
+/// and a tombstone on the server keeps its database for the grace period (a controller killed
+/// during the final backup loses and doubles nothing). Applied again within the grace period,
+/// it gets the same rows back with new credentials; once a grace period ends, the database and
+/// role are purged, and the final backup restores into another Tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
+    with_temp_ns("snapshot", |ns: TestNs| async move {
+        node::image()?;
+        let (final_ns, env) = final_namespace(&ns).await?;
+        let result = async {
+            let pg = PgServer::start()?;
+            let server = ns.server_name("pg");
+            ns.add_server(&server, &pg, "").await?;
+            let admin = pg.admin_pool().await?;
+            let (mut controller, _dir) = start_controller_with(&ns, &serde_json::json!({}), &env)?;
+            ns.apply_ok(&[
+                tenant_yaml("acme", "  deletion: {gracePeriod: 1h}"),
+                tenant_yaml("brief", "  deletion: {gracePeriod: 20s}"),
+                tenant_yaml("heir", "  deletion: {policy: Delete}"),
+            ].join("---\n")).await?;
+            for t in ["acme", "brief", "heir"] {
+                ns.wait_phase(t, TenantPhase::Ready, TIMEOUT).await?;
+            }
+            let mut originals = Vec::new();
+            for t in ["acme", "brief"] {
+                let mut conn = PgConnection::connect(&ns.secret_value(t, "uri").await?).await?;
+                sqlx::raw_sql(&format!(
+                    "CREATE TABLE orders (id serial PRIMARY KEY, note text);
+                     INSERT INTO orders (note) SELECT '{t} ' || i FROM generate_series(1, 200) i;
+                     CREATE TABLE customers (id int PRIMARY KEY, name text);
+                     INSERT INTO customers SELECT i, '{t} customer ' || i FROM generate_series(1, 10) i;"
+                ))
+                .execute(&mut conn)
+                .await?;
+                originals.push(contents(&mut conn).await?);
+            }
+            let old_uri = ns.secret_value("acme", "uri").await?;
+            let db = ns.secret_value("acme", "dbname").await?;
+            let role = ns.secret_value("acme", "user").await?;
+            let brief_db = ns.secret_value("brief", "dbname").await?;
+
+            // Deleted; the controller is killed while the final backup runs, and restarted.
+            let out = ns.kubectl(&["delete", "tenant", "acme", "brief", "-n", &ns.name, "--wait=false"]).await?;
+            ensure!(out.success, "{}", out.stderr);
+            wait_for("a final backup to start", TIMEOUT, || async {
+                (!final_backups(&ns, &final_ns).await.ok()?.is_empty()).then_some(())
+            })
+            .await?;
+            controller.kill9();
+            let (_controller, _) = start_controller_with(&ns, &serde_json::json!({}), &env)?;
+            for t in ["acme", "brief"] {
+                wait_for(&format!("Tenant {t} to go"), TIMEOUT, || async {
+                    ns.tenants().get_opt(t).await.ok()?.is_none().then_some(())
+                })
+                .await?;
+            }
+            let finals = final_backups(&ns, &final_ns).await?;
+            ensure!(finals.len() == 2, "one final backup per tenant, not {}", finals.len());
+            for b in &finals {
+                let status = b.status.clone().unwrap_or_default();
+                ensure!(status.phase == Some(JobPhase::Succeeded), "{status:?}");
+            }
+            // Locked: the old credentials no longer log in; the database and its rows are there.
+            ensure!(PgConnection::connect(&old_uri).await.is_err(), "a deleted tenant's login works");
+            ensure!(database_exists(&admin, &db).await?, "the database went with a Snapshot deletion");
+            ensure!(
+                !role_exists(&admin, &format!("{role}_final")).await?,
+                "the final backup's login was left behind"
+            );
+            // The tombstone shows on the DatabaseServer.
+            let servers = ns.servers();
+            let tombstones = wait_for("the tombstones on the server's status", TIMEOUT, || async {
+                let status = servers.get(&server).await.ok()?.status?;
+                let t = status.tombstones?;
+                (t.count >= 1 && t.items.iter().any(|i| i.tenant == format!("{}/acme", ns.name)))
+                    .then_some(t)
+            })
+            .await?;
+            let entry = tombstones
+                .items
+                .iter()
+                .find(|i| i.tenant.ends_with("/acme"))
+                .context("acme's tombstone")?;
+            ensure!(entry.backup.ends_with(".dump") && entry.database == db, "{entry:?}");
+
+            // Undelete: the same Tenant applied again gets the same rows and new credentials.
+            ns.apply_ok(&tenant_yaml("acme", "  deletion: {gracePeriod: 1h}")).await?;
+            ns.wait_phase("acme", TenantPhase::Ready, TIMEOUT).await?;
+            let new_uri = ns.secret_value("acme", "uri").await?;
+            ensure!(new_uri != old_uri, "the undeleted tenant kept its old password");
+            let mut conn = PgConnection::connect(&new_uri).await?;
+            ensure!(contents(&mut conn).await? == originals[0], "undelete lost rows");
+            ensure!(PgConnection::connect(&old_uri).await.is_err(), "the old password still works");
+            let events = ns
+                .kubectl(&["get", "events", "-n", &ns.name, "--field-selector", "reason=Undeleted", "-o", "name"])
+                .await?;
+            ensure!(!events.stdout.trim().is_empty(), "no Undeleted event");
+
+            // Purge: brief's 20 s are over: its database and role go, its final backup stays and
+            // restores into another tenant.
+            wait_for("brief's purge", TIMEOUT, || async {
+                (!database_exists(&admin, &brief_db).await.ok()?).then_some(())
+            })
+            .await?;
+            ensure!(!role_exists(&admin, &brief_db).await?, "the purged tenant's role is left");
+            let brief_final = final_backups(&ns, &final_ns)
+                .await?
+                .into_iter()
+                .find(|b| b.spec.tenant == "brief")
+                .context("brief's final backup")?
+                .status
+                .unwrap_or_default();
+            let uri = brief_final.uri.context("no uri")?;
+            let sha = brief_final.sha256.context("no sha256")?;
+            ns.apply_ok(&restore_yaml(
+                "heir-from-brief",
+                &format!("{{tenant: heir, from: {{uri: \"{uri}\", sha256: {sha}}}}}"),
+            ))
+            .await?;
+            let restored = wait_restore(&ns, "heir-from-brief").await?;
+            ensure!(restored.phase == Some(JobPhase::Succeeded), "{restored:?}");
+            ns.wait_phase("heir", TenantPhase::Ready, TIMEOUT).await?;
+            let mut heir = PgConnection::connect(&ns.secret_value("heir", "uri").await?).await?;
+            ensure!(contents(&mut heir).await? == originals[1], "the final backup lost rows");
+            Ok(())
+        }
+        .await;
+        let _ = ns.kubectl(&["delete", "namespace", &final_ns, "--wait=false"]).await;
+        result
+    })
+    .await;
+}

@@ -260,7 +260,7 @@ async fn c_bad_input_is_rejected_or_explained() {
         ensure!(!c.message.contains("not-the-password"));
 
         // No fitting server: Pending with the reason, then Ready once one is added.
-        ns.apply_ok(&tenant_yaml("gold", "  serverSelector: {matchLabels: {tier: gold}}")).await?;
+        ns.apply_ok(&tenant_yaml("gold", "  serverSelector: {matchLabels: {tier: gold}}\n  deletion: {policy: Delete}")).await?;
         let t = ns.wait_phase("gold", TenantPhase::Pending, READY_TIMEOUT).await?;
         let c = ready_condition(&t)?;
         ensure!(c.reason == "NoMatchingServer" && c.message.contains("serverSelector"), "{} {}", c.reason, c.message);
@@ -488,7 +488,8 @@ async fn g_delete_with_delete_and_with_retain() {
         ns.apply_ok(
             &[
                 tenant_yaml("doomed", "  deletion: {policy: Delete}"),
-                tenant_yaml("kept", "  {}"),
+                tenant_yaml("kept", "  deletion: {policy: Retain}"),
+                tenant_yaml("default", "  {}"),
             ]
             .join("---\n"),
         )
@@ -498,9 +499,16 @@ async fn g_delete_with_delete_and_with_retain() {
         let kept = ns
             .wait_phase("kept", TenantPhase::Ready, READY_TIMEOUT)
             .await?;
+        let default = ns
+            .wait_phase("default", TenantPhase::Ready, READY_TIMEOUT)
+            .await?;
         ensure!(
-            kept.spec.deletion.policy == silo_crds::DeletionPolicy::Retain,
-            "Retain must be the default while backups do not exist"
+            kept.spec.deletion.policy == silo_crds::DeletionPolicy::Retain
+                && default.spec.deletion.policy == silo_crds::DeletionPolicy::Snapshot
+                && default.spec.deletion.grace_period == "7d"
+                && default.spec.deletion.final_backup_retention == "30d",
+            "a new Tenant's default is Snapshot, 7d, 30d: {:?}",
+            default.spec.deletion
         );
         let doomed_db = ns.secret_value("doomed", "dbname").await?;
         let kept_db = ns.secret_value("kept", "dbname").await?;
