@@ -806,3 +806,120 @@ async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
     })
     .await;
 }
+
+/// Snapshot deletions with the store down wait, drop nothing and say why, and finish once it is
+/// back; deleting a namespace of ten Snapshot tenants finishes and leaves ten tombstones and ten
+/// final backups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_deletions_wait_out_a_failing_store_and_survive_their_namespace() {
+    with_temp_ns("snapshot-s3", |ns: TestNs| async move {
+        node::image()?;
+        let (final_ns, mut env) = final_namespace(&ns).await?;
+        let result = async {
+            let store = S3Store::start(&ns.name)?;
+            let pg = PgServer::start()?;
+            let server = ns.server_name("pg");
+            ns.add_server(&server, &pg, "").await?;
+            let admin = pg.admin_pool().await?;
+            for namespace in [ns.name.as_str(), final_ns.as_str()] {
+                let credentials: Secret = serde_json::from_value(serde_json::json!({
+                    "metadata": { "name": "s3-credentials" },
+                    "stringData": {
+                        "AWS_ACCESS_KEY_ID": store.access_key,
+                        "AWS_SECRET_ACCESS_KEY": store.secret_key,
+                    },
+                }))?;
+                let secrets: Api<Secret> = Api::namespaced(ns.client.clone(), namespace);
+                secrets.create(&PostParams::default(), &credentials).await?;
+            }
+            let settings = serde_json::json!({
+                "destination": format!("s3://{}/fleet", store.bucket),
+                "s3": {
+                    "endpoint": store.endpoint,
+                    "region": store.region,
+                    "pathStyle": true,
+                    "credentialsSecret": "s3-credentials",
+                },
+            });
+            env.extend(store.aws_env());
+            let (_controller, _) = start_controller_with(&ns, &settings, &env)?;
+            let names: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+            let yaml: Vec<String> = names.iter().map(|n| tenant_yaml(n, "  {}")).collect();
+            ns.apply_ok(&yaml.join("---\n")).await?;
+            for n in &names {
+                ns.wait_phase(n, TenantPhase::Ready, TIMEOUT).await?;
+            }
+            let t0_db = ns.secret_value("t0", "dbname").await?;
+
+            // The store is down: t0's deletion waits, saying why, and drops nothing.
+            store.stop()?;
+            let out = ns
+                .kubectl(&["delete", "tenant", "t0", "-n", &ns.name, "--wait=false"])
+                .await?;
+            ensure!(out.success, "{}", out.stderr);
+            let condition = wait_for("t0 to say its final backup failed", TIMEOUT, || async {
+                let t = ns.tenants().get_opt("t0").await.ok()??;
+                let status = t.status?;
+                status
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready" && c.reason == "FinalBackupFailed")
+            })
+            .await?;
+            ensure!(
+                condition.message.contains("nothing is dropped"),
+                "{}",
+                condition.message
+            );
+            ensure!(
+                database_exists(&admin, &t0_db).await?,
+                "t0's database went without a backup"
+            );
+            // Back: the deletion completes.
+            store.resume()?;
+            wait_for("t0 to go once the store is back", TIMEOUT, || async {
+                ns.tenants()
+                    .get_opt("t0")
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            })
+            .await?;
+
+            // The namespace goes, tenants and all: ten tombstones, ten final backups.
+            let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
+                Api::all(ns.client.clone());
+            namespaces
+                .delete(&ns.name, &DeleteParams::default())
+                .await?;
+            wait_for("the namespace to go", Duration::from_secs(300), || async {
+                namespaces
+                    .get_opt(&ns.name)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            })
+            .await?;
+            let tombstones = wait_for("ten tombstones on the server", TIMEOUT, || async {
+                let t = ns.servers().get(&server).await.ok()?.status?.tombstones?;
+                (t.count == 10).then_some(t)
+            })
+            .await?;
+            ensure!(tombstones.items.len() == 10, "{tombstones:?}");
+            let finals = final_backups(&ns, &final_ns).await?;
+            ensure!(finals.len() == 10, "{} final backups", finals.len());
+            let keys = store.keys(&format!("fleet/{}", ns.name)).await?;
+            let dumps = keys.iter().filter(|k| k.ends_with(".dump")).count();
+            ensure!(dumps == 10, "{dumps} dumps in the store: {keys:?}");
+            Ok(())
+        }
+        .await;
+        let _ = ns
+            .kubectl(&["delete", "namespace", &final_ns, "--wait=false"])
+            .await;
+        result
+    })
+    .await;
+}
