@@ -217,17 +217,20 @@ The controller's rights on Tenants and their Secrets: cluster-wide, or in contro
 - apiGroups: ["silo.dev"]
   resources: ["schemarollouts/status"]
   verbs: ["patch"]
-# Migration Jobs: watched by label, one created per (tenant, version), deleted once its outcome is
-# on the Tenant (or to retry a failure). No `get`, `patch` or `update`: the watch cache is read.
+# Migration, backup and restore Jobs: watched by label, one created per (tenant, version) or per
+# backup, deleted once its outcome is recorded (or to retry a failure). `get`: a Snapshot deletion
+# reads its final backup's Job by name in the final-backup namespace, which the watch may not
+# cover. No `patch` or `update`.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 # TenantBackups: watched; the finalizer `silo.dev/backup-object` (deleting a TenantBackup deletes
 # its object) added and removed by patch; created on the schedule and deleted by retention;
-# status written by server-side apply.
+# status written by server-side apply. `get`: a Snapshot deletion reads its final TenantBackup by
+# name (as for Jobs).
 - apiGroups: ["silo.dev"]
   resources: ["tenantbackups"]
-  verbs: ["list", "watch", "patch", "create", "delete"]
+  verbs: ["get", "list", "watch", "patch", "create", "delete"]
 - apiGroups: ["silo.dev"]
   resources: ["tenantbackups/status"]
   verbs: ["patch"]
