@@ -65,6 +65,26 @@ pub async fn create_login(
     Ok(())
 }
 
+/// Takes back what [`grant_connect`] gave (a grant the role could not be dropped with), if the
+/// login still exists.
+pub async fn revoke_connect(pool: &PgPool, login: &str, database: &str) -> Result<(), sqlx::Error> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)")
+            .bind(login)
+            .fetch_one(pool)
+            .await?;
+    if exists {
+        sqlx::raw_sql(&format!(
+            "REVOKE ALL ON DATABASE {} FROM {}",
+            quote_ident(database),
+            quote_ident(login)
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Ends the restore login's sessions and drops it.
 pub async fn drop_login(pool: &PgPool, login: &str) -> Result<(), sqlx::Error> {
     sqlx::query(

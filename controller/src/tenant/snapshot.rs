@@ -94,23 +94,22 @@ pub(super) async fn snapshot(
         return Ok(Snapshot::Done { backup: uri });
     }
 
-    // The login and its Secret: the password is in the Secret before the role has it.
-    let secret = format!("{name}-login");
-    let password = ensure_login_secret(pass, &record, &secret, &login, server).await?;
-    {
-        let _permit = handle.ddl_permit().await;
-        logins::create_login(pool, &login, &names.role, &scram::verifier(&password))
-            .await
-            .map_err(|e| Error::sql("creating the final backup's login", server, e))?;
-        logins::grant_connect(pool, &login, &names.database)
-            .await
-            .map_err(|e| Error::sql("granting the final backup's login CONNECT", server, e))?;
-    }
-
     let attempt = attempt_of(&record);
     let job_name = fit_job_name(&name, &format!("-{attempt}"));
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(job) = jobs.get_opt(&job_name).await? else {
+        // The login and its Secret: the password is in the Secret before the role has it.
+        let secret = format!("{name}-login");
+        let password = ensure_login_secret(pass, &record, &secret, &login, server).await?;
+        {
+            let _permit = handle.ddl_permit().await;
+            logins::create_login(pool, &login, &names.role, &scram::verifier(&password))
+                .await
+                .map_err(|e| Error::sql("creating the final backup's login", server, e))?;
+            logins::grant_connect(pool, &login, &names.database)
+                .await
+                .map_err(|e| Error::sql("granting the final backup's login CONNECT", server, e))?;
+        }
         let source = backup::job::Source {
             namespace: &facts.namespace,
             tenant: &facts.name,
@@ -357,6 +356,9 @@ async fn tombstone(
         )
         .await
         .map_err(|e| Error::sql("writing the tombstone", server, e))?;
+        logins::revoke_connect(&handle.pool, login, &facts.names.database)
+            .await
+            .map_err(|e| Error::sql("revoking the final backup's login", server, e))?;
         logins::drop_login(&handle.pool, login)
             .await
             .map_err(|e| Error::sql("dropping the final backup's login", server, e))?;
