@@ -85,6 +85,86 @@ pub async fn delete_job(jobs: &kube::Api<Job>, job: &Job) -> Result<(), kube::Er
     }
 }
 
+/// A Job of the `silo` runner (backup, restore): one pod, never restarted and never retried (a
+/// failed dump is a failed backup, a failed restore changed nothing and is not repeated behind
+/// the user's back), owned by `owner`, with the chart's `jobs.*` applied. No TTL: the controller
+/// deletes it once its outcome is recorded.
+pub fn runner_job<K>(
+    owner: &K,
+    name: String,
+    labels: BTreeMap<String, String>,
+    container: k8s_openapi::api::core::v1::Container,
+    volumes: Option<Vec<k8s_openapi::api::core::v1::Volume>>,
+    settings: &JobSettings,
+) -> Job
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    use k8s_openapi::api::batch::v1::JobSpec;
+    use k8s_openapi::api::core::v1::PodTemplateSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let mut job = Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: owner.meta().namespace.clone(),
+            labels: Some(labels.clone()),
+            owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    restart_policy: Some("Never".into()),
+                    volumes,
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    settings.apply(&mut job);
+    if let Some(spec) = job.spec.as_mut() {
+        spec.ttl_seconds_after_finished = None;
+    }
+    job
+}
+
+/// Writes `next` as the status of the object `name` of `api` (server-side apply, the tenant
+/// controller's field manager), unless it equals `current`.
+pub async fn apply_status<K, S>(
+    api: &kube::Api<K>,
+    name: &str,
+    current: &S,
+    next: &S,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    S: serde::Serialize + PartialEq,
+{
+    if next == current {
+        return Ok(());
+    }
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": next,
+    });
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(crate::tenant::FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobSettingsError {
     #[error("reading job settings {path}: {source}")]

@@ -5,18 +5,16 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, SecretKeySelector, Volume,
-    VolumeMount,
+    Container, EnvVar, EnvVarSource, SecretKeySelector, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use silo_crds::TenantBackup;
 use silo_crds::contract::{self, keys};
 
 use super::settings::{BackupSettings, file_path};
-use crate::jobs::{JobSettings, fit_job_name};
+use crate::jobs::{JobSettings, fit_job_name, runner_job};
 
 /// What the runner needs to know of the tenant.
 pub struct Source<'a> {
@@ -125,7 +123,6 @@ pub fn backup_job(
     backups: &BackupSettings,
     settings: &JobSettings,
 ) -> Job {
-    let namespace = backup.namespace().unwrap_or_default();
     let secret = &source.secret;
     let mut env: Vec<EnvVar> = [
         ("PGHOST", keys::HOST),
@@ -184,39 +181,14 @@ pub fn backup_job(
         termination_message_policy: Some("File".into()),
         ..Default::default()
     };
-    let mut job = Job {
-        metadata: ObjectMeta {
-            name: Some(job_name(&backup.name_any())),
-            namespace: Some(namespace),
-            labels: Some(labels.clone()),
-            owner_references: backup.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
-        spec: Some(JobSpec {
-            // A failed dump is a failed backup; the next one is a new TenantBackup.
-            backoff_limit: Some(0),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    restart_policy: Some("Never".into()),
-                    volumes,
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        status: None,
-    };
-    settings.apply(&mut job);
-    // The controller deletes the Job once its outcome is recorded; a TTL could come first.
-    if let Some(spec) = job.spec.as_mut() {
-        spec.ttl_seconds_after_finished = None;
-    }
-    job
+    runner_job(
+        backup,
+        job_name(&backup.name_any()),
+        labels,
+        container,
+        volumes,
+        settings,
+    )
 }
 
 #[cfg(test)]

@@ -390,22 +390,9 @@ async fn write(
     current: &TenantBackupStatus,
     next: TenantBackupStatus,
 ) -> Result<()> {
-    if &next == current {
-        return Ok(());
-    }
     let api: Api<TenantBackup> =
         Api::namespaced(ctx.client.clone(), &backup.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": "silo.dev/v1alpha1",
-        "kind": "TenantBackup",
-        "status": next,
-    });
-    api.patch_status(
-        &backup.name_any(),
-        &PatchParams::apply(crate::tenant::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    crate::jobs::apply_status(&api, &backup.name_any(), current, &next).await?;
     Ok(())
 }
 

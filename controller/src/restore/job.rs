@@ -4,16 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Container;
+use kube::ResourceExt;
 use silo_crds::TenantRestore;
 use silo_crds::contract;
 
 use crate::backup::job::{from_secret, store_access};
 use crate::backup::settings::BackupSettings;
-use crate::jobs::{JobSettings, fit_job_name};
+use crate::jobs::{JobSettings, fit_job_name, runner_job};
 
 /// Where the restore goes, and as whom.
 pub struct Target {
@@ -85,39 +84,14 @@ pub fn restore_job(
         termination_message_policy: Some("File".into()),
         ..Default::default()
     };
-    let mut job = Job {
-        metadata: ObjectMeta {
-            name: Some(job_name(&restore.name_any())),
-            namespace: restore.namespace(),
-            labels: Some(labels.clone()),
-            owner_references: restore.controller_owner_ref(&()).map(|o| vec![o]),
-            ..Default::default()
-        },
-        spec: Some(JobSpec {
-            // A restore is one transaction: a failed one changed nothing, and is not repeated
-            // behind the user's back.
-            backoff_limit: Some(0),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    restart_policy: Some("Never".into()),
-                    volumes,
-                    ..Default::default()
-                }),
-            },
-            ..Default::default()
-        }),
-        status: None,
-    };
-    settings.apply(&mut job);
-    if let Some(spec) = job.spec.as_mut() {
-        spec.ttl_seconds_after_finished = None;
-    }
-    job
+    runner_job(
+        restore,
+        job_name(&restore.name_any()),
+        labels,
+        container,
+        volumes,
+        settings,
+    )
 }
 
 #[cfg(test)]

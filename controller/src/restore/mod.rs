@@ -467,21 +467,8 @@ async fn write(
     current: &TenantRestoreStatus,
     next: TenantRestoreStatus,
 ) -> Result<()> {
-    if &next == current {
-        return Ok(());
-    }
     let api: Api<TenantRestore> =
         Api::namespaced(ctx.client.clone(), &restore.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": "silo.dev/v1alpha1",
-        "kind": "TenantRestore",
-        "status": next,
-    });
-    api.patch_status(
-        &restore.name_any(),
-        &PatchParams::apply(crate::tenant::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    crate::jobs::apply_status(&api, &restore.name_any(), current, &next).await?;
     Ok(())
 }

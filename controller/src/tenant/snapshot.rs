@@ -19,7 +19,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use silo_crds::contract::{self, keys};
-use silo_crds::{JobPhase, TenantBackup, TenantBackupSpec, TenantBackupStatus};
+use silo_crds::{JobPhase, TenantBackup, TenantBackupSpec};
 use tracing::info;
 
 use super::Pass;
@@ -141,7 +141,7 @@ pub(super) async fn snapshot(
         }
         info!(tenant = %facts.key, job = %job_name, "final backup started");
         let running = backup::status::running(&current, server, now());
-        write_record(&backups, &name, &current, running).await?;
+        crate::jobs::apply_status(&backups, &name, &current, &running).await?;
         return Err(Error::FinalBackupRunning);
     };
     match outcome::outcome(&job, &[]) {
@@ -149,7 +149,7 @@ pub(super) async fn snapshot(
         Outcome::Succeeded | Outcome::Failed { .. } => {
             let report = backup::read_report(ctx, namespace, &job).await?;
             let done = backup::status::finished(&current, &report, now());
-            write_record(&backups, &name, &current, done.clone()).await?;
+            crate::jobs::apply_status(&backups, &name, &current, &done).await?;
             if done.phase == Some(JobPhase::Succeeded)
                 && let Some(uri) = done.uri.clone()
             {
@@ -227,27 +227,6 @@ async fn create_record(
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(backups.get(name).await?),
         Err(e) => Err(e.into()),
     }
-}
-
-async fn write_record(
-    backups: &Api<TenantBackup>,
-    name: &str,
-    current: &TenantBackupStatus,
-    next: TenantBackupStatus,
-) -> Result<()> {
-    if &next == current {
-        return Ok(());
-    }
-    let patch =
-        json!({ "apiVersion": "silo.dev/v1alpha1", "kind": "TenantBackup", "status": next });
-    backups
-        .patch_status(
-            name,
-            &PatchParams::apply(super::FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    Ok(())
 }
 
 /// The final backup's login Secret, under the tenant Secret's keys and owned by the final
