@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use sha2::{Digest, Sha256};
 use silo_crds::{JobPhase, TenantBackup, TenantPhase};
 use silo_e2e::kube_env::with_temp_ns;
@@ -194,7 +195,7 @@ async fn a_backup_is_stored_verified_recorded_and_deleted_with_its_object() {
                 .fetch_one(&admin)
                 .await?;
         ensure!(scratch == 0, "a scratch database was left");
-        let jobs: Api<k8s_openapi::api::batch::v1::Job> =
+        let jobs: Api<Job> =
             Api::namespaced(ns.client.clone(), &ns.name);
         wait_for("the backup Job to go", TIMEOUT, || async {
             jobs.get_opt("acme-1-backup")
@@ -918,6 +919,93 @@ async fn snapshot_deletions_wait_out_a_failing_store_and_survive_their_namespace
             let dumps = keys.iter().filter(|k| k.ends_with(".dump")).count();
             ensure!(dumps == 10, "{dumps} dumps in the store: {keys:?}");
             Ok(())
+        }
+        .await;
+        let _ = ns
+            .kubectl(&["delete", "namespace", &final_ns, "--wait=false"])
+            .await;
+        result
+    })
+    .await;
+}
+
+/// The chart's default destination, `file:///var/lib/silo/backups`, with no `backups.volume`:
+/// a Job would write into its own pod and report success for a dump that goes with the pod.
+/// Instead a backup fails naming the setting, and a Snapshot deletion holds (nothing dropped)
+/// until there is somewhere to keep its backup, or until its policy is changed to Retain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_destination_without_a_volume_keeps_nothing_so_nothing_counts_on_it() {
+    with_temp_ns("no-volume", |ns: TestNs| async move {
+        node::image()?;
+        let (final_ns, env) = final_namespace(&ns).await?;
+        let result = async {
+            let pg = PgServer::start()?;
+            let server = ns.server_name("pg");
+            ns.add_server(&server, &pg, "").await?;
+            let admin = pg.admin_pool().await?;
+            let settings = serde_json::json!({ "volume": null });
+            let (_controller, _) = start_controller_with(&ns, &settings, &env)?;
+            ns.apply_ok(&tenant_yaml("acme", "  {}")).await?;
+            ns.wait_phase("acme", TenantPhase::Ready, TIMEOUT).await?;
+            let database = ns.secret_value("acme", "dbname").await?;
+
+            ns.apply_ok(&backup_yaml("b1", "{tenant: acme}")).await?;
+            let status = wait_backup(&ns, "b1").await?.status.unwrap_or_default();
+            ensure!(status.phase == Some(JobPhase::Failed), "{status:?}");
+            let error = status.error.unwrap_or_default();
+            ensure!(error.contains("backups.volume"), "{error}");
+            let jobs: Api<Job> = Api::namespaced(ns.client.clone(), &ns.name);
+            ensure!(
+                jobs.list(&Default::default()).await?.items.is_empty(),
+                "a backup Job ran with nowhere to keep its dump"
+            );
+
+            let out = ns
+                .kubectl(&["delete", "tenant", "acme", "-n", &ns.name, "--wait=false"])
+                .await?;
+            ensure!(out.success, "{}", out.stderr);
+            let condition = wait_for("acme to say its final backup failed", TIMEOUT, || async {
+                let status = ns.tenants().get_opt("acme").await.ok()??.status?;
+                status
+                    .conditions
+                    .into_iter()
+                    .find(|c| c.type_ == "Ready" && c.reason == "FinalBackupFailed")
+            })
+            .await?;
+            ensure!(
+                condition.message.contains("backups.volume")
+                    && condition.message.contains("nothing is dropped"),
+                "{}",
+                condition.message
+            );
+            ensure!(
+                final_backups(&ns, &final_ns).await?.is_empty(),
+                "a final backup was recorded with nowhere to keep it"
+            );
+            ensure!(
+                database_exists(&admin, &database).await?,
+                "acme's database went"
+            );
+
+            // The way out a person takes: keep the database as it is.
+            let patch = serde_json::json!({ "spec": { "deletion": { "policy": "Retain" } } });
+            ns.tenants()
+                .patch("acme", &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            wait_for("acme to go once it is Retain", TIMEOUT, || async {
+                ns.tenants()
+                    .get_opt("acme")
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then_some(())
+            })
+            .await?;
+            ensure!(
+                database_exists(&admin, &database).await?,
+                "acme's database went"
+            );
+            anyhow::Ok(())
         }
         .await;
         let _ = ns

@@ -97,7 +97,9 @@ pub fn store_access(
         return (env, None);
     }
     let volume = match (file_path(&backups.destination), &backups.volume) {
-        (Some(path), Some(volume)) if file_path(url).is_some_and(|p| p.starts_with(path)) => {
+        (Some(path), Some(volume))
+            if file_path(url).is_some_and(|p| std::path::Path::new(p).starts_with(path)) =>
+        {
             Some((
                 Volume {
                     name: "backups".into(),

@@ -193,7 +193,9 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
         .destination
         .clone()
         .unwrap_or_else(|| ctx.backup_settings.destination.clone());
-    if let Err(error) = settings::check_destination(&destination) {
+    let checked = settings::check_destination(&destination)
+        .and_then(|()| ctx.backup_settings.check_kept(&destination));
+    if let Err(error) = checked {
         let error = format!("destination {error}");
         write(
             backup,

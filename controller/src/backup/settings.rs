@@ -182,6 +182,29 @@ impl BackupSettings {
     }
 }
 
+impl BackupSettings {
+    /// Whether a dump at `url` outlives the Job that writes or reads it: always for `s3://`; for
+    /// `file://` only under the fleet's destination with a volume mounted there (otherwise the
+    /// Job writes into its own pod's filesystem, reports success, and the dump goes with the pod).
+    pub fn check_kept(&self, url: &str) -> Result<(), String> {
+        let Some(path) = file_path(url) else {
+            return Ok(());
+        };
+        match (file_path(&self.destination), &self.volume) {
+            (Some(root), Some(_)) if Path::new(path).starts_with(root) => Ok(()),
+            (Some(root), Some(_)) => Err(format!(
+                "{url} is not under the backup volume, which is mounted at {root} \
+                 (backups.destination)"
+            )),
+            _ => Err(format!(
+                "{url} is on no volume: set the chart's backups.volume (a volume mounted at the \
+                 destination's path) or an s3:// destination, or the dump would be lost with the \
+                 Job's pod"
+            )),
+        }
+    }
+}
+
 /// Whether `destination` is a URL Silo can write dumps to.
 pub fn check_destination(destination: &str) -> Result<(), String> {
     match destination.split_once("://") {
@@ -204,6 +227,29 @@ pub fn file_path(destination: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_dump_is_kept_only_on_the_volume() {
+        let bare = BackupSettings::default();
+        assert_eq!(bare.check_kept("s3://bucket/x"), Ok(()));
+        let error = bare
+            .check_kept("file:///var/lib/silo/backups/ns/t")
+            .expect_err("no volume keeps it");
+        assert!(error.contains("backups.volume"), "{error}");
+
+        let mounted = BackupSettings {
+            volume: Some(Volume::default()),
+            ..BackupSettings::default()
+        };
+        assert_eq!(
+            mounted.check_kept("file:///var/lib/silo/backups/ns/t"),
+            Ok(())
+        );
+        let error = mounted
+            .check_kept("file:///var/lib/silo/backups2/ns/t")
+            .expect_err("outside the volume");
+        assert!(error.contains("not under the backup volume"), "{error}");
+    }
 
     #[test]
     fn destinations() {

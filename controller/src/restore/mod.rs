@@ -271,6 +271,19 @@ async fn apply(restore: &TenantRestore, ctx: &Context) -> Result<Action> {
             .await;
         }
     };
+    if let Err(error) = ctx.backup_settings.check_kept(&uri) {
+        let message = format!("source {error}");
+        return finish(
+            restore,
+            ctx,
+            &current,
+            JobPhase::Failed,
+            "BadSource",
+            &message,
+            None,
+        )
+        .await;
+    }
     let Some(server) = server_of(&tenant) else {
         let message = format!("Tenant {} has no database yet", restore.spec.tenant);
         write(

@@ -79,6 +79,13 @@ pub(super) async fn snapshot(
             .map_err(|e| Error::sql("locking the deleted tenant", server, e))?;
     }
 
+    // Nothing is dropped until a backup is kept somewhere: a dump no volume keeps is none.
+    let destination = ctx.backup_settings.destination.clone();
+    if let Err(error) = ctx.backup_settings.check_kept(&destination) {
+        return Err(Error::FinalBackupFailed {
+            message: format!("destination {error}"),
+        });
+    }
     let namespace = ctx.final_backup_namespace.as_str();
     let name = backup_name(&facts.namespace, &facts.name, &facts.uid);
     let backups: Api<TenantBackup> = Api::namespaced(ctx.client.clone(), namespace);
@@ -121,7 +128,6 @@ pub(super) async fn snapshot(
                 .and_then(|s| s.schema_version.as_deref()),
             verify_into: None,
         };
-        let destination = ctx.backup_settings.destination.clone();
         let mut job = backup::job::backup_job(
             &record,
             &destination,
