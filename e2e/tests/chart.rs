@@ -568,12 +568,18 @@ fn the_controller_reads_secrets_only_where_it_must_and_deletes_none() -> anyhow:
         ensure!(role.0 == "Role", "{role:?} is cluster-wide");
         ensure_bound(&objects, role, account, release_ns)?;
     }
-    // Only the tenants' namespace lets it write or list Secrets.
-    for verb in ["list", "watch", "create", "patch"] {
+    // Only the tenants' namespace lets it write or list Secrets, and the release namespace
+    // create the login Secrets of final backups.
+    for (verb, expected) in [
+        ("list", &["w"][..]),
+        ("watch", &["w"]),
+        ("create", &["silo", "w"]),
+        ("patch", &["w"]),
+    ] {
         let roles = roles_granting(&objects, "controller", "secrets", verb);
         let in_namespaces: Vec<&str> = roles.iter().map(|(_, ns, _)| ns.as_str()).collect();
         ensure!(
-            in_namespaces == ["w"],
+            in_namespaces == expected,
             "the controller may {verb} Secrets in {in_namespaces:?}"
         );
     }
@@ -586,6 +592,43 @@ fn the_controller_reads_secrets_only_where_it_must_and_deletes_none() -> anyhow:
             roles.iter().any(|(kind, _, _)| kind == "ClusterRole"),
             "the controller of all namespaces cannot {verb} Secrets: {roles:?}"
         );
+    }
+    Ok(())
+}
+
+/// A Snapshot deletion keeps its final backup in the release namespace: with a watched
+/// namespace elsewhere, a Role there grants what the final backup takes, bound to the controller.
+#[test]
+fn final_backups_may_be_made_in_the_release_namespace() -> anyhow::Result<()> {
+    let (release_ns, account) = ("silo", "silo-controller");
+    for sets in [&[][..], &["controller.watchNamespace=w"][..]] {
+        let objects = render(release_ns, sets)?;
+        for (resource, verb) in [
+            ("tenantbackups", "get"),
+            ("tenantbackups", "create"),
+            ("tenantbackups", "patch"),
+            ("tenantbackups/status", "patch"),
+            ("jobs", "get"),
+            ("jobs", "create"),
+            ("jobs", "delete"),
+            ("secrets", "get"),
+            ("secrets", "create"),
+            ("pods", "list"),
+        ] {
+            let roles = roles_granting(&objects, "controller", resource, verb);
+            let here: Vec<_> = roles
+                .iter()
+                .filter(|(kind, ns, _)| kind == "ClusterRole" || ns == release_ns)
+                .collect();
+            ensure!(
+                !here.is_empty(),
+                "{}: the controller may not {verb} {resource} in {release_ns}: {roles:?}",
+                described(sets)
+            );
+            for role in here {
+                ensure_bound(&objects, role, account, release_ns)?;
+            }
+        }
     }
     Ok(())
 }
