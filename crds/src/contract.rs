@@ -50,6 +50,8 @@ pub const RESTORE_LABEL: &str = "silo.dev/restore";
 pub const FINAL_BACKUP_LABEL: &str = "silo.dev/final-backup-of";
 /// On a final TenantBackup: the deleted Tenant's namespace (its name is in [`TENANT_LABEL`]).
 pub const TENANT_NAMESPACE_LABEL: &str = "silo.dev/tenant-namespace";
+/// On a Tenant: a new value asks for one password rotation.
+pub const ROTATE_ANNOTATION: &str = "silo.dev/rotate";
 /// On a final TenantBackup: when its retention ends and it may be deleted, object included.
 pub const EXPIRES_ANNOTATION: &str = "silo.dev/expires";
 

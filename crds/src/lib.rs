@@ -20,8 +20,8 @@ pub use schema_rollout::{
     SchemaRolloutSpec, SchemaRolloutStatus,
 };
 pub use tenant::{
-    BackupPolicy, DeletionPolicy, DeletionSpec, Isolation, LastBackup, RoutingSpec, Tenant,
-    TenantPhase, TenantSpec, TenantStatus,
+    BackupPolicy, CredentialsPolicy, CredentialsStatus, DeletionPolicy, DeletionSpec, Isolation,
+    LastBackup, RoutingSpec, Tenant, TenantPhase, TenantSpec, TenantStatus,
 };
 pub use tenant_backup::{
     JobPhase, RestoreSource, TenantBackup, TenantBackupSpec, TenantBackupStatus, TenantRestore,

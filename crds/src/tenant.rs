@@ -60,6 +60,29 @@ pub struct TenantSpec {
     /// `backups` values).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupPolicy>,
+    /// Password rotation: every `rotateEvery`, and whenever the annotation `silo.dev/rotate`
+    /// takes a new value; both passwords work for `overlap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsPolicy>,
+}
+
+/// When the tenant's password is rotated, and how long the old one keeps working.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsPolicy {
+    /// A new password this often (e.g. `30d`); none: only on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}(s|m|h|d)$"))]
+    pub rotate_every: Option<String>,
+    /// How long the previous password keeps working after the Secret changed: long enough for a
+    /// mounted Secret to reach every pod (about a minute) and for clients to reconnect.
+    #[serde(default = "default_overlap")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}(s|m|h|d)$"))]
+    pub overlap: String,
+}
+
+fn default_overlap() -> String {
+    "10m".into()
 }
 
 /// A tenant's own scheduled backups.
@@ -111,6 +134,7 @@ impl Default for TenantSpec {
             server_selector: None,
             connection_limit: default_connection_limit(),
             backup: None,
+            credentials: None,
             suspended: false,
             deletion: DeletionSpec::default(),
             routing: None,
@@ -179,6 +203,27 @@ pub enum DeletionPolicy {
     Delete,
 }
 
+/// The tenant's logins: the one the Secret names, the previous one while the overlap lasts.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsStatus {
+    /// The login role the Secret names (a member of the tenant's owner role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login: Option<String>,
+    /// The login of the previous password, which works until `overlapUntil`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_login: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap_until: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation: Option<Time>,
+    /// The value of the `silo.dev/rotate` annotation last honoured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<String>,
+}
+
 /// Lifecycle phase of a tenant.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum TenantPhase {
@@ -241,6 +286,9 @@ pub struct TenantStatus {
     /// The newest successful TenantBackup of this tenant.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_backup: Option<LastBackup>,
+    /// Where the tenant's password rotation stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CredentialsStatus>,
 }
 
 /// A tenant's newest successful backup.

@@ -6,6 +6,7 @@
 
 mod actions;
 pub mod placement;
+pub mod rotation;
 pub mod secret;
 pub mod snapshot;
 pub mod status;

@@ -104,6 +104,8 @@ impl Report {
             // write (see `Pass::write`).
             schema_version: current.schema_version.clone(),
             last_backup: current.last_backup.clone(),
+            // Rotation's, carried as it stands until rotation writes it.
+            credentials: current.credentials.clone(),
         }
     }
 
