@@ -5,6 +5,7 @@ pub mod identity;
 pub mod naming;
 pub mod pools;
 pub mod restore;
+pub mod rotation;
 pub mod scram;
 pub mod scratch;
 
