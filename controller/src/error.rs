@@ -47,6 +47,10 @@ pub enum Error {
     #[error("the final backup failed: {message}")]
     FinalBackupFailed { message: String },
 
+    /// A password rotation could not complete; the Secret is unchanged.
+    #[error("password rotation: {message}")]
+    Rotation { message: String },
+
     #[error("{0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -75,6 +79,7 @@ impl Error {
             Error::Backup { .. } => "BackupStore",
             Error::FinalBackupRunning => "FinalBackupRunning",
             Error::FinalBackupFailed { .. } => "FinalBackupFailed",
+            Error::Rotation { .. } => "RotationFailed",
             Error::Finalizer(e) => match e.as_ref() {
                 // The cached object was stale (another reconcile added the finalizer): just retry.
                 kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))

@@ -14,10 +14,19 @@ pub mod keys {
     pub const PORT: &str = "port";
     /// The tenant's database.
     pub const DBNAME: &str = "dbname";
-    /// The tenant's login role.
+    /// The tenant's login role: its owner role, or one of its [`login_roles`](super::login_roles)
+    /// once its password was rotated.
     pub const USER: &str = "user";
-    /// The tenant role's password: the one key the router reads.
+    /// The login's password.
     pub const PASSWORD: &str = "password";
+    /// During a rotation's overlap: the previous login and its password, which still work (the
+    /// router accepts both passwords until these keys go).
+    pub const PREVIOUS_USER: &str = "previous-user";
+    pub const PREVIOUS_PASSWORD: &str = "previous-password";
+    /// For a moment before a rotation switches the Secret: the next login and its password,
+    /// proved to work, which the router accepts before any client can read them as `password`.
+    pub const NEXT_USER: &str = "next-user";
+    pub const NEXT_PASSWORD: &str = "next-password";
     /// A `DATABASE_URL` to the server.
     pub const URI: &str = "uri";
     /// The same through the router, when one is deployed.
@@ -52,6 +61,29 @@ pub const FINAL_BACKUP_LABEL: &str = "silo.dev/final-backup-of";
 pub const TENANT_NAMESPACE_LABEL: &str = "silo.dev/tenant-namespace";
 /// On a Tenant: a new value asks for one password rotation.
 pub const ROTATE_ANNOTATION: &str = "silo.dev/rotate";
+/// On a tenant Secret, the state of password rotation, changed in the same write as the
+/// credentials: when the previous password stops working, when the last rotation was, and the
+/// value of [`ROTATE_ANNOTATION`] it honoured.
+pub const PREVIOUS_UNTIL_ANNOTATION: &str = "silo.dev/previous-until";
+/// When the next login was put in the Secret (see [`keys::NEXT_USER`]).
+pub const NEXT_SINCE_ANNOTATION: &str = "silo.dev/next-since";
+pub const ROTATED_AT_ANNOTATION: &str = "silo.dev/rotated-at";
+pub const ROTATE_HONOURED_ANNOTATION: &str = "silo.dev/rotate-honoured";
+
+/// The two login roles of a tenant whose owner role is `owner`, used in turn by password
+/// rotation: `<owner>_a` and `<owner>_b`, cut to PostgreSQL's 63 bytes (a derived tenant name
+/// never has a third single `_`, so no tenant's owner role can be one of them). They are members
+/// of the owner and switch to it at login, so what they create belongs to the owner.
+pub fn login_roles(owner: &str) -> [String; 2] {
+    ["_a", "_b"].map(|suffix| {
+        let mut end = owner.len().min(63 - suffix.len());
+        while !owner.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}{suffix}", &owner[..end])
+    })
+}
+
 /// On a final TenantBackup: when its retention ends and it may be deleted, object included.
 pub const EXPIRES_ANNOTATION: &str = "silo.dev/expires";
 

@@ -25,6 +25,10 @@ pub struct TenantRoute {
     pub database: String,
     pub user: String,
     pub password: String,
+    /// During a password rotation: the previous password (until the overlap ends) and the next
+    /// one (a moment before the Secret switches to it), which clients may prove as well; the
+    /// router logs in upstream as the current login only.
+    pub other_passwords: Vec<String>,
     pub connection_limit: usize,
     pub state: TenantState,
     /// TLS toward the tenant's server.
@@ -42,6 +46,24 @@ pub struct TenantRoute {
 impl TenantRoute {
     pub fn key(&self) -> String {
         format!("{}.{}", self.namespace, self.name)
+    }
+
+    /// Whether `other` leads to the same place under the same rules, whatever the credentials:
+    /// a rotated password keeps the tenant's pool and its server connections.
+    pub fn same_but_credentials(&self, other: &TenantRoute) -> bool {
+        let blank = |r: &TenantRoute| TenantRoute {
+            user: String::new(),
+            password: String::new(),
+            other_passwords: Vec::new(),
+            ..r.clone()
+        };
+        blank(self) == blank(other)
+    }
+
+    /// The passwords a client may prove: the current one first.
+    pub fn passwords(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.password.as_str())
+            .chain(self.other_passwords.iter().map(String::as_str))
     }
 
     /// The order of claims, the same rule the controller reports conflicts by.
@@ -188,6 +210,7 @@ mod tests {
             database: format!("t_{ns}_{name}"),
             user: format!("t_{ns}_{name}"),
             password: "pw".into(),
+            other_passwords: Vec::new(),
             connection_limit: 10,
             state: TenantState::Ready,
             upstream_tls: Default::default(),

@@ -14,7 +14,9 @@ use super::{quote_ident, quote_literal, scram};
 /// The declared state of a tenant's role.
 pub struct RoleSpec<'a> {
     pub role: &'a str,
-    pub password: &'a str,
+    /// `None` once its password was rotated away: logins are the login roles', the owner's
+    /// password is left as rotation set it.
+    pub password: Option<&'a str>,
     pub connection_limit: i32,
     pub login: bool,
 }
@@ -26,6 +28,8 @@ pub enum Change {
     PasswordReset,
     LoginChanged,
     ConnectionLimitChanged,
+    /// A login role made a member of the owner again, switching to it at login.
+    LoginSwitchRestored,
     DatabaseCreated,
     PublicAccessRevoked,
     ConnectGranted,
@@ -52,6 +56,7 @@ impl std::fmt::Display for Change {
             Change::PasswordReset => "password reset to the Secret's",
             Change::LoginChanged => "login switched",
             Change::ConnectionLimitChanged => "connection limit restored",
+            Change::LoginSwitchRestored => "login role switches to the tenant role again",
             Change::DatabaseCreated => "database created",
             Change::PublicAccessRevoked => "PUBLIC access revoked",
             Change::ConnectGranted => "CONNECT granted to the tenant role",
@@ -144,10 +149,12 @@ pub async fn ensure_role(
     .fetch_optional(pool)
     .await?;
     let Some(row) = existing else {
-        let verifier = quote_literal(&scram::verifier(spec.password));
+        let password = spec
+            .password
+            .map_or("NULL".to_string(), |p| quote_literal(&scram::verifier(p)));
         // One implicit transaction: the role never exists without its identity.
         let create = format!(
-            "CREATE ROLE {role} {login} CONNECTION LIMIT {} PASSWORD {verifier};
+            "CREATE ROLE {role} {login} CONNECTION LIMIT {} PASSWORD {password};
              COMMENT ON ROLE {role} IS {comment}",
             spec.connection_limit
         );
@@ -180,8 +187,10 @@ pub async fn ensure_role(
         .await?;
         changes.push(Change::ConnectionLimitChanged);
     }
-    if !password_matches(pool, spec.role, spec.password, verified).await? {
-        let verifier = quote_literal(&scram::verifier(spec.password));
+    if let Some(password) = spec.password
+        && !password_matches(pool, spec.role, password, verified).await?
+    {
+        let verifier = quote_literal(&scram::verifier(password));
         sqlx::raw_sql(&format!("ALTER ROLE {role} PASSWORD {verifier}"))
             .execute(pool)
             .await?;
@@ -192,7 +201,7 @@ pub async fn ensure_role(
 
 /// Whether the role's stored verifier matches `password`. Without the right to read `pg_authid`
 /// (an admin that is not superuser) the answer is "no", so the password is simply set again.
-async fn password_matches(
+pub(crate) async fn password_matches(
     pool: &PgPool,
     role: &str,
     password: &str,
@@ -408,6 +417,8 @@ pub async fn lock(
             .execute(pool)
             .await?;
     }
+    // Its login roles connect through its CONNECT, revoked below; and log in no more.
+    super::rotation::lock_logins(pool, role).await?;
     if exists(pool, "pg_database", "datname", database).await? {
         sqlx::raw_sql(&format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"))
             .execute(pool)
@@ -473,6 +484,7 @@ pub async fn drop_tenant(
             .execute(pool)
             .await?;
     }
+    super::rotation::lock_logins(pool, role).await?;
     terminate_sessions(pool, database, role).await?;
     sqlx::raw_sql(&format!(
         "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -480,6 +492,7 @@ pub async fn drop_tenant(
     ))
     .execute(pool)
     .await?;
+    super::rotation::drop_logins(pool, role).await?;
     sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {}", quote_ident(role)))
         .execute(pool)
         .await?;
@@ -585,6 +598,7 @@ pub async fn purge(pool: &PgPool, row: &TombstoneRow) -> Result<Purge, sqlx::Err
         .and_then(|c| Identity::parse(Some(c)))
         .is_some_and(|id| id.tombstone.is_some() && id.tenant == row.identity.tenant);
     if role_is_the_tenants {
+        super::rotation::drop_logins(pool, &row.owner).await?;
         sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {}", quote_ident(&row.owner)))
             .execute(pool)
             .await?;

@@ -1,74 +1,176 @@
 //! The login roles of password rotation (see `tenant::rotation` for the plan): members of the
 //! tenant's owner role that switch to it at login (`ALTER ROLE ... SET role`), so that what any
-//! of them creates belongs to the owner. Not wired in yet.
+//! of them creates belongs to the owner. Like the rest of the DDL, each function reads the
+//! catalog first and changes only what differs: a resync of a converged tenant sends no DDL.
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 
-use super::{quote_ident, quote_literal};
+use super::ddl::{Change, password_matches};
+use super::{quote_ident, quote_literal, scram};
 
-/// Creates `login` (LOGIN, the password of `verifier`, member of `owner`, switching to it at
-/// login, commented with the tenant's identity `comment`), or gives an existing one that password
-/// and LOGIN back. One implicit transaction each way: the role never exists without its identity
-/// and its `SET role`.
-pub async fn ensure_login(
-    pool: &PgPool,
-    login: &str,
-    owner: &str,
-    verifier: &str,
-    comment: &str,
-) -> Result<(), sqlx::Error> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)")
-            .bind(login)
-            .fetch_one(pool)
-            .await?;
-    let (login_q, owner_q) = (quote_ident(login), quote_ident(owner));
-    let (password, comment) = (quote_literal(verifier), quote_literal(comment));
-    let sql = if exists {
-        format!(
-            "ALTER ROLE {login_q} LOGIN PASSWORD {password}; GRANT {owner_q} TO {login_q};
-             ALTER ROLE {login_q} SET role = {owner_q}; COMMENT ON ROLE {login_q} IS {comment}"
-        )
-    } else {
-        format!(
-            "CREATE ROLE {login_q} LOGIN PASSWORD {password} IN ROLE {owner_q};
-             ALTER ROLE {login_q} SET role = {owner_q}; COMMENT ON ROLE {login_q} IS {comment}"
-        )
-    };
-    sqlx::raw_sql(&sql).execute(pool).await?;
-    Ok(())
+/// The comment on a login role: whose it is (never parsed as a tenant identity).
+pub fn login_comment(owner: &str) -> String {
+    format!("silo: login of role {owner}")
 }
 
-/// The end of an overlap: `login` can no longer log in, and its password is gone; the sessions
-/// it opened keep running.
-pub async fn retire_login(pool: &PgPool, login: &str) -> Result<(), sqlx::Error> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1)")
-            .bind(login)
-            .fetch_one(pool)
-            .await?;
-    if exists {
+/// The declared state of one login role.
+pub struct LoginSpec<'a> {
+    pub login: &'a str,
+    pub owner: &'a str,
+    pub password: &'a str,
+    pub connection_limit: i32,
+    pub can_login: bool,
+}
+
+/// Makes `login` exist as declared: a member of the owner that switches to it at login, with the
+/// password, connection limit and LOGIN declared. One implicit transaction when it is created:
+/// the role never exists without its membership and its `SET role`.
+pub async fn ensure_login(
+    pool: &PgPool,
+    spec: &LoginSpec<'_>,
+    verified: &scram::VerifiedPasswords,
+) -> Result<Vec<Change>, sqlx::Error> {
+    let (login, owner) = (quote_ident(spec.login), quote_ident(spec.owner));
+    let comment = quote_literal(&login_comment(spec.owner));
+    let can_login = if spec.can_login { "LOGIN" } else { "NOLOGIN" };
+    let row = sqlx::query(
+        "SELECT r.rolcanlogin, r.rolconnlimit,
+                pg_catalog.pg_has_role(r.oid, o.oid, 'MEMBER') AS member,
+                EXISTS (SELECT 1 FROM pg_catalog.pg_db_role_setting s
+                         WHERE s.setrole = r.oid AND s.setdatabase = 0
+                           AND EXISTS (SELECT 1 FROM unnest(s.setconfig) c WHERE c LIKE 'role=%'))
+                  AS switches
+           FROM pg_catalog.pg_roles r, pg_catalog.pg_roles o
+          WHERE r.rolname = $1 AND o.rolname = $2",
+    )
+    .bind(spec.login)
+    .bind(spec.owner)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        let verifier = quote_literal(&scram::verifier(spec.password));
         sqlx::raw_sql(&format!(
-            "ALTER ROLE {} NOLOGIN PASSWORD NULL",
-            quote_ident(login)
+            "CREATE ROLE {login} {can_login} CONNECTION LIMIT {} PASSWORD {verifier} IN ROLE {owner};
+             ALTER ROLE {login} SET role = {owner};
+             COMMENT ON ROLE {login} IS {comment}",
+            spec.connection_limit
         ))
         .execute(pool)
         .await?;
+        return Ok(vec![Change::RoleCreated]);
+    };
+    let mut changes = Vec::new();
+    let mut sql = Vec::new();
+    if !row.try_get::<bool, _>("member")? || !row.try_get::<bool, _>("switches")? {
+        sql.push(format!(
+            "GRANT {owner} TO {login}; ALTER ROLE {login} SET role = {owner}"
+        ));
+        changes.push(Change::LoginSwitchRestored);
+    }
+    if row.try_get::<bool, _>("rolcanlogin")? != spec.can_login {
+        sql.push(format!("ALTER ROLE {login} {can_login}"));
+        changes.push(Change::LoginChanged);
+    }
+    if row.try_get::<i32, _>("rolconnlimit")? != spec.connection_limit {
+        sql.push(format!(
+            "ALTER ROLE {login} CONNECTION LIMIT {}",
+            spec.connection_limit
+        ));
+        changes.push(Change::ConnectionLimitChanged);
+    }
+    if !password_matches(pool, spec.login, spec.password, verified).await? {
+        let verifier = quote_literal(&scram::verifier(spec.password));
+        sql.push(format!("ALTER ROLE {login} PASSWORD {verifier}"));
+        changes.push(Change::PasswordReset);
+    }
+    if !sql.is_empty() {
+        sqlx::raw_sql(&sql.join(";\n")).execute(pool).await?;
+    }
+    Ok(changes)
+}
+
+/// `role` can no longer log in, and its password is gone (the end of an overlap, or a login
+/// not in use); the sessions it opened keep running. Nothing is sent when it already is so.
+/// Returns whether it changed.
+pub async fn retire(pool: &PgPool, role: &str) -> Result<bool, sqlx::Error> {
+    let retired: Option<bool> = sqlx::query_scalar(
+        "SELECT NOT rolcanlogin AND rolpassword IS NULL FROM pg_catalog.pg_authid WHERE rolname = $1",
+    )
+    .bind(role)
+    .fetch_optional(pool)
+    .await
+    .or_else(|e| match &e {
+        // An admin that may not read pg_authid: retire it again.
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => Ok(Some(false)),
+        _ => Err(e),
+    })?;
+    if retired == Some(false) {
+        sqlx::raw_sql(&format!(
+            "ALTER ROLE {} NOLOGIN PASSWORD NULL",
+            quote_ident(role)
+        ))
+        .execute(pool)
+        .await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Gives `role` LOGIN or takes it away, unless it already is so. Returns whether it changed.
+pub async fn set_can_login(
+    pool: &PgPool,
+    role: &str,
+    can_login: bool,
+) -> Result<bool, sqlx::Error> {
+    let current: Option<bool> =
+        sqlx::query_scalar("SELECT rolcanlogin FROM pg_catalog.pg_roles WHERE rolname = $1")
+            .bind(role)
+            .fetch_optional(pool)
+            .await?;
+    if current.is_some_and(|c| c != can_login) {
+        let login = if can_login { "LOGIN" } else { "NOLOGIN" };
+        sqlx::raw_sql(&format!("ALTER ROLE {} {login}", quote_ident(role)))
+            .execute(pool)
+            .await?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// The login roles of `owner` that exist on the server.
+pub async fn existing_logins(pool: &PgPool, owner: &str) -> Result<Vec<String>, sqlx::Error> {
+    let logins = silo_crds::contract::login_roles(owner);
+    sqlx::query_scalar(
+        "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1) ORDER BY rolname",
+    )
+    .bind(&logins[..])
+    .fetch_all(pool)
+    .await
+}
+
+/// Locks the login roles of `owner` (NOLOGIN) with it; their sessions are ended with the
+/// database's.
+pub async fn lock_logins(pool: &PgPool, owner: &str) -> Result<(), sqlx::Error> {
+    for login in existing_logins(pool, owner).await? {
+        sqlx::raw_sql(&format!("ALTER ROLE {} NOLOGIN", quote_ident(&login)))
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }
 
-/// Drops the login roles (with the tenant: policy Delete, or a purge), ending their sessions.
-pub async fn drop_logins(pool: &PgPool, logins: &[String]) -> Result<(), sqlx::Error> {
-    for login in logins {
+/// Drops the login roles of `owner` (with the tenant: policy Delete, or a purge), ending their
+/// sessions. They own nothing: what they created belongs to the owner.
+pub async fn drop_logins(pool: &PgPool, owner: &str) -> Result<(), sqlx::Error> {
+    for login in existing_logins(pool, owner).await? {
         sqlx::query(
             "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity
               WHERE usename = $1 AND pid <> pg_catalog.pg_backend_pid()",
         )
-        .bind(login)
+        .bind(&login)
         .execute(pool)
         .await?;
-        sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {}", quote_ident(login)))
+        sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {}", quote_ident(&login)))
             .execute(pool)
             .await?;
     }

@@ -1,6 +1,8 @@
 //! What a tenant reconcile does to the world: the API server (status, Events, the Secret) and the
 //! tenant's database server. The decisions are made in placement.rs and status.rs.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
@@ -10,18 +12,24 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use silo_crds::conditions::{self, BACKED_UP, Desired, READY, ROUTED, SCHEMA_READY};
 use silo_crds::contract;
+use silo_crds::contract::keys;
 use silo_crds::routing;
-use silo_crds::{DeletionPolicy, Tenant, TenantPhase, TenantStatus};
+use silo_crds::{CredentialsStatus, DeletionPolicy, Tenant, TenantPhase, TenantStatus};
 use tracing::{info, warn};
 
 use super::placement::{Candidate, Unplaceable, place_tenant};
-use super::secret::{Endpoint, build_secret, secret_data, secret_name, stored_password};
+use super::rotation::{self, Step};
+use super::secret::{
+    Credentials, Endpoint, build_secret, secret_data, secret_name, stored_credentials,
+};
 use super::status::{self, Report};
 use super::{FIELD_MANAGER, Pass};
+use crate::backup::settings::parse_duration;
 use crate::context::{Context, lock_placements};
 use crate::error::{Error, Result};
 use crate::sql::ddl::{self, Change, RoleSpec};
 use crate::sql::identity::Claimant;
+use crate::sql::rotation::{self as rotation_sql, LoginSpec};
 use crate::sql::{ServerHandle, scram};
 
 /// The tenant's `server`, when that server exists but is not one of this controller's
@@ -142,20 +150,25 @@ impl Pass<'_> {
     }
 
     /// Creates the credentials Secret, or brings an existing one back to the declared contents.
-    /// Returns the password.
-    pub(super) async fn ensure_secret(&self, endpoint: &Endpoint<'_>) -> Result<String> {
+    /// Returns the credentials it holds, and its annotations (where rotation keeps its state).
+    pub(super) async fn ensure_secret(
+        &self,
+        endpoint: &Endpoint<'_>,
+    ) -> Result<(Credentials, BTreeMap<String, String>)> {
         let Pass { tenant, facts, ctx } = self;
         let names = &facts.names;
         let name = secret_name(&facts.name);
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &facts.namespace);
         let create = || async {
-            let password = scram::generate_password();
-            let secret = build_secret(tenant, secret_data(names, endpoint, &password));
+            let credentials = Credentials::first(names, scram::generate_password());
+            let secret = build_secret(tenant, secret_data(names, endpoint, &credentials));
             let params = PostParams {
                 field_manager: Some(super::FIELD_MANAGER.into()),
                 ..Default::default()
             };
-            api.create(&params, &secret).await.map(|_| password)
+            api.create(&params, &secret)
+                .await
+                .map(|_| (credentials, BTreeMap::new()))
         };
         // A tenant still being provisioned most likely has no Secret yet: try to create it first.
         let fresh = facts
@@ -163,7 +176,7 @@ impl Pass<'_> {
             .is_none_or(|p| matches!(p, TenantPhase::Pending | TenantPhase::Provisioning));
         if fresh {
             match create().await {
-                Ok(password) => return Ok(password),
+                Ok(created) => return Ok(created),
                 Err(kube::Error::Api(status)) if status.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
@@ -190,8 +203,9 @@ impl Pass<'_> {
                 message: "exists but does not belong to this tenant; delete or rename it".into(),
             });
         }
-        let password = stored_password(&existing).unwrap_or_else(scram::generate_password);
-        let wanted = build_secret(tenant, secret_data(names, endpoint, &password));
+        let credentials = stored_credentials(&existing, names)
+            .unwrap_or_else(|| Credentials::first(names, scram::generate_password()));
+        let wanted = build_secret(tenant, secret_data(names, endpoint, &credentials));
         let retained_label = labels.contains_key(contract::RETAINED_LABEL);
         if !owned || existing.data != wanted.data || retained_label {
             // A merge patch: `data` replaced as a whole, the retained mark dropped, ownership taken back.
@@ -208,14 +222,14 @@ impl Pass<'_> {
                 info!(tenant = %facts.key, secret = %name, "retained credentials Secret adopted");
             }
         }
-        Ok(password)
+        Ok((credentials, existing.annotations().clone()))
     }
 
     /// Role, database and grants as declared; sessions ended while suspended. Returns what changed.
     pub(super) async fn provision(
         &self,
         handle: &ServerHandle,
-        password: &str,
+        credentials: &Credentials,
         server: &str,
     ) -> Result<Vec<Change>> {
         let Pass { tenant, facts, .. } = self;
@@ -237,15 +251,52 @@ impl Pass<'_> {
                 conflict,
                 server: server.to_string(),
             })?;
+        // Once rotated, the owner role owns and no longer logs in (but in its first overlap);
+        // the Secret's login is one of its login roles.
+        let owner = &names.role;
+        let rotated = credentials.user != *owner;
         let role = RoleSpec {
-            role: &names.role,
-            password,
+            role: owner,
+            password: (!rotated).then_some(credentials.password.as_str()),
             connection_limit: tenant.spec.connection_limit,
-            login: !locked,
+            login: !locked && credentials.owner_logs_in(owner),
         };
         let mut changes = ddl::ensure_role(pool, &role, &claimant, &handle.verified)
             .await
             .map_err(|e| Error::sql("ensuring role", server, e))?;
+        if rotated {
+            let login = LoginSpec {
+                login: &credentials.user,
+                owner,
+                password: &credentials.password,
+                connection_limit: tenant.spec.connection_limit,
+                can_login: !locked,
+            };
+            let more = rotation_sql::ensure_login(pool, &login, &handle.verified)
+                .await
+                .map_err(|e| Error::sql("ensuring the login role", server, e))?;
+            changes.extend(more.into_iter().filter(|c| *c != Change::RoleCreated));
+        }
+        // The previous login works through the overlap, a rotation's next one from the moment
+        // it is proved (neither while locked); a login role in use by no password has none (one
+        // whose retirement a crash interrupted).
+        let previous = credentials.previous.as_ref().map(|(user, _)| user);
+        let next = credentials.next.as_ref().map(|(user, _)| user);
+        for login in rotation_sql::existing_logins(pool, owner)
+            .await
+            .map_err(|e| Error::sql("listing login roles", server, e))?
+        {
+            let changed = if login == credentials.user {
+                Ok(false)
+            } else if Some(&login) == previous || Some(&login) == next {
+                rotation_sql::set_can_login(pool, &login, !locked).await
+            } else {
+                rotation_sql::retire(pool, &login).await
+            };
+            if changed.map_err(|e| Error::sql("settling a login role", server, e))? {
+                changes.push(Change::LoginChanged);
+            }
+        }
         let more = ddl::ensure_database(pool, &names.database, &names.role, &claimant)
             .await
             .map_err(|e| Error::sql("ensuring database", server, e))?;
@@ -265,6 +316,206 @@ impl Pass<'_> {
             }
         }
         Ok(changes)
+    }
+
+    /// Password rotation, one step per pass as [`rotation::next_step`] says. Returns the
+    /// credentials now in the Secret, where rotation stands, and when to look again.
+    pub(super) async fn rotation_step(
+        &self,
+        handle: &ServerHandle,
+        server: &str,
+        endpoint: &Endpoint<'_>,
+        credentials: Credentials,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<(Credentials, CredentialsStatus, Option<jiff::Timestamp>)> {
+        let Pass { tenant, facts, .. } = self;
+        let owner = &facts.names.role;
+        let policy = tenant.spec.credentials.as_ref();
+        let every = policy
+            .and_then(|p| p.rotate_every.as_deref())
+            .and_then(|every| parse_duration(every).ok());
+        let overlap = policy
+            .and_then(|p| parse_duration(&p.overlap).ok())
+            .unwrap_or(rotation::DEFAULT_OVERLAP);
+        let requested = tenant.annotations().get(contract::ROTATE_ANNOTATION);
+        let now = jiff::Timestamp::now();
+        let created = tenant.creation_timestamp().map_or(now, |t| t.0);
+        let mut state = rotation::state(&credentials, annotations);
+        state.next_rotation = rotation::next_rotation(every, &state, created).map(Time);
+        let locked = tenant.spec.suspended || facts.restoring.is_some();
+        let next_since = credentials.next.as_ref().map(|_| {
+            annotations
+                .get(contract::NEXT_SINCE_ANNOTATION)
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        });
+        let step = rotation::next_step(
+            owner,
+            every,
+            requested.map(String::as_str),
+            &state,
+            next_since,
+            created,
+            now,
+        );
+        match step {
+            Step::Idle { next } => Ok((credentials, state, next)),
+            // A locked tenant's logins are all refused anyway; it rotates once unlocked.
+            Step::Rotate { .. } | Step::Promote if locked => Ok((credentials, state, None)),
+            Step::Rotate { to } => {
+                let password = scram::generate_password();
+                {
+                    let _permit = handle.ddl_permit().await;
+                    let login = LoginSpec {
+                        login: &to,
+                        owner,
+                        password: &password,
+                        connection_limit: tenant.spec.connection_limit,
+                        can_login: true,
+                    };
+                    rotation_sql::ensure_login(&handle.pool, &login, &handle.verified)
+                        .await
+                        .map_err(|e| Error::sql("preparing the new login", server, e))?;
+                }
+                // Into the Secret only once proved to work, as the owner; as `next-*` first, which
+                // the router accepts, and as the login clients use a moment later.
+                self.prove_login(handle, server, &to, &password).await?;
+                let next = Credentials {
+                    next: Some((to, password)),
+                    ..credentials
+                };
+                let annotations = json!({ contract::NEXT_SINCE_ANNOTATION: now.to_string() });
+                let data = secret_data(&facts.names, endpoint, &next);
+                self.patch_secret(
+                    json!({ "metadata": { "annotations": annotations }, "data": data }),
+                )
+                .await?;
+                let wait =
+                    jiff::SignedDuration::try_from(rotation::PROPAGATION).unwrap_or_default();
+                Ok((next, state, now.checked_add(wait).ok()))
+            }
+            Step::Promote => {
+                let Some((user, password)) = credentials.next.clone() else {
+                    return Ok((credentials, state, None));
+                };
+                let promoted = Credentials {
+                    user,
+                    password,
+                    previous: Some((credentials.user.clone(), credentials.password.clone())),
+                    next: None,
+                };
+                let until = now
+                    .checked_add(jiff::SignedDuration::try_from(overlap).unwrap_or_default())
+                    .unwrap_or(jiff::Timestamp::MAX);
+                let honoured = requested.or(state.requested.as_ref());
+                let annotations = json!({
+                    contract::NEXT_SINCE_ANNOTATION: null,
+                    contract::PREVIOUS_UNTIL_ANNOTATION: until.to_string(),
+                    contract::ROTATED_AT_ANNOTATION: now.to_string(),
+                    contract::ROTATE_HONOURED_ANNOTATION: honoured,
+                });
+                let mut data = json!(secret_data(&facts.names, endpoint, &promoted));
+                data[keys::NEXT_USER] = serde_json::Value::Null;
+                data[keys::NEXT_PASSWORD] = serde_json::Value::Null;
+                self.patch_secret(
+                    json!({ "metadata": { "annotations": annotations }, "data": data }),
+                )
+                .await?;
+                info!(tenant = %facts.key, login = %promoted.user, until = %until, "password rotated");
+                let note = format!(
+                    "Secret {} now holds login {} with a new password; the previous login {} works until {until}",
+                    secret_name(&facts.name),
+                    promoted.user,
+                    credentials.user
+                );
+                self.publish(EventType::Normal, "CredentialsRotated", note)
+                    .await;
+                let mut state = rotation::state(&promoted, &BTreeMap::new());
+                state.overlap_until = Some(Time(until));
+                state.rotated_at = Some(Time(now));
+                state.requested = honoured.cloned();
+                state.next_rotation = rotation::next_rotation(every, &state, created).map(Time);
+                Ok((promoted, state, Some(until)))
+            }
+            Step::Retire { login } => {
+                // The router and the Secret first: then the server refuses the old password.
+                let patch = json!({
+                    "metadata": { "annotations": { contract::PREVIOUS_UNTIL_ANNOTATION: null } },
+                    "data": { keys::PREVIOUS_USER: null, keys::PREVIOUS_PASSWORD: null },
+                });
+                self.patch_secret(patch).await?;
+                {
+                    let _permit = handle.ddl_permit().await;
+                    rotation_sql::retire(&handle.pool, &login)
+                        .await
+                        .map_err(|e| Error::sql("retiring the previous login", server, e))?;
+                }
+                info!(tenant = %facts.key, login = %login, "previous login retired");
+                let note = format!(
+                    "the previous password (login {login}) no longer works; sessions it opened keep running"
+                );
+                self.publish(EventType::Normal, "PreviousLoginRetired", note)
+                    .await;
+                let current = Credentials {
+                    previous: None,
+                    ..credentials
+                };
+                state.previous_login = None;
+                state.overlap_until = None;
+                let next = state.next_rotation.as_ref().map(|t| t.0);
+                Ok((current, state, next))
+            }
+        }
+    }
+
+    /// Logs in as the new login with its password, into the tenant's database, and checks the
+    /// session runs as the owner role (so what it creates is the tenant's).
+    async fn prove_login(
+        &self,
+        handle: &ServerHandle,
+        server: &str,
+        login: &str,
+        password: &str,
+    ) -> Result<()> {
+        use sqlx::Connection;
+        let names = &self.facts.names;
+        let options = handle
+            .pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .username(login)
+            .password(password)
+            .database(&names.database);
+        let mut conn = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| Error::sql("logging in with the new password", server, e))?;
+        let user: String = sqlx::query_scalar("SELECT current_user::text")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(|e| Error::sql("logging in with the new password", server, e))?;
+        let _ = conn.close().await;
+        if user != names.role {
+            return Err(Error::Rotation {
+                message: format!(
+                    "login {login} runs as {user}, not as the tenant role {}; the Secret is unchanged",
+                    names.role
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A merge patch of the tenant's Secret (`data` keys set to null are removed).
+    async fn patch_secret(&self, patch: serde_json::Value) -> Result<()> {
+        let Pass { facts, ctx, .. } = self;
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &facts.namespace);
+        api.patch(
+            &secret_name(&facts.name),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+        Ok(())
     }
 
     /// The deletion policy on the server: role and database dropped, or locked and retained.

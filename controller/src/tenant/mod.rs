@@ -211,11 +211,11 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
             .as_deref()
             .map(|address| (address, format!("{}.{}", facts.namespace, facts.name))),
     };
-    let password = pass.ensure_secret(&endpoint).await;
-    let password = pass.reported(&placed, password).await?;
+    let stored = pass.ensure_secret(&endpoint).await;
+    let (credentials, annotations) = pass.reported(&placed, stored).await?;
 
-    // 4. Role, database, grants; all idempotent, repairing drift.
-    let changes = pass.provision(&handle, &password, &server).await;
+    // 4. Role, logins, database, grants; all idempotent, repairing drift.
+    let changes = pass.provision(&handle, &credentials, &server).await;
     let changes = pass.reported(&placed, changes).await?;
     if let Some(repairs) = status::drift_repaired(facts.phase, &changes) {
         info!(tenant = %facts.key, server = %server, repairs = %repairs, "drift repaired");
@@ -236,7 +236,13 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
         info!(tenant = %facts.key, server = %server, database = %facts.names.database, "database created");
     }
 
-    // 5. Report: Ready (or Suspended), and whether the routes are this tenant's.
+    // 5. Password rotation: one step when due or asked (see rotation.rs).
+    let rotated = pass
+        .rotation_step(&handle, &server, &endpoint, credentials, &annotations)
+        .await;
+    let (_, rotation_state, next_step) = pass.reported(&placed, rotated).await?;
+
+    // 6. Report: Ready (or Suspended), and whether the routes are this tenant's.
     let done = status::provisioned(
         placed,
         tenant.spec.suspended,
@@ -266,12 +272,20 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
         None => done,
     };
     let routed = pass.routes().await;
-    pass.write(&done.condition(routed)).await?;
+    pass.write(&done.condition(routed).credentials(rotation_state))
+        .await?;
     if facts.restoring.is_some() {
         // Unlocked as soon as the restore ends, whichever watch tells first.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
-    Ok(Action::requeue(ctx.resync))
+    // Back when the next rotation step is due, if that comes before the resync.
+    let until_step = next_step.map(|at| {
+        Duration::try_from(at.duration_since(jiff::Timestamp::now())).unwrap_or_default()
+    });
+    Ok(Action::requeue(match until_step {
+        Some(wait) => wait.clamp(Duration::from_millis(100), ctx.resync),
+        None => ctx.resync,
+    }))
 }
 
 async fn cleanup(pass: &Pass<'_>) -> Result<Action> {

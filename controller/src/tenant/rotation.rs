@@ -8,35 +8,46 @@
 //! it by logging in, and only then points the Secret at it; the previous login keeps working for
 //! the overlap (sessions it opened keep running after), then it can no longer log in.
 //!
-//! Not wired in yet: this is the plan the reconciler will follow.
+//! Its state lives on the Secret, written in the same patch as the credentials it describes
+//! (annotations `silo.dev/previous-until`, `rotated-at`, `rotate-honoured`), so a crash between
+//! steps leaves nothing half-said; the status shows it.
 
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use silo_crds::CredentialsStatus;
+use silo_crds::contract;
+
+use super::secret::Credentials;
+
+/// How long the next login is in the Secret before the Secret switches to it: the router's
+/// watch has seen it by then, so no client can read a password the router does not accept.
+pub const PROPAGATION: Duration = Duration::from_secs(2);
+
+/// How long the previous password works when the Tenant does not say.
+pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(600);
 
 /// What the tenant's credentials need now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Nothing, until `next` (then look again), or for good.
     Idle { next: Option<Timestamp> },
-    /// Give `to` a new password, prove it, point the Secret at it; the current login becomes the
-    /// previous one until the overlap ends.
+    /// Give `to` a new password, prove it, and put it in the Secret as the next login (which the
+    /// router accepts at once).
     Rotate { to: String },
+    /// [`PROPAGATION`] after `Rotate`: point the Secret at the next login; the current one
+    /// becomes the previous one until the overlap ends.
+    Promote,
     /// The overlap is over: `login` can no longer log in (its open sessions keep running).
     Retire { login: String },
 }
 
-/// The login roles of the owner role `owner`: `<owner>_a` and `<owner>_b`, cut to fit 63 bytes.
+/// The login roles of the owner role `owner` (see [`contract::login_roles`]).
 pub fn logins(owner: &str) -> [String; 2] {
-    ["_a", "_b"].map(|suffix| {
-        let keep = 63 - suffix.len();
-        let mut end = owner.len().min(keep);
-        while !owner.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}{suffix}", &owner[..end])
-    })
+    contract::login_roles(owner)
 }
 
 /// The login a rotation moves to: the one of the pair not in use (from the owner itself, as a
@@ -46,12 +57,52 @@ pub fn next_login(owner: &str, current: Option<&str>) -> String {
     if current == Some(a.as_str()) { b } else { a }
 }
 
-/// The next step for a tenant whose owner role is `owner`.
+/// Where rotation stands, from the Secret's credentials and annotations (an annotation that does
+/// not parse counts as absent).
+pub fn state(
+    credentials: &Credentials,
+    annotations: &BTreeMap<String, String>,
+) -> CredentialsStatus {
+    let time = |key: &str| {
+        annotations
+            .get(key)
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .map(Time)
+    };
+    CredentialsStatus {
+        login: Some(credentials.user.clone()),
+        previous_login: credentials.previous.as_ref().map(|(user, _)| user.clone()),
+        overlap_until: credentials
+            .previous
+            .as_ref()
+            .and(time(contract::PREVIOUS_UNTIL_ANNOTATION)),
+        rotated_at: time(contract::ROTATED_AT_ANNOTATION),
+        next_rotation: None,
+        requested: annotations
+            .get(contract::ROTATE_HONOURED_ANNOTATION)
+            .cloned(),
+    }
+}
+
+/// When the next scheduled rotation is due, if the tenant has a schedule.
+pub fn next_rotation(
+    every: Option<Duration>,
+    status: &CredentialsStatus,
+    created: Timestamp,
+) -> Option<Timestamp> {
+    let every = jiff::SignedDuration::try_from(every?).ok()?;
+    let since = status.rotated_at.as_ref().map_or(created, |t| t.0);
+    Some(since.checked_add(every).unwrap_or(Timestamp::MAX))
+}
+
+/// The next step for a tenant whose owner role is `owner`; `next_since` is when a rotation put
+/// its next login in the Secret, if one did (`Some(None)`: a time that does not parse).
 pub fn next_step(
     owner: &str,
     every: Option<Duration>,
     requested: Option<&str>,
     status: &CredentialsStatus,
+    next_since: Option<Option<Timestamp>>,
     created: Timestamp,
     now: Timestamp,
 ) -> Step {
@@ -64,6 +115,16 @@ pub fn next_step(
             },
         };
     }
+    if let Some(since) = next_since {
+        let due = since.and_then(|since| {
+            let wait = jiff::SignedDuration::try_from(PROPAGATION).ok()?;
+            since.checked_add(wait).ok()
+        });
+        return match due {
+            Some(due) if now < due => Step::Idle { next: Some(due) },
+            _ => Step::Promote,
+        };
+    }
     let rotate = || Step::Rotate {
         to: next_login(owner, status.login.as_deref()),
     };
@@ -71,25 +132,15 @@ pub fn next_step(
     if asked.is_some() && asked != status.requested.as_deref() {
         return rotate();
     }
-    let Some(every) = every else {
-        return Step::Idle { next: None };
-    };
-    let since = status.rotated_at.as_ref().map_or(created, |t| t.0);
-    let due = jiff::SignedDuration::try_from(every)
-        .ok()
-        .and_then(|every| since.checked_add(every).ok())
-        .unwrap_or(Timestamp::MAX);
-    if now >= due {
-        rotate()
-    } else {
-        Step::Idle { next: Some(due) }
+    match next_rotation(every, status, created) {
+        Some(due) if now >= due => rotate(),
+        next => Step::Idle { next },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     const OWNER: &str = "t_shop_acme";
 
@@ -99,6 +150,34 @@ mod tests {
 
     fn day() -> Option<Duration> {
         Some(Duration::from_secs(86400))
+    }
+
+    #[test]
+    fn a_next_login_is_promoted_once_the_router_has_seen_it() {
+        let created = at("2026-12-01T00:00:00Z");
+        let state = CredentialsStatus {
+            login: Some(OWNER.into()),
+            ..Default::default()
+        };
+        let since = at("2026-12-02T00:00:00Z");
+        let step = |next, now| next_step(OWNER, None, Some("1"), &state, next, created, now);
+        assert_eq!(
+            step(Some(Some(since)), at("2026-12-02T00:00:01Z")),
+            Step::Idle {
+                next: Some(at("2026-12-02T00:00:02Z"))
+            }
+        );
+        assert_eq!(
+            step(Some(Some(since)), at("2026-12-02T00:00:02Z")),
+            Step::Promote
+        );
+        assert_eq!(step(Some(None), since), Step::Promote);
+        assert_eq!(
+            step(None, since),
+            Step::Rotate {
+                to: "t_shop_acme_a".into()
+            }
+        );
     }
 
     #[test]
@@ -123,6 +202,7 @@ mod tests {
                 None,
                 None,
                 &fresh,
+                None,
                 created,
                 at("2027-06-01T00:00:00Z")
             ),
@@ -135,6 +215,7 @@ mod tests {
                 day(),
                 None,
                 &fresh,
+                None,
                 created,
                 at("2026-12-01T12:00:00Z")
             ),
@@ -148,6 +229,7 @@ mod tests {
                 day(),
                 None,
                 &fresh,
+                None,
                 created,
                 at("2026-12-02T00:00:00Z")
             ),
@@ -164,17 +246,17 @@ mod tests {
         };
         let now = at("2026-12-02T01:00:00Z");
         assert_eq!(
-            next_step(OWNER, None, Some("2"), &asked, created, now),
+            next_step(OWNER, None, Some("2"), &asked, None, created, now),
             Step::Rotate {
                 to: "t_shop_acme_b".into()
             }
         );
         assert_eq!(
-            next_step(OWNER, None, Some("1"), &asked, created, now),
+            next_step(OWNER, None, Some("1"), &asked, None, created, now),
             Step::Idle { next: None }
         );
         assert_eq!(
-            next_step(OWNER, None, Some(""), &asked, created, now),
+            next_step(OWNER, None, Some(""), &asked, None, created, now),
             Step::Idle { next: None },
             "an empty annotation asks for nothing"
         );
@@ -185,7 +267,7 @@ mod tests {
             ..asked.clone()
         };
         assert_eq!(
-            next_step(OWNER, day(), Some("3"), &overlapping, created, now),
+            next_step(OWNER, day(), Some("3"), &overlapping, None, created, now),
             Step::Idle {
                 next: Some(at("2026-12-02T01:10:00Z"))
             }
@@ -196,6 +278,7 @@ mod tests {
                 day(),
                 Some("3"),
                 &overlapping,
+                None,
                 created,
                 at("2026-12-02T01:10:00Z")
             ),

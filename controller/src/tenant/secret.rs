@@ -21,13 +21,81 @@ pub struct Endpoint<'a> {
     pub router: Option<(&'a str, String)>,
 }
 
-/// The Secret's data: `host`, `port`, `dbname`, `user`, `password`, `uri` (a `DATABASE_URL`) and,
-/// with a router, `router-uri` (the same through the router).
+/// The tenant's credentials as its Secret holds them: the login and password clients use, and
+/// during a rotation's overlap the previous ones, which still work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+    pub previous: Option<(String, String)>,
+    /// A rotation's next login and password, proved, before the Secret switches to them.
+    pub next: Option<(String, String)>,
+}
+
+impl Credentials {
+    /// A tenant's first credentials: its owner role logs in.
+    pub fn first(names: &TenantNames, password: String) -> Self {
+        Credentials {
+            user: names.role.clone(),
+            password,
+            previous: None,
+            next: None,
+        }
+    }
+
+    /// Whether the owner role itself logs in (a tenant never rotated, or in its first overlap).
+    pub fn owner_logs_in(&self, owner: &str) -> bool {
+        self.user == owner
+            || self
+                .previous
+                .as_ref()
+                .is_some_and(|(user, _)| user == owner)
+    }
+}
+
+/// The credentials an existing Secret holds, if it has a usable password. A user that is not the
+/// tenant's owner role or one of its login roles (edited by hand) counts as the owner, and so is
+/// put back.
+pub fn stored_credentials(secret: &Secret, names: &TenantNames) -> Option<Credentials> {
+    let text = |key: &str| {
+        let bytes = secret.data.as_ref()?.get(key)?;
+        String::from_utf8(bytes.0.clone())
+            .ok()
+            .filter(|s| !s.is_empty())
+    };
+    let owner = &names.role;
+    let ours = |user: &String| user == owner || contract::login_roles(owner).contains(user);
+    let password = text(keys::PASSWORD)?;
+    let user = text(keys::USER)
+        .filter(ours)
+        .unwrap_or_else(|| owner.clone());
+    let other = |user_key: &str, password_key: &str| match (text(user_key), text(password_key)) {
+        (Some(other), Some(password)) if ours(&other) && other != user => Some((other, password)),
+        _ => None,
+    };
+    Some(Credentials {
+        previous: other(keys::PREVIOUS_USER, keys::PREVIOUS_PASSWORD),
+        next: other(keys::NEXT_USER, keys::NEXT_PASSWORD),
+        user,
+        password,
+    })
+}
+
+/// The Secret's data: `host`, `port`, `dbname`, `user`, `password`, `uri` (a `DATABASE_URL`),
+/// with a router `router-uri` (the same through the router), and during an overlap
+/// `previous-user` and `previous-password`, and for a moment before a rotation switches it
+/// `next-user` and `next-password`.
 pub fn secret_data(
     names: &TenantNames,
     endpoint: &Endpoint<'_>,
-    password: &str,
+    credentials: &Credentials,
 ) -> BTreeMap<String, ByteString> {
+    let Credentials {
+        user,
+        password,
+        previous,
+        next,
+    } = credentials;
     // Role names and generated passwords are URI-safe ([A-Za-z0-9_-]); an IPv6 host needs brackets.
     let host = if endpoint.host.contains(':') {
         format!("[{}]", endpoint.host)
@@ -35,22 +103,37 @@ pub fn secret_data(
         endpoint.host.to_string()
     };
     let uri = format!(
-        "postgresql://{}:{password}@{host}:{}/{}",
-        names.role, endpoint.port, names.database
+        "postgresql://{user}:{password}@{host}:{}/{}",
+        endpoint.port, names.database
     );
-    let router_uri = endpoint.router.as_ref().map(|(address, tenant)| {
-        format!("postgresql://{}:{password}@{address}/{tenant}", names.role)
+    let router_uri = endpoint
+        .router
+        .as_ref()
+        .map(|(address, tenant)| format!("postgresql://{user}:{password}@{address}/{tenant}"));
+    let previous = previous.iter().flat_map(|(user, password)| {
+        [
+            (keys::PREVIOUS_USER, user.clone()),
+            (keys::PREVIOUS_PASSWORD, password.clone()),
+        ]
+    });
+    let next = next.iter().flat_map(|(user, password)| {
+        [
+            (keys::NEXT_USER, user.clone()),
+            (keys::NEXT_PASSWORD, password.clone()),
+        ]
     });
     [
         (keys::HOST, endpoint.host.to_string()),
         (keys::PORT, endpoint.port.to_string()),
         (keys::DBNAME, names.database.clone()),
-        (keys::USER, names.role.clone()),
-        (keys::PASSWORD, password.to_string()),
+        (keys::USER, user.clone()),
+        (keys::PASSWORD, password.clone()),
         (keys::URI, uri),
     ]
     .into_iter()
     .chain(router_uri.map(|u| (keys::ROUTER_URI, u)))
+    .chain(previous)
+    .chain(next)
     .map(|(k, v)| (k.to_string(), ByteString(v.into_bytes())))
     .collect()
 }
@@ -85,13 +168,6 @@ pub fn labels(tenant: &Tenant) -> BTreeMap<String, String> {
     .into()
 }
 
-/// The password stored in an existing Secret, if it has a usable one.
-pub fn stored_password(secret: &Secret) -> Option<String> {
-    let bytes = secret.data.as_ref()?.get(keys::PASSWORD)?;
-    let password = String::from_utf8(bytes.0.clone()).ok()?;
-    (!password.is_empty()).then_some(password)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +186,7 @@ mod tests {
                 port: 5433,
                 router: Some(("router.silo:6432", "prod.acme".into())),
             },
-            "pw",
+            &Credentials::first(&names, "pw".into()),
         );
         let keys: Vec<&str> = data.keys().map(String::as_str).collect();
         assert_eq!(
@@ -145,10 +221,57 @@ mod tests {
                 port: 5432,
                 router: None,
             },
-            "pw",
+            &Credentials::first(&names, "pw".into()),
         );
         assert_eq!(text(&data, "uri"), "postgresql://t_a_b:pw@[::1]:5432/t_a_b");
         assert_eq!(text(&data, "host"), "::1");
         assert!(!data.contains_key("router-uri"));
+    }
+
+    #[test]
+    fn during_an_overlap_the_previous_login_is_kept_and_a_foreign_user_is_not() {
+        let names = TenantNames::derive("prod", "acme");
+        let endpoint = Endpoint {
+            host: "db",
+            port: 5432,
+            router: None,
+        };
+        let rotated = Credentials {
+            user: "t_prod_acme_a".into(),
+            password: "new".into(),
+            previous: Some(("t_prod_acme".into(), "old".into())),
+            next: None,
+        };
+        let data = secret_data(&names, &endpoint, &rotated);
+        assert_eq!(
+            text(&data, "uri"),
+            "postgresql://t_prod_acme_a:new@db:5432/t_prod_acme"
+        );
+        assert_eq!(text(&data, "previous-user"), "t_prod_acme");
+        let secret = Secret {
+            data: Some(data.clone()),
+            ..Default::default()
+        };
+        assert_eq!(stored_credentials(&secret, &names), Some(rotated));
+
+        // Another tenant's role typed into `user`: the owner's is put back, and no previous
+        // login is taken from a hand-edited key.
+        let mut edited = data;
+        for (key, value) in [("user", "t_prod_other"), ("previous-user", "postgres")] {
+            edited.insert(key.into(), ByteString(value.as_bytes().to_vec()));
+        }
+        let secret = Secret {
+            data: Some(edited),
+            ..Default::default()
+        };
+        assert_eq!(
+            stored_credentials(&secret, &names),
+            Some(Credentials {
+                user: "t_prod_acme".into(),
+                password: "new".into(),
+                previous: None,
+                next: None,
+            })
+        );
     }
 }

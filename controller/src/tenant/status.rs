@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::events::EventType;
 use silo_crds::conditions::{self, DATABASE_READY, Desired, READY, ROUTED};
 use silo_crds::routing;
-use silo_crds::{DeletionPolicy, FINALIZER, Tenant, TenantPhase, TenantStatus};
+use silo_crds::{CredentialsStatus, DeletionPolicy, FINALIZER, Tenant, TenantPhase, TenantStatus};
 
 use super::secret::secret_name;
 use crate::error::Error;
@@ -23,6 +23,8 @@ pub struct Report {
     pub role: Option<String>,
     pub secret_name: Option<String>,
     pub conditions: Vec<Desired>,
+    /// Where password rotation stands, once a pass has read the Secret.
+    pub credentials: Option<CredentialsStatus>,
 }
 
 impl Report {
@@ -35,7 +37,13 @@ impl Report {
             role: None,
             secret_name: None,
             conditions: Vec::new(),
+            credentials: None,
         }
+    }
+
+    pub fn credentials(mut self, credentials: CredentialsStatus) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     /// Placed on `server`; the phase stays what it was once provisioning has completed.
@@ -57,6 +65,7 @@ impl Report {
             role: Some(names.role.clone()),
             secret_name: Some(secret_name(tenant_name)),
             conditions: Vec::new(),
+            credentials: None,
         }
     }
 
@@ -104,8 +113,10 @@ impl Report {
             // write (see `Pass::write`).
             schema_version: current.schema_version.clone(),
             last_backup: current.last_backup.clone(),
-            // Rotation's, carried as it stands until rotation writes it.
-            credentials: current.credentials.clone(),
+            credentials: self
+                .credentials
+                .clone()
+                .or_else(|| current.credentials.clone()),
         }
     }
 

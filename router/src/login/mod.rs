@@ -179,15 +179,23 @@ where
         .finish(client_final.body())
         .map_err(|_| bad_password())?;
     let mut proven = None;
-    for route in candidates {
-        let keys = shared
-            .scram
-            .keys(&route.key(), tenant, &route.password)
-            .await
-            .map_err(|_| LoginError::Keys)?;
-        if let Some(server_final) = proof.verify(&keys) {
-            proven = Some((route, server_final));
-            break;
+    'routes: for route in candidates {
+        // The current password, then during a rotation the others (their keys cached apart, so
+        // that clients of each never evict the others').
+        for (i, password) in route.passwords().enumerate() {
+            let cache_key = match i {
+                0 => route.key(),
+                i => format!("{} {i}", route.key()),
+            };
+            let keys = shared
+                .scram
+                .keys(&cache_key, tenant, password)
+                .await
+                .map_err(|_| LoginError::Keys)?;
+            if let Some(server_final) = proof.verify(&keys) {
+                proven = Some((route.clone(), server_final));
+                break 'routes;
+            }
         }
     }
     let Some((route, server_final)) = proven else {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{ServerConn, ServerError};
@@ -44,6 +45,9 @@ pub(crate) enum PoolError {
 
 pub(crate) struct TenantPool {
     pub(crate) route: Arc<TenantRoute>,
+    /// The route with its latest credentials, which new server connections log in with (a
+    /// rotated password changes only this: the pool and its connections stay).
+    latest: ArcSwap<TenantRoute>,
     budget: Option<Arc<ServerBudget>>,
     /// Replaced by a pool for a changed route: its sessions go on, but what they release is
     /// closed (no one could use it, nor make room by closing it).
@@ -68,6 +72,7 @@ impl TenantPool {
     fn new(route: Arc<TenantRoute>, budget: Option<Arc<ServerBudget>>) -> Self {
         let cap = route.connection_limit.max(1);
         TenantPool {
+            latest: ArcSwap::new(route.clone()),
             route,
             budget,
             retired: AtomicBool::new(false),
@@ -103,7 +108,7 @@ impl TenantPool {
         let Some(budget) = &self.budget else {
             let (conn, slot) = match self.take_idle(prefer) {
                 Some(idle) => (idle.conn, idle._slot),
-                None => (ServerConn::connect(&self.route).await?, None),
+                None => (ServerConn::connect(&self.latest.load()).await?, None),
             };
             return Ok(self.checked_out(conn, slot, permit));
         };
@@ -118,7 +123,7 @@ impl TenantPool {
                 return Ok(self.checked_out(idle.conn, idle._slot, permit));
             }
             if let Some(slot) = budget.try_take(&tenant) {
-                let conn = ServerConn::connect(&self.route).await?;
+                let conn = ServerConn::connect(&self.latest.load()).await?;
                 return Ok(self.checked_out(conn, Some(slot), permit));
             }
             waiting.get_or_insert_with(|| budget.wait_as(&tenant));
@@ -260,7 +265,8 @@ impl PooledConn {
     }
 }
 
-/// Pools by tenant key. A pool whose route changed (password, server, limit) is replaced.
+/// Pools by tenant key. A pool whose route changed (server, limit, state) is replaced; one whose
+/// credentials alone changed is kept, and opens its next connections with the new ones.
 pub(crate) struct Pools {
     pools: Mutex<HashMap<String, Arc<TenantPool>>>,
     budgets: Mutex<HashMap<String, Arc<ServerBudget>>>,
@@ -279,7 +285,13 @@ impl Pools {
     pub(crate) fn get(&self, route: &Arc<TenantRoute>) -> Arc<TenantPool> {
         let mut pools = lock(&self.pools);
         match pools.get(&route.key()) {
-            Some(pool) if pool.route == *route || *pool.route == **route => pool.clone(),
+            Some(pool) if pool.route == *route || *pool.latest.load() == *route => pool.clone(),
+            Some(pool) if pool.route.same_but_credentials(route) => {
+                if **pool.latest.load() != **route {
+                    pool.latest.store(route.clone());
+                }
+                pool.clone()
+            }
             _ => {
                 let budget = route.server.as_ref().map(|(server, limit)| {
                     let budget = lock(&self.budgets)

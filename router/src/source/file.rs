@@ -100,6 +100,7 @@ pub fn parse(yaml: &str, default_limit: usize) -> Result<RoutingTable, serde_yam
             database: t.database,
             user: t.user,
             password: t.password,
+            other_passwords: Vec::new(),
             connection_limit: t.connection_limit.unwrap_or(default_limit),
             state: t.state,
             server: t.server.map(|s| {

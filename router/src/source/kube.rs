@@ -6,7 +6,9 @@
 //! the cluster-scoped DatabaseServer the tenant is placed on (host, port, TLS, connection budget)
 //! and the Tenant's status (database and role names, written by the controller through the status
 //! subresource). The tenant's Secret, which anyone allowed to edit Secrets in its namespace can
-//! change, gives the password alone; a Secret naming another host cannot send the router there.
+//! change, gives the password, and which of the tenant's own roles logs in (its owner role or one
+//! of its two login roles, see `contract::login_roles`; any other name counts as the owner); a
+//! Secret naming another host or another tenant's role cannot send the router there.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -214,6 +216,7 @@ pub fn route_for(
         database,
         user,
         password,
+        other_passwords,
         tls,
         server,
     } = upstream.unwrap_or_default();
@@ -226,6 +229,7 @@ pub fn route_for(
         database,
         user,
         password,
+        other_passwords,
         connection_limit: usize::try_from(tenant.spec.connection_limit)
             .unwrap_or(default_limit)
             .max(1),
@@ -262,6 +266,7 @@ struct Upstream {
     database: String,
     user: String,
     password: String,
+    other_passwords: Vec<String>,
     tls: UpstreamTls,
     /// The DatabaseServer's name and connection budget.
     server: Option<(String, usize)>,
@@ -276,15 +281,34 @@ impl Upstream {
     ) -> Option<Upstream> {
         let status = tenant.status.as_ref()?;
         let server = server?;
-        let password = secret?.data.as_ref()?.get(PASSWORD_KEY)?;
-        let password = String::from_utf8(password.0.clone()).ok()?;
+        let data = secret?.data.as_ref()?;
+        let text = |key: &str| {
+            let bytes = data.get(key)?;
+            String::from_utf8(bytes.0.clone())
+                .ok()
+                .filter(|s| !s.is_empty())
+        };
         let nonempty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        let owner = nonempty(&status.role)?;
+        let logins = contract::login_roles(&owner);
+        let user = text(contract::keys::USER)
+            .filter(|user| *user == owner || logins.contains(user))
+            .unwrap_or_else(|| owner.clone());
         Some(Upstream {
             host: server.spec.host.clone(),
             port: u16::try_from(server.spec.port).ok().filter(|&p| p != 0)?,
             database: nonempty(&status.database)?,
-            user: nonempty(&status.role)?,
-            password: Some(password).filter(|p| !p.is_empty())?,
+            user,
+            password: text(PASSWORD_KEY)?,
+            // A rotation's previous password (during the overlap) and next one (a moment before
+            // the Secret switches to it).
+            other_passwords: [
+                contract::keys::PREVIOUS_PASSWORD,
+                contract::keys::NEXT_PASSWORD,
+            ]
+            .into_iter()
+            .filter_map(text)
+            .collect(),
             tls: match server.spec.ssl_mode {
                 SslMode::Disable => UpstreamTls::Disable,
                 SslMode::Prefer => UpstreamTls::Prefer,
@@ -374,6 +398,52 @@ mod tests {
 
     fn route(tenant: &Tenant, secret: Option<&Secret>) -> Option<TenantRoute> {
         route_for(tenant, Some(&server()), secret, 20)
+    }
+
+    /// A rotated tenant logs in as the login role its Secret names, one of its own two; a role
+    /// of anyone else's typed there counts as the owner. Its previous and next passwords are
+    /// accepted from clients.
+    #[test]
+    fn a_rotated_tenant_logs_in_as_its_own_login_role_only() {
+        let rotating = secret(
+            "prod",
+            "acme",
+            &[
+                ("user", "r_prod_acme_b"),
+                ("password", "new"),
+                ("previous-user", "r_prod_acme_a"),
+                ("previous-password", "old"),
+            ],
+        );
+        let r = route(&ready(), Some(&rotating)).unwrap_or_else(|| unreachable!());
+        assert_eq!(
+            (r.user.as_str(), r.password.as_str()),
+            ("r_prod_acme_b", "new")
+        );
+        assert_eq!(r.passwords().collect::<Vec<_>>(), ["new", "old"]);
+
+        let foreign = secret(
+            "prod",
+            "acme",
+            &[
+                ("user", "r_prod_other_a"),
+                ("password", "pw"),
+                ("next-password", "soon"),
+            ],
+        );
+        let r = route(&ready(), Some(&foreign)).unwrap_or_else(|| unreachable!());
+        assert_eq!(r.user, "r_prod_acme");
+        assert_eq!(r.passwords().collect::<Vec<_>>(), ["pw", "soon"]);
+        // Same place, other credentials: the same pool goes on.
+        let plain = route(
+            &ready(),
+            Some(&secret("prod", "acme", &[("password", "pw")])),
+        )
+        .unwrap_or_else(|| unreachable!());
+        assert!(plain.same_but_credentials(&r));
+        assert!(!plain.same_but_credentials(
+            &route(&tenant("prod", "acme", None), None).unwrap_or_else(|| unreachable!())
+        ));
     }
 
     #[test]
