@@ -551,3 +551,286 @@ async fn kubeconfig_for(ns: &TestNs, account: &str) -> anyhow::Result<std::path:
     file.write_all(serde_yaml::to_string(&config)?.as_bytes())?;
     Ok(path)
 }
+
+/// Logins made by a client loop: one new connection every 50 ms with whatever the Secret says
+/// at that moment, directly or through the router; every failure is kept.
+struct LoginLoop {
+    attempts: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LoginLoop {
+    fn start(ns: &TestNs, tenant: &str, router_port: Option<u16>) -> LoginLoop {
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Instant::now();
+        let (ns, tenant) = (ns.clone(), tenant.to_string());
+        let task = tokio::spawn({
+            let (attempts, failures, stop) = (attempts.clone(), failures.clone(), stop.clone());
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let login = async {
+                        let [host, port, dbname, user, password] = ns
+                            .secret_values(&tenant, ["host", "port", "dbname", "user", "password"])
+                            .await?;
+                        let options = match router_port {
+                            Some(port) => PgConnectOptions::new()
+                                .host("127.0.0.1")
+                                .port(port)
+                                .database(&format!("{}.{tenant}", ns.name)),
+                            None => PgConnectOptions::new()
+                                .host(&host)
+                                .port(port.parse()?)
+                                .database(&dbname),
+                        };
+                        let options = options.username(&user).password(&password);
+                        let mut conn = PgConnection::connect_with(&options).await?;
+                        sqlx::query("SELECT 1").execute(&mut conn).await?;
+                        conn.close().await?;
+                        anyhow::Ok(())
+                    };
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = login.await {
+                        let at = started.elapsed();
+                        failures
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!("after {at:?}: {e:#}"));
+                    }
+                }
+            }
+        });
+        LoginLoop {
+            attempts,
+            failures,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the loop: (attempts, failures).
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        let failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (self.attempts.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// Asks for one rotation and waits until it is over: the Secret names another login, and once
+/// the overlap has ended the status shows no previous login. Returns the credentials before.
+async fn rotate(ns: &TestNs, tenant: &str, request: &str) -> anyhow::Result<[String; 2]> {
+    let before = ns.secret_values(tenant, ["user", "password"]).await?;
+    let out = ns
+        .kubectl(&[
+            "annotate",
+            "--overwrite",
+            "-n",
+            &ns.name,
+            "tenant",
+            tenant,
+            &format!("silo.dev/rotate={request}"),
+        ])
+        .await?;
+    ensure!(out.success, "{}", out.stderr);
+    wait_for(
+        "the Secret to name the next login",
+        READY_TIMEOUT,
+        || async {
+            let [user] = ns.secret_values(tenant, ["user"]).await.ok()?;
+            (user != before[0]).then_some(())
+        },
+    )
+    .await?;
+    Ok(before)
+}
+
+/// The overlap of the rotation under way ends: the status shows no previous login any more.
+async fn overlap_ends(ns: &TestNs, tenant: &str) -> anyhow::Result<silo_crds::CredentialsStatus> {
+    wait_for("the overlap to end", READY_TIMEOUT, || async {
+        let t = ns.tenants().get_opt(tenant).await.ok()??;
+        let credentials = t.status?.credentials?;
+        credentials.previous_login.is_none().then_some(credentials)
+    })
+    .await
+}
+
+/// Password rotation under load: a client loop opening a connection every 50 ms with whatever the
+/// Secret says, directly and through the router, sees no failed login through two rotations
+/// (the first converts the tenant: its owner role stops logging in); sessions opened before keep
+/// running; after the overlap the old password fails, directly and through the router; tables
+/// made with the new login belong to the same role as before.
+#[tokio::test]
+async fn passwords_rotate_under_load_with_no_failed_login() {
+    with_temp_ns("rotation", |ns| async move {
+        let pg = PgServer::start()?;
+        ns.add_server(&ns.server_name("pg"), &pg, "").await?;
+        let admin = pg.admin_pool().await?;
+        let router = RouterProcess::start(&ns, "transaction")?;
+        let address = format!("127.0.0.1:{}", router.port);
+        let _ctl = ns.start_controller(&["--router-address", &address])?;
+        ns.apply_ok(&tenant_yaml(
+            "rot",
+            "  credentials: {overlap: 15s}\n  deletion: {policy: Delete}",
+        ))
+        .await?;
+        let ready = ns
+            .wait_phase("rot", TenantPhase::Ready, READY_TIMEOUT)
+            .await?;
+        let owner = ready.status.and_then(|s| s.role).context("status.role")?;
+        let tenant_name = format!("{}.rot", ns.name);
+        let [host, port, dbname] = ns.secret_values("rot", ["host", "port", "dbname"]).await?;
+        let direct = |user: &str, password: &str| {
+            PgConnectOptions::new()
+                .host(&host)
+                .port(port.parse().unwrap_or_default())
+                .database(&dbname)
+                .username(user)
+                .password(password)
+        };
+        let owner_of = |table: &'static str| {
+            let admin = admin.clone();
+            let dbname = dbname.clone();
+            async move {
+                let mut conn = PgConnection::connect_with(
+                    &admin.connect_options().as_ref().clone().database(&dbname),
+                )
+                .await?;
+                let owner: String = sqlx::query_scalar(
+                    "SELECT tableowner::text FROM pg_tables WHERE tablename = $1",
+                )
+                .bind(table)
+                .fetch_one(&mut conn)
+                .await?;
+                anyhow::Ok(owner)
+            }
+        };
+
+        let [user0, password0] = ns.secret_values("rot", ["user", "password"]).await?;
+        ensure!(
+            user0 == owner,
+            "a new tenant logs in as its owner role, not {user0}"
+        );
+        let mut setup = PgConnection::connect_with(&direct(&user0, &password0)).await?;
+        sqlx::query("CREATE TABLE before_rotation (id int)")
+            .execute(&mut setup)
+            .await?;
+        let mut long_direct = setup;
+        let mut long_router = wait_for("routable", Duration::from_secs(5), || async {
+            connect(&router, &user0, &password0, &tenant_name)
+                .await
+                .ok()
+        })
+        .await?;
+
+        let loops = [
+            LoginLoop::start(&ns, "rot", None),
+            LoginLoop::start(&ns, "rot", Some(router.port)),
+        ];
+        tokio::time::sleep(Duration::from_secs(1)).await;
+
+        // The first rotation converts the tenant: login `_a`, the owner keeps its objects.
+        let [old_user, old_password] = rotate(&ns, "rot", "1").await?;
+        let [user1, password1] = ns.secret_values("rot", ["user", "password"]).await?;
+        ensure!(user1 == format!("{owner}_a"), "the first login is {user1}");
+        // Both work during the overlap, directly and through the router.
+        PgConnection::connect_with(&direct(&old_user, &old_password)).await?;
+        connect(&router, &old_user, &old_password, &tenant_name).await?;
+        PgConnection::connect_with(&direct(&user1, &password1)).await?;
+        let credentials = overlap_ends(&ns, "rot").await?;
+        ensure!(credentials.rotated_at.is_some(), "{credentials:?}");
+        ensure!(
+            credentials.login.as_deref() == Some(user1.as_str()),
+            "{credentials:?}"
+        );
+
+        // The old password fails now; the sessions opened with it go on.
+        let refused = PgConnection::connect_with(&direct(&old_user, &old_password)).await;
+        ensure!(
+            refused.is_err(),
+            "the owner role still logs in after the overlap"
+        );
+        let refused = connect(&router, &old_user, &old_password, &tenant_name).await;
+        match refused {
+            Ok(_) => anyhow::bail!("the router still takes the old password after the overlap"),
+            Err(e) => ensure!(code(&e) == "28P01", "{e}"),
+        }
+        for conn in [&mut long_direct, &mut long_router] {
+            let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut *conn).await?;
+            ensure!(one == 1);
+        }
+        let can_login: bool =
+            sqlx::query_scalar("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1")
+                .bind(&owner)
+                .fetch_one(&admin)
+                .await?;
+        ensure!(!can_login, "the owner role logs in after its conversion");
+
+        // A migration after the rotation, with the new login: its table is the owner's.
+        let mut migration = PgConnection::connect_with(&direct(&user1, &password1)).await?;
+        sqlx::query("CREATE TABLE after_rotation (id int)")
+            .execute(&mut migration)
+            .await?;
+        let (before, after) = (
+            owner_of("before_rotation").await?,
+            owner_of("after_rotation").await?,
+        );
+        ensure!(
+            before == owner && after == owner,
+            "tables owned by {before} and {after}, not both by {owner}"
+        );
+
+        // The second rotation moves to `_b`; `_a` stops after its overlap.
+        rotate(&ns, "rot", "2").await?;
+        let [user2] = ns.secret_values("rot", ["user"]).await?;
+        ensure!(user2 == format!("{owner}_b"), "the second login is {user2}");
+        overlap_ends(&ns, "rot").await?;
+        let refused = PgConnection::connect_with(&direct(&user1, &password1)).await;
+        ensure!(
+            refused.is_err(),
+            "{user1} still logs in after the second overlap"
+        );
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut migration)
+            .await?;
+        ensure!(one == 1, "a session of the retired login ended");
+
+        for (name, login_loop) in ["direct", "router"].into_iter().zip(loops) {
+            let (attempts, failures) = login_loop.finish().await;
+            eprintln!(
+                "rotation: {name} loop: {attempts} logins, {} failed",
+                failures.len()
+            );
+            ensure!(attempts > 200, "{name}: only {attempts} logins");
+            ensure!(failures.is_empty(), "{name}: failed logins: {failures:#?}");
+        }
+        let out = ns
+            .kubectl(&[
+                "get",
+                "events",
+                "-n",
+                &ns.name,
+                "-o",
+                "name",
+                "--field-selector",
+                "reason=CredentialsRotated",
+            ])
+            .await?;
+        ensure!(
+            out.stdout.lines().count() >= 1,
+            "no CredentialsRotated Event: {}",
+            out.stdout
+        );
+        anyhow::Ok(())
+    })
+    .await;
+}
