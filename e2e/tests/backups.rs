@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 use silo_crds::{JobPhase, TenantBackup, TenantPhase};
 use silo_e2e::kube_env::with_temp_ns;
 use silo_e2e::s3::S3Store;
-use silo_e2e::{ControllerProcess, PgServer, TestNs, node, tenant_yaml, wait_for};
+use silo_e2e::{ControllerProcess, PgServer, RouterProcess, TestNs, node, tenant_yaml, wait_for};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -714,7 +715,23 @@ async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
             let old_uri = ns.secret_value("acme", "uri").await?;
             let db = ns.secret_value("acme", "dbname").await?;
             let role = ns.secret_value("acme", "user").await?;
+            let old_password = ns.secret_value("acme", "password").await?;
             let brief_db = ns.secret_value("brief", "dbname").await?;
+            // Through the router too, until the deletion.
+            let router = RouterProcess::start(&ns, "session")?;
+            let via_router = |password: String| {
+                let options = PgConnectOptions::new()
+                    .host("127.0.0.1")
+                    .port(router.port)
+                    .username(&role)
+                    .password(&password)
+                    .database(&format!("{}.acme", ns.name));
+                async move { PgConnection::connect_with(&options).await }
+            };
+            wait_for("acme to be routable", TIMEOUT, || async {
+                via_router(old_password.clone()).await.ok()
+            })
+            .await?;
 
             // Deleted; the controller is killed while the final backup runs, and restarted.
             let out = ns.kubectl(&["delete", "tenant", "acme", "brief", "-n", &ns.name, "--wait=false"]).await?;
@@ -737,8 +754,13 @@ async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
                 let status = b.status.clone().unwrap_or_default();
                 ensure!(status.phase == Some(JobPhase::Succeeded), "{status:?}");
             }
-            // Locked: the old credentials no longer log in; the database and its rows are there.
+            // Locked: the old credentials no longer log in, directly or through the router; the
+            // database and its rows are there.
             ensure!(PgConnection::connect(&old_uri).await.is_err(), "a deleted tenant's login works");
+            ensure!(
+                via_router(old_password.clone()).await.is_err(),
+                "a deleted tenant's login works through the router"
+            );
             ensure!(database_exists(&admin, &db).await?, "the database went with a Snapshot deletion");
             ensure!(
                 !role_exists(&admin, &format!("{role}_final")).await?,

@@ -654,12 +654,17 @@ async fn rotate(ns: &TestNs, tenant: &str, request: &str) -> anyhow::Result<[Str
     Ok(before)
 }
 
-/// The overlap of the rotation under way ends: the status shows no previous login any more.
-async fn overlap_ends(ns: &TestNs, tenant: &str) -> anyhow::Result<silo_crds::CredentialsStatus> {
+/// The overlap of the rotation to `login` ends: the status shows that login and no previous one.
+async fn overlap_ends(
+    ns: &TestNs,
+    tenant: &str,
+    login: &str,
+) -> anyhow::Result<silo_crds::CredentialsStatus> {
     wait_for("the overlap to end", READY_TIMEOUT, || async {
         let t = ns.tenants().get_opt(tenant).await.ok()??;
         let credentials = t.status?.credentials?;
-        credentials.previous_login.is_none().then_some(credentials)
+        (credentials.login.as_deref() == Some(login) && credentials.previous_login.is_none())
+            .then_some(credentials)
     })
     .await
 }
@@ -680,7 +685,7 @@ async fn passwords_rotate_under_load_with_no_failed_login() {
         let _ctl = ns.start_controller(&["--router-address", &address])?;
         ns.apply_ok(&tenant_yaml(
             "rot",
-            "  credentials: {overlap: 15s}\n  deletion: {policy: Delete}",
+            "  credentials: {rotateEvery: 1h, overlap: 15s}\n  deletion: {policy: Delete}",
         ))
         .await?;
         let ready = ns
@@ -746,8 +751,16 @@ async fn passwords_rotate_under_load_with_no_failed_login() {
         PgConnection::connect_with(&direct(&old_user, &old_password)).await?;
         connect(&router, &old_user, &old_password, &tenant_name).await?;
         PgConnection::connect_with(&direct(&user1, &password1)).await?;
-        let credentials = overlap_ends(&ns, "rot").await?;
-        ensure!(credentials.rotated_at.is_some(), "{credentials:?}");
+        let credentials = overlap_ends(&ns, "rot", &user1).await?;
+        // The next scheduled one is an hour after this one.
+        let seconds = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+            t.as_ref().map(|t| t.0.as_second())
+        };
+        let scheduled = seconds(&credentials.rotated_at).map(|at| at + 3600);
+        ensure!(
+            scheduled.is_some() && seconds(&credentials.next_rotation) == scheduled,
+            "{credentials:?}"
+        );
         ensure!(
             credentials.login.as_deref() == Some(user1.as_str()),
             "{credentials:?}"
@@ -759,11 +772,18 @@ async fn passwords_rotate_under_load_with_no_failed_login() {
             refused.is_err(),
             "the owner role still logs in after the overlap"
         );
-        let refused = connect(&router, &old_user, &old_password, &tenant_name).await;
-        match refused {
-            Ok(_) => anyhow::bail!("the router still takes the old password after the overlap"),
-            Err(e) => ensure!(code(&e) == "28P01", "{e}"),
-        }
+        // The router within a moment (its watch of the Secret).
+        let refused = wait_for(
+            "the router to refuse the old password",
+            Duration::from_secs(5),
+            || async {
+                connect(&router, &old_user, &old_password, &tenant_name)
+                    .await
+                    .err()
+            },
+        )
+        .await?;
+        ensure!(code(&refused) == "28P01", "{refused}");
         for conn in [&mut long_direct, &mut long_router] {
             let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut *conn).await?;
             ensure!(one == 1);
@@ -793,7 +813,7 @@ async fn passwords_rotate_under_load_with_no_failed_login() {
         rotate(&ns, "rot", "2").await?;
         let [user2] = ns.secret_values("rot", ["user"]).await?;
         ensure!(user2 == format!("{owner}_b"), "the second login is {user2}");
-        overlap_ends(&ns, "rot").await?;
+        overlap_ends(&ns, "rot", &user2).await?;
         let refused = PgConnection::connect_with(&direct(&user1, &password1)).await;
         ensure!(
             refused.is_err(),

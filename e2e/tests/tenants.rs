@@ -229,6 +229,9 @@ async fn c_bad_input_is_rejected_or_explained() {
             (tenant_yaml("solo", "  isolation: Solo"), "spec.isolation"),
             (tenant_yaml("negative", "  connectionLimit: -5"), "spec.connectionLimit"),
             (tenant_yaml("policy", "  deletion: {policy: Shred}"), "spec.deletion.policy"),
+            (tenant_yaml("grace", "  deletion: {gracePeriod: -1d}"), "spec.deletion.gracePeriod"),
+            (tenant_yaml("rotate", "  credentials: {rotateEvery: soon}"), "spec.credentials.rotateEvery"),
+            (tenant_yaml("overlap", "  credentials: {overlap: -10m}"), "spec.credentials.overlap"),
         ];
         for (yaml, expected) in &cases {
             let out = ns.apply(yaml).await?;

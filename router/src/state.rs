@@ -80,6 +80,8 @@ impl Shared {
     /// Puts a new routing table in force, and ends the sessions of tenants that were Ready and
     /// no longer are (suspended, being deleted, gone).
     pub(crate) fn set_table(&self, table: RoutingTable) {
+        // New credentials reach the pools before any login can read them from the table.
+        self.pools.refresh_credentials(&table);
         let old = self.table.swap(Arc::new(table));
         let new = self.table.load();
         let live: std::collections::HashSet<String> = new.routes().map(|r| r.key()).collect();
@@ -88,7 +90,9 @@ impl Shared {
                 .filter_map(|r| r.server.as_ref())
                 .map(|(server, limit)| (server.as_str(), *limit)),
         );
-        self.scram.retain(|tenant| live.contains(tenant));
+        // Keys of a tenant's other passwords are cached as `<key> <n>` (see login).
+        self.scram
+            .retain(|tenant| live.contains(tenant.split(' ').next().unwrap_or(tenant)));
         let mut sessions = lock(&self.tenant_sessions);
         for route in old.routes().filter(|r| r.state == TenantState::Ready) {
             let still_ready = matches!(new.lookup(&route.key()), Lookup::Found(r) if r.state == TenantState::Ready);

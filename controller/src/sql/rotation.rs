@@ -22,23 +22,35 @@ pub struct LoginSpec<'a> {
     pub can_login: bool,
 }
 
+/// A role of a login's name that is not that login (its comment says otherwise): never taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("role {login} exists and is not a login of role {owner}; it is left alone")]
+    NotOurs { login: String, owner: String },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
 /// Makes `login` exist as declared: a member of the owner that switches to it at login, with the
 /// password, connection limit and LOGIN declared. One implicit transaction when it is created:
-/// the role never exists without its membership and its `SET role`.
+/// the role never exists without its membership, its `SET role` and its comment.
 pub async fn ensure_login(
     pool: &PgPool,
     spec: &LoginSpec<'_>,
     verified: &scram::VerifiedPasswords,
-) -> Result<Vec<Change>, sqlx::Error> {
+) -> Result<Vec<Change>, LoginError> {
     let (login, owner) = (quote_ident(spec.login), quote_ident(spec.owner));
     let comment = quote_literal(&login_comment(spec.owner));
     let can_login = if spec.can_login { "LOGIN" } else { "NOLOGIN" };
     let row = sqlx::query(
         "SELECT r.rolcanlogin, r.rolconnlimit,
+                pg_catalog.shobj_description(r.oid, 'pg_authid') AS comment,
                 pg_catalog.pg_has_role(r.oid, o.oid, 'MEMBER') AS member,
                 EXISTS (SELECT 1 FROM pg_catalog.pg_db_role_setting s
                          WHERE s.setrole = r.oid AND s.setdatabase = 0
-                           AND EXISTS (SELECT 1 FROM unnest(s.setconfig) c WHERE c LIKE 'role=%'))
+                           AND EXISTS (SELECT 1 FROM unnest(s.setconfig) c
+                                        WHERE c IN ('role=' || o.rolname,
+                                                    'role=' || pg_catalog.quote_ident(o.rolname))))
                   AS switches
            FROM pg_catalog.pg_roles r, pg_catalog.pg_roles o
           WHERE r.rolname = $1 AND o.rolname = $2",
@@ -59,6 +71,14 @@ pub async fn ensure_login(
         .await?;
         return Ok(vec![Change::RoleCreated]);
     };
+    if row.try_get::<Option<String>, _>("comment")?.as_deref()
+        != Some(login_comment(spec.owner).as_str())
+    {
+        return Err(LoginError::NotOurs {
+            login: spec.login.to_string(),
+            owner: spec.owner.to_string(),
+        });
+    }
     let mut changes = Vec::new();
     let mut sql = Vec::new();
     if !row.try_get::<bool, _>("member")? || !row.try_get::<bool, _>("switches")? {
@@ -93,17 +113,24 @@ pub async fn ensure_login(
 /// not in use); the sessions it opened keep running. Nothing is sent when it already is so.
 /// Returns whether it changed.
 pub async fn retire(pool: &PgPool, role: &str) -> Result<bool, sqlx::Error> {
-    let retired: Option<bool> = sqlx::query_scalar(
+    let authid = sqlx::query_scalar(
         "SELECT NOT rolcanlogin AND rolpassword IS NULL FROM pg_catalog.pg_authid WHERE rolname = $1",
     )
     .bind(role)
     .fetch_optional(pool)
-    .await
-    .or_else(|e| match &e {
-        // An admin that may not read pg_authid: retire it again.
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("42501") => Ok(Some(false)),
-        _ => Err(e),
-    })?;
+    .await;
+    let retired: Option<bool> = match authid {
+        Ok(retired) => retired,
+        // An admin that may not read pg_authid: NOLOGIN is all it can see (and its password
+        // went with the NOLOGIN this function gave).
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            sqlx::query_scalar("SELECT NOT rolcanlogin FROM pg_catalog.pg_roles WHERE rolname = $1")
+                .bind(role)
+                .fetch_optional(pool)
+                .await?
+        }
+        Err(e) => return Err(e),
+    };
     if retired == Some(false) {
         sqlx::raw_sql(&format!(
             "ALTER ROLE {} NOLOGIN PASSWORD NULL",
@@ -137,13 +164,17 @@ pub async fn set_can_login(
     Ok(false)
 }
 
-/// The login roles of `owner` that exist on the server.
+/// The login roles of `owner` that exist on the server (by name and comment: a role of such a
+/// name that is not one is never touched).
 pub async fn existing_logins(pool: &PgPool, owner: &str) -> Result<Vec<String>, sqlx::Error> {
     let logins = silo_crds::contract::login_roles(owner);
     sqlx::query_scalar(
-        "SELECT rolname FROM pg_catalog.pg_roles WHERE rolname = ANY($1) ORDER BY rolname",
+        "SELECT rolname FROM pg_catalog.pg_roles
+          WHERE rolname = ANY($1) AND pg_catalog.shobj_description(oid, 'pg_authid') = $2
+          ORDER BY rolname",
     )
     .bind(&logins[..])
+    .bind(login_comment(owner))
     .fetch_all(pool)
     .await
 }

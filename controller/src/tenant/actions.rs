@@ -57,6 +57,27 @@ pub(super) async fn foreign_server(server: Option<&str>, ctx: &Context) -> Resul
     Ok(exists.then(|| server.to_string()))
 }
 
+fn login_error(action: &'static str, server: &str, error: rotation_sql::LoginError) -> Error {
+    match error {
+        rotation_sql::LoginError::Sql(e) => Error::sql(action, server, e),
+        not_ours => Error::Rotation {
+            message: not_ours.to_string(),
+        },
+    }
+}
+
+/// The tenant's rotation policy: how often (if on a schedule) and how long the overlap lasts.
+fn rotation_policy(tenant: &Tenant) -> (Option<std::time::Duration>, std::time::Duration) {
+    let policy = tenant.spec.credentials.as_ref();
+    let every = policy
+        .and_then(|p| p.rotate_every.as_deref())
+        .and_then(|every| parse_duration(every).ok());
+    let overlap = policy
+        .and_then(|p| parse_duration(&p.overlap).ok())
+        .unwrap_or(rotation::DEFAULT_OVERLAP);
+    (every, overlap)
+}
+
 impl Pass<'_> {
     /// Chooses a server and records the choice in status.
     pub(super) async fn place(&self) -> Result<Result<String, Unplaceable>> {
@@ -203,18 +224,29 @@ impl Pass<'_> {
                 message: "exists but does not belong to this tenant; delete or rename it".into(),
             });
         }
-        let credentials = stored_credentials(&existing, names)
+        let login = tenant
+            .status
+            .as_ref()
+            .and_then(|s| s.credentials.as_ref()?.login.clone());
+        let credentials = stored_credentials(&existing, names, login.as_deref())
             .unwrap_or_else(|| Credentials::first(names, scram::generate_password()));
         let wanted = build_secret(tenant, secret_data(names, endpoint, &credentials));
         let retained_label = labels.contains_key(contract::RETAINED_LABEL);
         if !owned || existing.data != wanted.data || retained_label {
-            // A merge patch: `data` replaced as a whole, the retained mark dropped, ownership taken back.
+            // A merge patch: `data` replaced as a whole (keys it should not have set to null),
+            // the retained mark dropped, ownership taken back.
+            let mut data = json!(wanted.data);
+            for key in existing.data.iter().flat_map(|d| d.keys()) {
+                if wanted.data.as_ref().is_none_or(|w| !w.contains_key(key)) {
+                    data[key] = serde_json::Value::Null;
+                }
+            }
             let patch = json!({
                 "metadata": {
                     "ownerReferences": wanted.metadata.owner_references,
                     "labels": { contract::RETAINED_LABEL: null },
                 },
-                "data": wanted.data,
+                "data": data,
             });
             api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
@@ -274,7 +306,7 @@ impl Pass<'_> {
             };
             let more = rotation_sql::ensure_login(pool, &login, &handle.verified)
                 .await
-                .map_err(|e| Error::sql("ensuring the login role", server, e))?;
+                .map_err(|e| login_error("ensuring the login role", server, e))?;
             changes.extend(more.into_iter().filter(|c| *c != Change::RoleCreated));
         }
         // The previous login works through the overlap, a rotation's next one from the moment
@@ -318,8 +350,10 @@ impl Pass<'_> {
         Ok(changes)
     }
 
-    /// Password rotation, one step per pass as [`rotation::next_step`] says. Returns the
-    /// credentials now in the Secret, where rotation stands, and when to look again.
+    /// Password rotation, one step per pass as [`rotation::next_step`] says. Returns where
+    /// rotation stands and when to look again. A step that fails changes nothing (the Secret is
+    /// written last): it is reported in an Event and tried again in 30 s, and the rest of the
+    /// pass (the tenant's status) goes on.
     pub(super) async fn rotation_step(
         &self,
         handle: &ServerHandle,
@@ -327,20 +361,41 @@ impl Pass<'_> {
         endpoint: &Endpoint<'_>,
         credentials: Credentials,
         annotations: &BTreeMap<String, String>,
-    ) -> Result<(Credentials, CredentialsStatus, Option<jiff::Timestamp>)> {
+    ) -> (CredentialsStatus, Option<jiff::Timestamp>) {
+        let (every, overlap) = rotation_policy(self.tenant);
+        let now = jiff::Timestamp::now();
+        let created = self.tenant.creation_timestamp().map_or(now, |t| t.0);
+        let mut unchanged = rotation::state(&credentials, annotations, overlap);
+        unchanged.next_rotation = rotation::next_rotation(every, &unchanged, created).map(Time);
+        let step = self.try_rotation_step(handle, server, endpoint, credentials, annotations);
+        match step.await {
+            Ok(stands) => stands,
+            Err(error) => {
+                warn!(tenant = %self.facts.key, error = %error, "password rotation step failed; the Secret is unchanged");
+                let note = format!("{error}; the Secret is unchanged, tried again in 30 s");
+                self.publish(EventType::Warning, "RotationFailed", note)
+                    .await;
+                let retry = now.checked_add(jiff::SignedDuration::from_secs(30)).ok();
+                (unchanged, retry)
+            }
+        }
+    }
+
+    async fn try_rotation_step(
+        &self,
+        handle: &ServerHandle,
+        server: &str,
+        endpoint: &Endpoint<'_>,
+        credentials: Credentials,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<(CredentialsStatus, Option<jiff::Timestamp>)> {
         let Pass { tenant, facts, .. } = self;
         let owner = &facts.names.role;
-        let policy = tenant.spec.credentials.as_ref();
-        let every = policy
-            .and_then(|p| p.rotate_every.as_deref())
-            .and_then(|every| parse_duration(every).ok());
-        let overlap = policy
-            .and_then(|p| parse_duration(&p.overlap).ok())
-            .unwrap_or(rotation::DEFAULT_OVERLAP);
+        let (every, overlap) = rotation_policy(tenant);
         let requested = tenant.annotations().get(contract::ROTATE_ANNOTATION);
         let now = jiff::Timestamp::now();
         let created = tenant.creation_timestamp().map_or(now, |t| t.0);
-        let mut state = rotation::state(&credentials, annotations);
+        let mut state = rotation::state(&credentials, annotations, overlap);
         state.next_rotation = rotation::next_rotation(every, &state, created).map(Time);
         let locked = tenant.spec.suspended || facts.restoring.is_some();
         let next_since = credentials.next.as_ref().map(|_| {
@@ -358,9 +413,9 @@ impl Pass<'_> {
             now,
         );
         match step {
-            Step::Idle { next } => Ok((credentials, state, next)),
+            Step::Idle { next } => Ok((state, next)),
             // A locked tenant's logins are all refused anyway; it rotates once unlocked.
-            Step::Rotate { .. } | Step::Promote if locked => Ok((credentials, state, None)),
+            Step::Rotate { .. } | Step::Promote if locked => Ok((state, None)),
             Step::Rotate { to } => {
                 let password = scram::generate_password();
                 {
@@ -374,7 +429,7 @@ impl Pass<'_> {
                     };
                     rotation_sql::ensure_login(&handle.pool, &login, &handle.verified)
                         .await
-                        .map_err(|e| Error::sql("preparing the new login", server, e))?;
+                        .map_err(|e| login_error("preparing the new login", server, e))?;
                 }
                 // Into the Secret only once proved to work, as the owner; as `next-*` first, which
                 // the router accepts, and as the login clients use a moment later.
@@ -383,19 +438,25 @@ impl Pass<'_> {
                     next: Some((to, password)),
                     ..credentials
                 };
-                let annotations = json!({ contract::NEXT_SINCE_ANNOTATION: now.to_string() });
+                // This rotation honours the request: one made from now on gets its own.
+                let honoured = requested.or(state.requested.as_ref());
+                let annotations = json!({
+                    contract::NEXT_SINCE_ANNOTATION: now.to_string(),
+                    contract::ROTATE_HONOURED_ANNOTATION: honoured,
+                });
                 let data = secret_data(&facts.names, endpoint, &next);
                 self.patch_secret(
                     json!({ "metadata": { "annotations": annotations }, "data": data }),
                 )
                 .await?;
+                state.requested = honoured.cloned();
                 let wait =
                     jiff::SignedDuration::try_from(rotation::PROPAGATION).unwrap_or_default();
-                Ok((next, state, now.checked_add(wait).ok()))
+                Ok((state, now.checked_add(wait).ok()))
             }
             Step::Promote => {
                 let Some((user, password)) = credentials.next.clone() else {
-                    return Ok((credentials, state, None));
+                    return Ok((state, None));
                 };
                 let promoted = Credentials {
                     user,
@@ -406,12 +467,10 @@ impl Pass<'_> {
                 let until = now
                     .checked_add(jiff::SignedDuration::try_from(overlap).unwrap_or_default())
                     .unwrap_or(jiff::Timestamp::MAX);
-                let honoured = requested.or(state.requested.as_ref());
                 let annotations = json!({
                     contract::NEXT_SINCE_ANNOTATION: null,
                     contract::PREVIOUS_UNTIL_ANNOTATION: until.to_string(),
                     contract::ROTATED_AT_ANNOTATION: now.to_string(),
-                    contract::ROTATE_HONOURED_ANNOTATION: honoured,
                 });
                 let mut data = json!(secret_data(&facts.names, endpoint, &promoted));
                 data[keys::NEXT_USER] = serde_json::Value::Null;
@@ -429,12 +488,13 @@ impl Pass<'_> {
                 );
                 self.publish(EventType::Normal, "CredentialsRotated", note)
                     .await;
-                let mut state = rotation::state(&promoted, &BTreeMap::new());
+                let requested = state.requested.clone();
+                let mut state = rotation::state(&promoted, &BTreeMap::new(), overlap);
                 state.overlap_until = Some(Time(until));
                 state.rotated_at = Some(Time(now));
-                state.requested = honoured.cloned();
+                state.requested = requested;
                 state.next_rotation = rotation::next_rotation(every, &state, created).map(Time);
-                Ok((promoted, state, Some(until)))
+                Ok((state, Some(until)))
             }
             Step::Retire { login } => {
                 // The router and the Secret first: then the server refuses the old password.
@@ -455,14 +515,10 @@ impl Pass<'_> {
                 );
                 self.publish(EventType::Normal, "PreviousLoginRetired", note)
                     .await;
-                let current = Credentials {
-                    previous: None,
-                    ..credentials
-                };
                 state.previous_login = None;
                 state.overlap_until = None;
                 let next = state.next_rotation.as_ref().map(|t| t.0);
-                Ok((current, state, next))
+                Ok((state, next))
             }
         }
     }

@@ -48,12 +48,18 @@ pub fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> BoxFuture<'static, R
     reconcile_tenant(tenant, ctx).boxed()
 }
 
-/// What a tenant reconcile reacts to: a new generation (spec or deletion), or changed finalizers.
+/// What a tenant reconcile reacts to: a new generation (spec or deletion), changed finalizers,
+/// or a rotation asked for.
 pub fn spec_changed(tenant: &Tenant) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     tenant.metadata.generation.hash(&mut hasher);
     tenant.metadata.finalizers.hash(&mut hasher);
+    // A new value asks for a password rotation now.
+    tenant
+        .annotations()
+        .get(silo_crds::contract::ROTATE_ANNOTATION)
+        .hash(&mut hasher);
     tenant
         .metadata
         .deletion_timestamp
@@ -237,10 +243,9 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
     }
 
     // 5. Password rotation: one step when due or asked (see rotation.rs).
-    let rotated = pass
+    let (rotation_state, next_step) = pass
         .rotation_step(&handle, &server, &endpoint, credentials, &annotations)
         .await;
-    let (_, rotation_state, next_step) = pass.reported(&placed, rotated).await?;
 
     // 6. Report: Ready (or Suspended), and whether the routes are this tenant's.
     let done = status::provisioned(

@@ -62,6 +62,7 @@ pub fn next_login(owner: &str, current: Option<&str>) -> String {
 pub fn state(
     credentials: &Credentials,
     annotations: &BTreeMap<String, String>,
+    overlap: Duration,
 ) -> CredentialsStatus {
     let time = |key: &str| {
         annotations
@@ -69,14 +70,18 @@ pub fn state(
             .and_then(|t| t.parse::<Timestamp>().ok())
             .map(Time)
     };
+    let rotated_at = time(contract::ROTATED_AT_ANNOTATION);
+    // Without its end written (an annotation stripped by hand or by a tool), an overlap ends
+    // `overlap` after the rotation; without either, at once.
+    let overlap_until = time(contract::PREVIOUS_UNTIL_ANNOTATION).or_else(|| {
+        let overlap = jiff::SignedDuration::try_from(overlap).ok()?;
+        Some(Time(rotated_at.as_ref()?.0.checked_add(overlap).ok()?))
+    });
     CredentialsStatus {
         login: Some(credentials.user.clone()),
         previous_login: credentials.previous.as_ref().map(|(user, _)| user.clone()),
-        overlap_until: credentials
-            .previous
-            .as_ref()
-            .and(time(contract::PREVIOUS_UNTIL_ANNOTATION)),
-        rotated_at: time(contract::ROTATED_AT_ANNOTATION),
+        overlap_until: credentials.previous.as_ref().and(overlap_until),
+        rotated_at,
         next_rotation: None,
         requested: annotations
             .get(contract::ROTATE_HONOURED_ANNOTATION)

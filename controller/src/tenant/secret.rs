@@ -54,9 +54,13 @@ impl Credentials {
 }
 
 /// The credentials an existing Secret holds, if it has a usable password. A user that is not the
-/// tenant's owner role or one of its login roles (edited by hand) counts as the owner, and so is
-/// put back.
-pub fn stored_credentials(secret: &Secret, names: &TenantNames) -> Option<Credentials> {
+/// tenant's owner role or one of its login roles (edited by hand, or removed) counts as `login`
+/// (the one the status last showed) or else the owner, and so is put back.
+pub fn stored_credentials(
+    secret: &Secret,
+    names: &TenantNames,
+    login: Option<&str>,
+) -> Option<Credentials> {
     let text = |key: &str| {
         let bytes = secret.data.as_ref()?.get(key)?;
         String::from_utf8(bytes.0.clone())
@@ -68,6 +72,7 @@ pub fn stored_credentials(secret: &Secret, names: &TenantNames) -> Option<Creden
     let password = text(keys::PASSWORD)?;
     let user = text(keys::USER)
         .filter(ours)
+        .or_else(|| login.map(str::to_string).filter(ours))
         .unwrap_or_else(|| owner.clone());
     let other = |user_key: &str, password_key: &str| match (text(user_key), text(password_key)) {
         (Some(other), Some(password)) if ours(&other) && other != user => Some((other, password)),
@@ -252,10 +257,10 @@ mod tests {
             data: Some(data.clone()),
             ..Default::default()
         };
-        assert_eq!(stored_credentials(&secret, &names), Some(rotated));
+        assert_eq!(stored_credentials(&secret, &names, None), Some(rotated));
 
-        // Another tenant's role typed into `user`: the owner's is put back, and no previous
-        // login is taken from a hand-edited key.
+        // Another tenant's role typed into `user`: the login the status shows is put back (the
+        // owner's, without one), and no previous login is taken from a hand-edited key.
         let mut edited = data;
         for (key, value) in [("user", "t_prod_other"), ("previous-user", "postgres")] {
             edited.insert(key.into(), ByteString(value.as_bytes().to_vec()));
@@ -265,13 +270,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            stored_credentials(&secret, &names),
+            stored_credentials(&secret, &names, Some("t_prod_acme_a")),
             Some(Credentials {
-                user: "t_prod_acme".into(),
+                user: "t_prod_acme_a".into(),
                 password: "new".into(),
                 previous: None,
                 next: None,
             })
         );
+        let owner = stored_credentials(&secret, &names, Some("postgres")).map(|c| c.user);
+        assert_eq!(owner.as_deref(), Some("t_prod_acme"));
     }
 }

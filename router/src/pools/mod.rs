@@ -45,8 +45,10 @@ pub(crate) enum PoolError {
 
 pub(crate) struct TenantPool {
     pub(crate) route: Arc<TenantRoute>,
-    /// The route with its latest credentials, which new server connections log in with (a
-    /// rotated password changes only this: the pool and its connections stay).
+    /// The route with the routing table's latest credentials, which new server connections log
+    /// in with (a rotated password changes only this: the pool and its connections stay). Set
+    /// from the table alone ([`Pools::refresh_credentials`]), never from a login, whose route
+    /// may be older.
     latest: ArcSwap<TenantRoute>,
     budget: Option<Arc<ServerBudget>>,
     /// Replaced by a pool for a changed route: its sessions go on, but what they release is
@@ -282,16 +284,24 @@ impl Pools {
         }
     }
 
+    /// Gives each pool whose tenant's credentials alone changed in `table` the new ones, for
+    /// the connections it opens from now on.
+    pub(crate) fn refresh_credentials(&self, table: &crate::routing::RoutingTable) {
+        for pool in lock(&self.pools).values() {
+            if let crate::routing::Lookup::Found(route) = table.lookup(&pool.route.key())
+                && pool.route.same_but_credentials(&route)
+                && **pool.latest.load() != *route
+            {
+                pool.latest.store(route);
+            }
+        }
+    }
+
     pub(crate) fn get(&self, route: &Arc<TenantRoute>) -> Arc<TenantPool> {
         let mut pools = lock(&self.pools);
         match pools.get(&route.key()) {
             Some(pool) if pool.route == *route || *pool.latest.load() == *route => pool.clone(),
-            Some(pool) if pool.route.same_but_credentials(route) => {
-                if **pool.latest.load() != **route {
-                    pool.latest.store(route.clone());
-                }
-                pool.clone()
-            }
+            Some(pool) if pool.route.same_but_credentials(route) => pool.clone(),
             _ => {
                 let budget = route.server.as_ref().map(|(server, limit)| {
                     let budget = lock(&self.budgets)
@@ -346,4 +356,56 @@ impl Pools {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::{RoutingTable, TenantState};
+
+    fn route(user: &str, password: &str) -> TenantRoute {
+        TenantRoute {
+            namespace: "prod".into(),
+            name: "acme".into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            database: "t_prod_acme".into(),
+            user: user.into(),
+            password: password.into(),
+            other_passwords: Vec::new(),
+            connection_limit: 5,
+            state: TenantState::Ready,
+            upstream_tls: Default::default(),
+            server: None,
+            hosts: vec![],
+            path_prefixes: vec![],
+            created: 0,
+        }
+    }
+
+    /// A rotation keeps the pool (and so its server connections); the connections it opens next
+    /// log in with what the table says, never with an older route a login still holds.
+    #[test]
+    fn new_credentials_keep_the_pool_and_reach_it_from_the_table() {
+        let pools = Pools::new(Arc::new(Peers::alone()));
+        let old = Arc::new(route("t_prod_acme", "old"));
+        let pool = pools.get(&old);
+
+        let rotated = route("t_prod_acme_a", "new");
+        pools.refresh_credentials(&RoutingTable::new([rotated.clone()]));
+        assert_eq!(pool.latest.load().user, "t_prod_acme_a");
+        // A login that read the table before the rotation gets the same pool, and changes nothing.
+        assert!(Arc::ptr_eq(&pools.get(&old), &pool));
+        assert_eq!(pool.latest.load().password, "new");
+        assert!(Arc::ptr_eq(&pools.get(&Arc::new(rotated)), &pool));
+
+        // Anything else that changes is a new pool.
+        let moved = TenantRoute {
+            port: 5433,
+            ..route("t_prod_acme_a", "new")
+        };
+        pools.refresh_credentials(&RoutingTable::new([moved.clone()]));
+        assert_eq!(pool.latest.load().port, 5432);
+        assert!(!Arc::ptr_eq(&pools.get(&Arc::new(moved)), &pool));
+    }
 }
