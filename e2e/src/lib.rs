@@ -3,6 +3,7 @@
 //! and the controller as a local process. Each test gets its own namespace, servers and controller.
 //! With a node (`e2e/scripts/node.sh`), Jobs and the Helm chart's pods run for real.
 
+pub mod apiserver;
 pub mod controller;
 pub mod kube_env;
 pub mod node;

@@ -11,6 +11,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use silo_crds::{Tenant, TenantPhase, TenantSpec};
+use silo_e2e::apiserver::RequestCounts;
 use silo_e2e::{Env, PgServer, TestNs, wait_for};
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::Mutex;
@@ -84,6 +85,9 @@ async fn main() -> anyhow::Result<()> {
         }
         anyhow::bail!("the tenant watch ended")
     });
+    // Requests counted by the API server from here until all are Ready: the benchmark's own
+    // (one POST per Tenant, one watch) and the controller's.
+    let requests_before = RequestCounts::read(&ns.client).await?;
     let start = Instant::now();
     stream::iter(0..args.tenants)
         .map(|i| {
@@ -101,6 +105,13 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("tenants not all Ready within 30 minutes")???;
     let all_ready = start.elapsed();
+    let mut requests = RequestCounts::read(&ns.client)
+        .await?
+        .since(&requests_before);
+    if let Some(own) = requests.0.get_mut(&("POST".into(), "tenants".into())) {
+        *own -= args.tenants as f64;
+    }
+    requests.0.retain(|_, n| *n > 0.0);
     let rss = ctl
         .peak_rss_kib()
         .context("reading the controller's peak RSS")?;
@@ -176,6 +187,20 @@ async fn main() -> anyhow::Result<()> {
         println!("  {what:<40} {value}");
     }
     println!("  ({databases} tenant databases verified on the servers)");
+    let per = args.tenants as f64;
+    println!();
+    println!(
+        "API requests of the controller until all Ready (the API server's apiserver_request_total, \
+         less the benchmark's own Tenant creates): {:.2} writes per tenant (target <= 4)",
+        requests.writes() / per
+    );
+    println!(
+        "  {:<8} {:<32} {:>8} {:>8}",
+        "verb", "resource", "total", "/tenant"
+    );
+    for line in requests.table(per) {
+        println!("  {line}");
+    }
     Ok(())
 }
 

@@ -1,0 +1,82 @@
+//! What the API server counted: `apiserver_request_total` from its own `/metrics`, by verb and
+//! resource, so that a benchmark can report the requests a run caused, a figure that does not
+//! depend on the machine's speed or noise.
+
+use std::collections::BTreeMap;
+
+/// Requests counted by the API server, by (verb, resource[/subresource]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RequestCounts(pub BTreeMap<(String, String), f64>);
+
+/// Verbs that change something.
+pub const WRITES: [&str; 5] = ["POST", "PUT", "PATCH", "APPLY", "DELETE"];
+
+impl RequestCounts {
+    /// Reads the API server's counters now.
+    pub async fn read(client: &kube::Client) -> anyhow::Result<RequestCounts> {
+        let request = http::Request::get("/metrics").body(Vec::new())?;
+        let text = client.request_text(request).await?;
+        Ok(RequestCounts::parse(&text))
+    }
+
+    /// Sums `apiserver_request_total` samples by verb and resource (over codes, scopes, groups
+    /// and versions).
+    pub fn parse(text: &str) -> RequestCounts {
+        let mut counts = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.rsplit_once("} ") else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split("\",")
+                    .filter_map(|pair| pair.split_once("=\""))
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, v)| v.trim_end_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            let resource = match label("subresource") {
+                sub if sub.is_empty() => label("resource"),
+                sub => format!("{}/{sub}", label("resource")),
+            };
+            *counts.entry((label("verb"), resource)).or_insert(0.0) += value;
+        }
+        RequestCounts(counts)
+    }
+
+    /// What was counted since `before`, zeros left out.
+    pub fn since(&self, before: &RequestCounts) -> RequestCounts {
+        RequestCounts(
+            self.0
+                .iter()
+                .map(|(key, n)| (key.clone(), n - before.0.get(key).copied().unwrap_or(0.0)))
+                .filter(|(_, n)| *n > 0.0)
+                .collect(),
+        )
+    }
+
+    /// The writes among them.
+    pub fn writes(&self) -> f64 {
+        self.0
+            .iter()
+            .filter(|((verb, _), _)| WRITES.contains(&verb.as_str()))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// One line per (verb, resource), each also per `per` (tenants, say).
+    pub fn table(&self, per: f64) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|((verb, resource), n)| {
+                format!("{verb:<8} {resource:<32} {n:>8.0} {:>8.2}", n / per)
+            })
+            .collect()
+    }
+}
