@@ -46,6 +46,9 @@ pub enum Error {
     /// A deleted tenant's final backup failed: nothing is dropped, and it is tried again.
     #[error("the final backup failed: {message}")]
     FinalBackupFailed { message: String },
+    /// A deleted tenant's final backup waits for a place under the server's backup cap.
+    #[error("{message}")]
+    FinalBackupWaiting { message: String },
 
     /// A password rotation could not complete; the Secret is unchanged.
     #[error("password rotation: {message}")]
@@ -79,6 +82,7 @@ impl Error {
             Error::Backup { .. } => "BackupStore",
             Error::FinalBackupRunning => "FinalBackupRunning",
             Error::FinalBackupFailed { .. } => "FinalBackupFailed",
+            Error::FinalBackupWaiting { .. } => "FinalBackupWaiting",
             Error::Rotation { .. } => "RotationFailed",
             Error::Finalizer(e) => match e.as_ref() {
                 // The cached object was stale (another reconcile added the finalizer): just retry.

@@ -68,6 +68,11 @@ pub fn fit_job_name(name: &str, suffix: &str) -> String {
     format!("{cut}-{hash}{suffix}")
 }
 
+/// `text` as a label value: itself up to 63 characters, else cut and ended with a hash of it.
+pub fn label_value(text: &str) -> String {
+    fit_job_name(text, "")
+}
+
 /// Deletes `job` (its pods in the background), only if it is still the Job that was read.
 pub async fn delete_job(jobs: &kube::Api<Job>, job: &Job) -> Result<(), kube::Error> {
     use kube::ResourceExt;

@@ -52,6 +52,9 @@ pub const SCHEMA_VERSION_LABEL: &str = "silo.dev/schema-version-hash";
 pub const BACKUP_LABEL: &str = "silo.dev/backup";
 /// Label on a TenantBackup the controller created on its schedule (retention applies to those).
 pub const SCHEDULED_LABEL: &str = "silo.dev/scheduled";
+/// Label on a backup Job (final ones included): the DatabaseServer it dumps from, cut and hashed
+/// past 63 characters; `backups.maxConcurrentPerServer` counts by it.
+pub const SERVER_LABEL: &str = "silo.dev/server";
 /// Label naming the TenantRestore a restore Job runs for.
 pub const RESTORE_LABEL: &str = "silo.dev/restore";
 /// On the final TenantBackup of a Tenant deleted with policy `Snapshot` (in the controller's

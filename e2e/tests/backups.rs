@@ -4,6 +4,8 @@
 //! TenantBackup; failures that store nothing, restores that change nothing unless they succeed.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -910,7 +912,28 @@ async fn snapshot_deletions_wait_out_a_failing_store_and_survive_their_namespace
             })
             .await?;
 
-            // The namespace goes, tenants and all: ten tombstones, ten final backups.
+            // The namespace goes, tenants and all: ten tombstones, ten final backups, never more
+            // than backups.maxConcurrentPerServer (2) dumping from the server at once.
+            let final_jobs: Api<Job> = Api::namespaced(ns.client.clone(), &final_ns);
+            let watching = Arc::new(AtomicBool::new(true));
+            let most = tokio::spawn({
+                let watching = watching.clone();
+                async move {
+                    let mut most = 0;
+                    while watching.load(Ordering::Relaxed) {
+                        if let Ok(jobs) = final_jobs.list(&Default::default()).await {
+                            let active = jobs
+                                .items
+                                .iter()
+                                .filter(|j| j.status.as_ref().and_then(|s| s.active).unwrap_or(0) > 0)
+                                .count();
+                            most = most.max(active);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    most
+                }
+            });
             let namespaces: Api<k8s_openapi::api::core::v1::Namespace> =
                 Api::all(ns.client.clone());
             namespaces
@@ -935,6 +958,9 @@ async fn snapshot_deletions_wait_out_a_failing_store_and_survive_their_namespace
             .fetch_one(&admin)
             .await?;
             ensure!(tombstones == 10, "{tombstones} tombstones on the server");
+            watching.store(false, Ordering::Relaxed);
+            let most = most.await?;
+            ensure!(most <= 2, "{most} final backups ran at once against one server (cap 2)");
             let finals = final_backups(&ns, &final_ns).await?;
             ensure!(finals.len() == 10, "{} final backups", finals.len());
             let keys = store.keys(&format!("fleet/{}", ns.name)).await?;

@@ -609,6 +609,7 @@ fn final_backups_may_be_made_in_the_release_namespace() -> anyhow::Result<()> {
             ("tenantbackups", "patch"),
             ("tenantbackups/status", "patch"),
             ("jobs", "get"),
+            ("jobs", "list"),
             ("jobs", "create"),
             ("jobs", "delete"),
             ("secrets", "get"),

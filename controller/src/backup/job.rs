@@ -171,6 +171,10 @@ pub fn backup_job(
             source.tenant.to_string(),
         ),
         (contract::BACKUP_LABEL.to_string(), backup.name_any()),
+        (
+            contract::SERVER_LABEL.to_string(),
+            crate::jobs::label_value(source.server),
+        ),
     ]);
     let container = Container {
         name: "backup".into(),

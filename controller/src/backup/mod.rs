@@ -28,7 +28,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use object_store::ObjectStoreExt;
 use serde_json::json;
-use silo_crds::contract::BACKUP_LABEL;
+use silo_crds::contract::{BACKUP_LABEL, FINAL_BACKUP_LABEL, SERVER_LABEL};
 use silo_crds::{JobPhase, Tenant, TenantBackup, TenantBackupStatus, TenantPhase};
 use tracing::{info, warn};
 
@@ -228,7 +228,7 @@ async fn apply(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
     };
     let cap = ctx.backup_settings.max_concurrent_per_server.max(1);
     let _starting = ctx.backup_starts.lock().await;
-    let running = running_on(ctx, &server);
+    let running = running_on(ctx, &server, true);
     if running >= cap {
         let message = format!(
             "{running} backups run on {server} (maxConcurrentPerServer {cap}); waiting for a place"
@@ -316,13 +316,21 @@ pub fn database_url(host: &str, port: i32, database: &str) -> String {
 }
 
 /// Backup Jobs running against `server`.
-fn running_on(ctx: &Context, server: &str) -> usize {
+/// Backup Jobs running against `server` that this controller's Job cache holds (final backups
+/// too, where it watches their namespace; `final_backups: false` leaves them out).
+pub(crate) fn running_on(ctx: &Context, server: &str, final_backups: bool) -> usize {
+    let label = crate::jobs::label_value(server);
     ctx.jobs
         .state()
         .iter()
         .filter(|j| j.labels().contains_key(BACKUP_LABEL))
+        .filter(|j| final_backups || !j.labels().contains_key(FINAL_BACKUP_LABEL))
         .filter(|j| outcome::outcome(j, &[]) == Outcome::Running)
         .filter(|j| {
+            if let Some(on) = j.labels().get(SERVER_LABEL) {
+                return *on == label;
+            }
+            // A Job from before the label: its tenant's server.
             let tenant = j
                 .labels()
                 .get(silo_crds::contract::TENANT_LABEL)

@@ -77,6 +77,7 @@ pub fn error_policy(tenant: Arc<Tenant>, error: &Error, _ctx: Arc<Context>) -> A
     match error.reason() {
         "FinalBackupRunning" => return Action::requeue(snapshot::POLL),
         "FinalBackupFailed" => return Action::requeue(snapshot::RETRY),
+        "FinalBackupWaiting" => return Action::requeue(snapshot::POLL),
         _ => {}
     }
     warn!(tenant = %tenant_key(&tenant), reason = error.reason(), error = %error, "tenant reconcile failed");
@@ -378,6 +379,11 @@ async fn snapshot_deletion(
             pass.publish(EventType::Warning, "NotOurs", note).await;
             pass.forget_placement(server);
             Ok(Action::await_change())
+        }
+        Err(Error::FinalBackupWaiting { message }) => {
+            pass.write(&deleting.failing("WaitingForServer", &message))
+                .await?;
+            Err(Error::FinalBackupWaiting { message })
         }
         Err(Error::FinalBackupFailed { message }) => {
             warn!(tenant = %facts.key, server = %server, error = %message, "final backup failed; nothing dropped, retrying");

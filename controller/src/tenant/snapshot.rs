@@ -105,6 +105,19 @@ pub(super) async fn snapshot(
     let job_name = fit_job_name(&name, &format!("-{attempt}"));
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(job) = jobs.get_opt(&job_name).await? else {
+        // A place under the server's cap, counted with the other backups; held until the Job
+        // exists, so that two deletions never take the last place both.
+        let _starting = ctx.backup_starts.lock().await;
+        let cap = ctx.backup_settings.max_concurrent_per_server.max(1);
+        let running =
+            backup::running_on(ctx, server, false) + final_backups_on(&jobs, server).await?;
+        if running >= cap {
+            return Err(Error::FinalBackupWaiting {
+                message: format!(
+                    "{running} backups run on {server} (backups.maxConcurrentPerServer {cap}); the final backup waits for a place"
+                ),
+            });
+        }
         // The login and its Secret: the password is in the Secret before the role has it.
         let secret = format!("{name}-login");
         let password = ensure_login_secret(pass, &record, &secret, &login, server).await?;
@@ -173,6 +186,25 @@ pub(super) async fn snapshot(
             Err(Error::FinalBackupFailed { message: error })
         }
     }
+}
+
+/// Final backup Jobs running against `server`, asked of the API server (the final-backup
+/// namespace may be outside the Job cache, and a Job created a moment ago must count).
+async fn final_backups_on(jobs: &Api<Job>, server: &str) -> Result<usize> {
+    let selector = format!(
+        "{},{}={}",
+        contract::FINAL_BACKUP_LABEL,
+        contract::SERVER_LABEL,
+        crate::jobs::label_value(server)
+    );
+    let listed = jobs
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    Ok(listed
+        .items
+        .iter()
+        .filter(|job| outcome::outcome(job, &[]) == Outcome::Running)
+        .count())
 }
 
 fn now() -> Time {
