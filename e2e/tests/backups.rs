@@ -692,13 +692,14 @@ async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
             let server = ns.server_name("pg");
             ns.add_server(&server, &pg, "").await?;
             let admin = pg.admin_pool().await?;
-            let (mut controller, _dir) = start_controller_with(&ns, &serde_json::json!({}), &env)?;
+            let (mut controller, dir) = start_controller_with(&ns, &serde_json::json!({}), &env)?;
             ns.apply_ok(&[
                 tenant_yaml("acme", "  deletion: {gracePeriod: 1h}"),
                 tenant_yaml("brief", "  deletion: {gracePeriod: 20s}"),
                 tenant_yaml("heir", "  deletion: {policy: Delete}"),
+                tenant_yaml("fleeting", "  deletion: {gracePeriod: 1h, finalBackupRetention: 20s}"),
             ].join("---\n")).await?;
-            for t in ["acme", "brief", "heir"] {
+            for t in ["acme", "brief", "heir", "fleeting"] {
                 ns.wait_phase(t, TenantPhase::Ready, TIMEOUT).await?;
             }
             let mut originals = Vec::new();
@@ -736,7 +737,7 @@ async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
             .await?;
 
             // Deleted; the controller is killed while the final backup runs, and restarted.
-            let out = ns.kubectl(&["delete", "tenant", "acme", "brief", "-n", &ns.name, "--wait=false"]).await?;
+            let out = ns.kubectl(&["delete", "tenant", "acme", "brief", "fleeting", "-n", &ns.name, "--wait=false"]).await?;
             ensure!(out.success, "{}", out.stderr);
             wait_for("a final backup to start", TIMEOUT, || async {
                 (!final_backups(&ns, &final_ns).await.ok()?.is_empty()).then_some(())
@@ -744,13 +745,18 @@ async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
             .await?;
             controller.kill9();
             let (_controller, _) = start_controller_with(&ns, &serde_json::json!({}), &env)?;
-            for t in ["acme", "brief"] {
+            for t in ["acme", "brief", "fleeting"] {
                 wait_for(&format!("Tenant {t} to go"), TIMEOUT, || async {
                     ns.tenants().get_opt(t).await.ok()?.is_none().then_some(())
                 })
                 .await?;
             }
-            let finals = final_backups(&ns, &final_ns).await?;
+            // (fleeting's may already have reached the end of its 20 s retention.)
+            let finals: Vec<_> = final_backups(&ns, &final_ns)
+                .await?
+                .into_iter()
+                .filter(|b| b.spec.tenant != "fleeting")
+                .collect();
             ensure!(finals.len() == 2, "one final backup per tenant, not {}", finals.len());
             for b in &finals {
                 let status = b.status.clone().unwrap_or_default();
@@ -823,6 +829,19 @@ async fn a_snapshot_deletion_keeps_the_data_locked_until_undelete_or_purge() {
             ns.wait_phase("heir", TenantPhase::Ready, TIMEOUT).await?;
             let mut heir = PgConnection::connect(&ns.secret_value("heir", "uri").await?).await?;
             ensure!(contents(&mut heir).await? == originals[1], "the final backup lost rows");
+
+            // fleeting's final backup reaches the end of its retention (20 s) in a namespace the
+            // controller does not watch: record and dump both go.
+            wait_for("fleeting's final backup to expire", TIMEOUT, || async {
+                let finals = final_backups(&ns, &final_ns).await.ok()?;
+                (!finals.iter().any(|b| b.spec.tenant == "fleeting")).then_some(())
+            })
+            .await?;
+            let fleeting_dir = dir.join(&ns.name).join("fleeting");
+            let left: Vec<_> = std::fs::read_dir(&fleeting_dir)
+                .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            ensure!(left.is_empty(), "left in {}: {left:?}", fleeting_dir.display());
             Ok(())
         }
         .await;

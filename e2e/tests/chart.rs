@@ -605,6 +605,8 @@ fn final_backups_may_be_made_in_the_release_namespace() -> anyhow::Result<()> {
         let objects = render(release_ns, sets)?;
         for (resource, verb) in [
             ("tenantbackups", "get"),
+            ("tenantbackups", "list"),
+            ("tenantbackups", "delete"),
             ("tenantbackups", "create"),
             ("tenantbackups", "patch"),
             ("tenantbackups/status", "patch"),

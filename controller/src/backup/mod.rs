@@ -494,8 +494,14 @@ async fn cleanup(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
         let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
         crate::jobs::delete_job(&jobs, &job).await?;
     }
+    delete_object(backup).await?;
+    Ok(Action::await_change())
+}
+
+/// Deletes the backup's object and manifest from the store, if it stored any.
+pub(crate) async fn delete_object(backup: &TenantBackup) -> Result<()> {
     let Some(uri) = backup.status.as_ref().and_then(|s| s.uri.clone()) else {
-        return Ok(Action::await_change());
+        return Ok(());
     };
     let (location, name) = Location::parse_object(&uri).map_err(|e| Error::Backup {
         message: format!("the backup's object {uri}: {e}"),
@@ -518,5 +524,5 @@ async fn cleanup(backup: &TenantBackup, ctx: &Context) -> Result<Action> {
         }
     }
     info!(backup = %key(backup), uri = %uri, "backup object deleted");
-    Ok(Action::await_change())
+    Ok(())
 }

@@ -24,14 +24,22 @@ use super::settings::parse_duration;
 use crate::context::Context;
 
 const TICK: Duration = Duration::from_secs(5);
+/// Every this many ticks (a minute), the final backups in a namespace outside the caches are
+/// listed for expiry.
+const UNWATCHED_EVERY: u64 = 12;
 
 /// Runs until shutdown; does nothing without a fleet schedule and without tenant schedules.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     if !ctx.caches_filled().await {
         return;
     }
+    let mut ticks: u64 = 0;
     loop {
         tick(&ctx).await;
+        if ticks.is_multiple_of(UNWATCHED_EVERY) {
+            expire_unwatched_final_backups(&ctx).await;
+        }
+        ticks += 1;
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = shutdown.cancelled() => return,
@@ -117,6 +125,36 @@ fn final_backup_expired(backup: &TenantBackup, now: DateTime<Utc>) -> bool {
             .get(EXPIRES_ANNOTATION)
             .and_then(|t| t.parse::<DateTime<Utc>>().ok())
             .is_some_and(|expires| expires <= now)
+}
+
+/// Final backups kept in a namespace this controller does not watch (the release namespace,
+/// with `controller.watchNamespace` elsewhere): listed now and then, and the expired ones deleted,
+/// object first (they carry no object finalizer there).
+async fn expire_unwatched_final_backups(ctx: &Context) {
+    let namespace = &ctx.final_backup_namespace;
+    if ctx.watches(namespace) {
+        return;
+    }
+    let api: Api<TenantBackup> = Api::namespaced(ctx.client.clone(), namespace);
+    let listed = match api
+        .list(&kube::api::ListParams::default().labels(FINAL_BACKUP_LABEL))
+        .await
+    {
+        Ok(listed) => listed,
+        Err(e) => {
+            warn!(namespace = %namespace, error = %e, "listing final backups for expiry failed");
+            return;
+        }
+    };
+    let now = Utc::now();
+    for backup in listed.items.iter().filter(|b| final_backup_expired(b, now)) {
+        match super::delete_object(backup).await {
+            Ok(()) => expire_final_backup(ctx, backup).await,
+            Err(e) => {
+                warn!(backup = %backup.name_any(), error = %e, "deleting an expired final backup's object failed")
+            }
+        }
+    }
 }
 
 /// Deletes an expired final backup (its finalizer deletes the object).
