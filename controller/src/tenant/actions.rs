@@ -134,12 +134,8 @@ impl Pass<'_> {
         }
         info!(tenant = %key, server = %chosen, "tenant placed");
         let _ = ctx.server_changed.send(chosen.clone());
-        self.publish(
-            EventType::Normal,
-            "Placed",
-            format!("placed on DatabaseServer {chosen}"),
-        )
-        .await;
+        // No Event of its own: the one that ends provisioning (Ready, or why not) names the
+        // server, and one Event per new tenant is what a fleet's API server should carry.
         Ok(Ok(chosen))
     }
 

@@ -122,7 +122,7 @@ impl Report {
 
     /// The Event announcing a phase change from `previous`, if this report changes the phase.
     pub fn phase_event(&self, previous: Option<TenantPhase>) -> Option<PhaseEvent> {
-        // "Placed" already announced provisioning.
+        // Provisioning is announced by its end (Ready names the server), not by its start.
         if previous == Some(self.phase) || self.phase == TenantPhase::Provisioning {
             return None;
         }
@@ -498,7 +498,7 @@ mod tests {
         let deleting = deleting(placed(Some(Ready)), DeletionPolicy::Delete);
         #[rustfmt::skip]
         let cases: Vec<(Option<TenantPhase>, Report, Announced)> = vec![
-            (None, placed(None), None), // "Placed" says it
+            (None, placed(None), None), // its end says it
             (Some(Pending), placed(Some(Pending)), None),
             (Some(Provisioning), ready.clone(), Some((EventType::Normal, "Ready", ready_note.into()))),
             (Some(Ready), ready.clone(), None),
