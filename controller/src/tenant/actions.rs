@@ -363,7 +363,14 @@ impl Pass<'_> {
         let created = self.tenant.creation_timestamp().map_or(now, |t| t.0);
         let mut unchanged = rotation::state(&credentials, annotations, overlap);
         unchanged.next_rotation = rotation::next_rotation(every, &unchanged, created).map(Time);
-        let step = self.try_rotation_step(handle, server, endpoint, credentials, annotations);
+        let step = self.try_rotation_step(
+            handle,
+            server,
+            endpoint,
+            credentials,
+            annotations,
+            unchanged.clone(),
+        );
         match step.await {
             Ok(stands) => stands,
             Err(error) => {
@@ -377,6 +384,7 @@ impl Pass<'_> {
         }
     }
 
+    /// The step itself, from `state`: where rotation stands before it.
     async fn try_rotation_step(
         &self,
         handle: &ServerHandle,
@@ -384,6 +392,7 @@ impl Pass<'_> {
         endpoint: &Endpoint<'_>,
         credentials: Credentials,
         annotations: &BTreeMap<String, String>,
+        mut state: CredentialsStatus,
     ) -> Result<(CredentialsStatus, Option<jiff::Timestamp>)> {
         let Pass { tenant, facts, .. } = self;
         let owner = &facts.names.role;
@@ -391,8 +400,6 @@ impl Pass<'_> {
         let requested = tenant.annotations().get(contract::ROTATE_ANNOTATION);
         let now = jiff::Timestamp::now();
         let created = tenant.creation_timestamp().map_or(now, |t| t.0);
-        let mut state = rotation::state(&credentials, annotations, overlap);
-        state.next_rotation = rotation::next_rotation(every, &state, created).map(Time);
         let locked = tenant.spec.suspended || facts.restoring.is_some();
         let next_since = credentials.next.as_ref().map(|_| {
             annotations
