@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
@@ -18,6 +19,10 @@ pub struct Context {
     pub pools: ServerPools,
     pub servers: Store<DatabaseServer>,
     pub tenants: Store<Tenant>,
+    /// The tenants' credentials Secrets (the ones labelled managed-by silo).
+    pub secrets: Store<Secret>,
+    /// Secrets this process wrote that the cache has not shown back yet.
+    pub secret_writes: SecretWrites,
     pub rollouts: Store<SchemaRollout>,
     /// The controller's Jobs (migrations, backups), by the managed-by label.
     pub jobs: Store<Job>,
@@ -71,15 +76,16 @@ impl Context {
     /// kind's cache while running for the other: before this, "no such DatabaseServer" could
     /// mean "not listed yet", and a deletion policy must never be decided on that.
     pub async fn caches_filled(&self) -> bool {
-        let (tenants, servers, rollouts, jobs, backups, restores) = tokio::join!(
+        let (tenants, secrets, servers, rollouts, jobs, backups, restores) = tokio::join!(
             store_ready(&self.tenants),
+            store_ready(&self.secrets),
             store_ready(&self.servers),
             store_ready(&self.rollouts),
             store_ready(&self.jobs),
             store_ready(&self.backups),
             store_ready(&self.restores)
         );
-        tenants && servers && rollouts && jobs && backups && restores
+        tenants && secrets && servers && rollouts && jobs && backups && restores
     }
 
     pub fn lock_failures(
@@ -118,13 +124,62 @@ pub fn lock_placements(p: &Placements) -> std::sync::MutexGuard<'_, HashMap<Stri
     p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// `namespace/name` of a tenant.
-pub fn tenant_key(tenant: &Tenant) -> String {
+/// The resourceVersion of each Secret this process last wrote, by `namespace/name`, until the
+/// watch brings that version back. Meanwhile the cache may hold an older version, so a reconcile
+/// reads that Secret from the API server; and the write coming back through the watch is not a
+/// change to react to (which, for a Secret just created, woke a third reconcile of every new tenant).
+#[derive(Clone, Default)]
+pub struct SecretWrites(Arc<std::sync::Mutex<HashMap<String, String>>>);
+
+impl SecretWrites {
+    /// Remembers `secret` as written by this process.
+    pub fn wrote(&self, secret: &Secret) {
+        if let Some(version) = &secret.metadata.resource_version {
+            self.lock().insert(object_key(secret), version.clone());
+        }
+    }
+
+    /// Whether the watch's `secret` is this process's own last write; it is forgotten then.
+    pub fn came_back(&self, secret: &Secret) -> bool {
+        let mut writes = self.lock();
+        let key = object_key(secret);
+        let ours = writes.get(&key).is_some_and(|version| {
+            secret.metadata.resource_version.as_ref() == Some(version)
+        });
+        if ours {
+            writes.remove(&key);
+        }
+        ours
+    }
+
+    /// Whether a write of this process to the Secret `key` may not be in the cache yet.
+    pub fn unseen(&self, key: &str) -> bool {
+        self.lock().contains_key(key)
+    }
+
+    /// The cache holds what the API server holds for `key`: nothing of this process's is pending.
+    pub fn settled(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// `namespace/name` of any namespaced object.
+pub fn object_key<K: kube::Resource>(object: &K) -> String {
+    let meta = object.meta();
     format!(
         "{}/{}",
-        tenant.metadata.namespace.as_deref().unwrap_or_default(),
-        tenant.metadata.name.as_deref().unwrap_or_default()
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
     )
+}
+
+/// `namespace/name` of a tenant.
+pub fn tenant_key(tenant: &Tenant) -> String {
+    object_key(tenant)
 }
 
 /// Whether the store was filled. `Store::wait_until_ready` wakes only the last task that polled it

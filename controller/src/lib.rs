@@ -124,6 +124,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let (server_changed, server_changed_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let (tenant_changed, tenant_changed_rx) = tokio::sync::mpsc::unbounded_channel();
     let tenants = tenant_controller.store();
+    let secret_writes = context::SecretWrites::default();
+    let (secrets, secret_changes) = wiring::tenant_secrets(secret_api, secret_writes.clone());
     let servers = server_controller.store();
     let rollouts = rollout_controller.store();
     let backup_controller = wiring::backup_controller(backup_api);
@@ -161,6 +163,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         }),
         servers,
         tenants,
+        secrets,
+        secret_writes,
         rollouts,
         jobs,
         backups,
@@ -191,7 +195,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     });
     let tenant_loop = wiring::run_tenants(
         tenant_controller,
-        secret_api,
+        secret_changes,
         server_api,
         server_watch,
         rollout_api.clone(),

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::RunError;
-use crate::context::{self, Context};
+use crate::context::{self, Context, SecretWrites};
 use crate::http::Health;
 use crate::metrics::{Metrics, PhaseLabels};
 use crate::{backup, database_server, restore, schema_rollout, tenant};
@@ -57,6 +57,36 @@ pub fn tenant_controller(
         .with_config(ControllerConfig::default().concurrency(concurrency))
 }
 
+/// The cache of the tenants' credentials Secrets, and the changes to them a tenant reconcile
+/// reacts to: every change but this process's own writes coming back (see `SecretWrites`).
+pub fn tenant_secrets(
+    api: Api<Secret>,
+    writes: SecretWrites,
+) -> (
+    Store<Secret>,
+    impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
+) {
+    let (reader, writer) = reflector::store();
+    let changes = watcher(
+        api,
+        watcher::Config::default().labels(silo_crds::contract::MANAGED_SELECTOR),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .filter_map(move |event| {
+        let changed = match event {
+            Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => {
+                (!writes.came_back(&secret)).then_some(Ok(secret))
+            }
+            Ok(watcher::Event::Delete(secret)) => Some(Ok(secret)),
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(changed)
+    });
+    (reader, changes)
+}
+
 /// The DatabaseServer controller, before its triggers are added. Servers are reconciled when their
 /// spec or labels change, on a timer, and when a tenant is placed on or removed from them.
 pub fn server_controller(
@@ -80,7 +110,7 @@ pub fn server_controller(
 #[allow(clippy::too_many_arguments)]
 pub fn run_tenants(
     controller: Controller<Tenant>,
-    secrets: Api<Secret>,
+    secret_changes: impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
     servers: Api<DatabaseServer>,
     server_watch: watcher::Config,
     rollouts: Api<SchemaRollout>,
@@ -118,10 +148,7 @@ pub fn run_tenants(
             .collect::<Vec<_>>()
     };
     controller
-        .owns(
-            secrets,
-            watcher::Config::default().labels(silo_crds::contract::MANAGED_SELECTOR),
-        )
+        .owns_stream(secret_changes)
         .watches(servers, server_watch, tenants_on_server)
         .watches(rollouts, watcher::Config::default(), tenants_migrating_in)
         .watches(

@@ -14,7 +14,7 @@ use silo_crds::conditions::{self, BACKED_UP, Desired, READY, ROUTED, SCHEMA_READ
 use silo_crds::contract;
 use silo_crds::contract::keys;
 use silo_crds::routing;
-use silo_crds::{CredentialsStatus, DeletionPolicy, Tenant, TenantPhase, TenantStatus};
+use silo_crds::{CredentialsStatus, DeletionPolicy, Tenant, TenantStatus};
 use tracing::{info, warn};
 
 use super::placement::{Candidate, Unplaceable, place_tenant};
@@ -183,23 +183,23 @@ impl Pass<'_> {
                 field_manager: Some(super::FIELD_MANAGER.into()),
                 ..Default::default()
             };
-            api.create(&params, &secret)
-                .await
-                .map(|_| (credentials, BTreeMap::new()))
+            let created = api.create(&params, &secret).await?;
+            ctx.secret_writes.wrote(&created);
+            Ok::<_, kube::Error>((credentials, BTreeMap::new()))
         };
-        // A tenant still being provisioned most likely has no Secret yet: try to create it first.
-        let fresh = facts
-            .phase
-            .is_none_or(|p| matches!(p, TenantPhase::Pending | TenantPhase::Provisioning));
-        if fresh {
-            match create().await {
+        let existing = match self.current_secret(&api).await? {
+            Some(existing) => existing,
+            // Not in the cache: created here, unless it exists but is not labelled as ours.
+            None => match create().await {
                 Ok(created) => return Ok(created),
-                Err(kube::Error::Api(status)) if status.code == 409 => {}
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    let Some(existing) = api.get_opt(&name).await? else {
+                        return Ok(create().await?);
+                    };
+                    existing
+                }
                 Err(e) => return Err(e.into()),
-            }
-        }
-        let Some(existing) = api.get_opt(&name).await? else {
-            return Ok(create().await?);
+            },
         };
 
         let owners = existing
@@ -237,20 +237,44 @@ impl Pass<'_> {
                     data[key] = serde_json::Value::Null;
                 }
             }
+            // Only onto the version read (from the cache): a newer one is read again (Conflict).
             let patch = json!({
                 "metadata": {
+                    "resourceVersion": existing.metadata.resource_version,
                     "ownerReferences": wanted.metadata.owner_references,
                     "labels": { contract::RETAINED_LABEL: null },
                 },
                 "data": data,
             });
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            let patched = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
+            ctx.secret_writes.wrote(&patched);
             if !owned {
                 info!(tenant = %facts.key, secret = %name, "retained credentials Secret adopted");
             }
         }
         Ok((credentials, existing.annotations().clone()))
+    }
+
+    /// The tenant's Secret as it is now: from the cache, unless this process wrote it since the
+    /// cache last showed it (then from the API server).
+    async fn current_secret(&self, api: &Api<Secret>) -> Result<Option<Secret>> {
+        let Pass { facts, ctx, .. } = self;
+        let name = secret_name(&facts.name);
+        let cached = ctx
+            .secrets
+            .get(&ObjectRef::new(&name).within(&facts.namespace));
+        let key = format!("{}/{name}", facts.namespace);
+        if !ctx.secret_writes.unseen(&key) {
+            return Ok(cached.map(|s| Secret::clone(&s)));
+        }
+        let current = api.get_opt(&name).await?;
+        let version = |s: Option<&Secret>| s.and_then(|s| s.metadata.resource_version.clone());
+        if version(current.as_ref()) == version(cached.as_deref()) {
+            ctx.secret_writes.settled(&key);
+        }
+        Ok(current)
     }
 
     /// Role, database and grants as declared; sessions ended while suspended. Returns what changed.
@@ -568,12 +592,14 @@ impl Pass<'_> {
     async fn patch_secret(&self, patch: serde_json::Value) -> Result<()> {
         let Pass { facts, ctx, .. } = self;
         let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &facts.namespace);
-        api.patch(
-            &secret_name(&facts.name),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await?;
+        let patched = api
+            .patch(
+                &secret_name(&facts.name),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        ctx.secret_writes.wrote(&patched);
         Ok(())
     }
 
@@ -616,7 +642,10 @@ impl Pass<'_> {
             .patch(&secret, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(patched) => {
+                self.ctx.secret_writes.wrote(&patched);
+                Ok(())
+            }
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(e) => Err(e.into()),
         }
