@@ -88,6 +88,14 @@ impl Context {
         tenants && secrets && servers && rollouts && jobs && backups && restores
     }
 
+    /// Whether this process tried `server` and its last check failed.
+    pub fn server_failing(&self, server: &str) -> bool {
+        self.server_failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains_key(server)
+    }
+
     pub fn lock_failures(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, crate::schema_rollout::outcome::Outcome>> {

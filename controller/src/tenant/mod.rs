@@ -203,6 +203,12 @@ async fn apply(pass: &Pass<'_>) -> Result<Action> {
         return Ok(Action::requeue(PENDING_RETRY));
     };
     let Some(handle) = ctx.pools.get(&server) else {
+        if !ctx.server_failing(&server) {
+            // Not tried yet by this process (it has just started): nothing to tell in status,
+            // which would otherwise flap for a tenant that is fine.
+            tracing::debug!(tenant = %facts.key, server = %server, "server not connected yet; waiting");
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         let err = Error::ServerNotConnected {
             server: server.clone(),
         };
