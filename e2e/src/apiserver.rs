@@ -61,6 +61,25 @@ impl RequestCounts {
         )
     }
 
+    /// The writes alone, by (verb, resource).
+    pub fn only_writes(&self) -> RequestCounts {
+        RequestCounts(
+            self.0
+                .iter()
+                .filter(|((verb, _), _)| WRITES.contains(&verb.as_str()))
+                .map(|(key, n)| (key.clone(), *n))
+                .collect(),
+        )
+    }
+
+    /// The count for one verb and resource (0 when none).
+    pub fn get(&self, verb: &str, resource: &str) -> f64 {
+        self.0
+            .get(&(verb.to_string(), resource.to_string()))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
     /// The writes among them.
     pub fn writes(&self) -> f64 {
         self.0
