@@ -66,7 +66,7 @@ impl Op {
 pub struct Replay {
     /// Wall time of the replayed writes.
     pub elapsed: Duration,
-    /// The writes the API server counted during the replay.
+    /// The writes the API server counted during the replay (less its own upkeep).
     pub counted: RequestCounts,
     /// The controller's writes this replay has no equivalent for (none so far).
     pub not_replayed: RequestCounts,
@@ -140,7 +140,9 @@ async fn replay_in(
     let counted = RequestCounts::read(&ns.client)
         .await?
         .since(&before)
-        .only_writes();
+        .only_writes()
+        .split_upkeep()
+        .0;
     Ok(Replay {
         elapsed,
         counted,
