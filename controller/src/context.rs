@@ -143,9 +143,9 @@ impl SecretWrites {
     pub fn came_back(&self, secret: &Secret) -> bool {
         let mut writes = self.lock();
         let key = object_key(secret);
-        let ours = writes.get(&key).is_some_and(|version| {
-            secret.metadata.resource_version.as_ref() == Some(version)
-        });
+        let ours = writes
+            .get(&key)
+            .is_some_and(|version| secret.metadata.resource_version.as_ref() == Some(version));
         if ours {
             writes.remove(&key);
         }
@@ -163,7 +163,9 @@ impl SecretWrites {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

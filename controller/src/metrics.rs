@@ -27,6 +27,12 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// `catalog`: settled by the server's shared catalog read; `tenant`: the tenant's own queries.
+    pub by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: String,
 }
@@ -36,6 +42,7 @@ pub struct Metrics {
     reconciles: Family<ResultLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
     durations: Family<KindLabels, Histogram>,
+    drift_checks: Family<CheckLabels, Counter>,
     pub tenants: Family<PhaseLabels, Gauge>,
 }
 
@@ -48,6 +55,7 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.005, 2.0, 14))
         });
         let tenants = Family::<PhaseLabels, Gauge>::default();
+        let drift_checks = Family::<CheckLabels, Counter>::default();
         registry.register(
             "reconciles",
             "Reconciles by kind and result",
@@ -64,11 +72,17 @@ impl Default for Metrics {
             durations.clone(),
         );
         registry.register("tenants", "Tenants by phase", tenants.clone());
+        registry.register(
+            "drift_checks",
+            "Tenant drift checks, by what settled them (catalog: the server's shared read)",
+            drift_checks.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             failures,
             durations,
+            drift_checks,
             tenants,
         }
     }
@@ -100,6 +114,11 @@ impl Metrics {
         self.failures
             .get_or_create(&FailureLabels { kind, reason })
             .inc();
+    }
+
+    /// One tenant's roles and database checked, `by` the shared catalog read or its own queries.
+    pub fn drift_checked(&self, by: &'static str) {
+        self.drift_checks.get_or_create(&CheckLabels { by }).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -531,6 +531,114 @@ async fn two_installs_each_act_only_on_their_own_tenants() {
     .await;
 }
 
+/// Sharding a fleet past one controller: two controllers side by side, each owning the
+/// DatabaseServers its `--server-selector` picks and holding its own Lease (as two releases of
+/// the chart would). Tenants that either shard could take race for a placement; each is
+/// provisioned exactly once, on one shard, and its deletion follows its policy there.
+#[tokio::test]
+async fn shards_provision_every_tenant_exactly_once() {
+    with_temp_ns("shards", |ns| async move {
+        let pgs = [PgServer::start()?, PgServer::start()?];
+        let shards = ["a", "b"];
+        let server = |shard: &str| format!("{}-{shard}", ns.name);
+        for (shard, pg) in shards.iter().zip(&pgs) {
+            ns.add_server(&server(shard), pg, "").await?;
+            let label = format!("shard={shard}");
+            let out = ns.kubectl(&["label", "databaseserver", &server(shard), &label]).await?;
+            ensure!(out.success, "{}", out.stderr);
+        }
+        // Each release's chart gives its controller its own Lease; here one Role in the test
+        // namespace lets the chart's controller identity hold the two shards' Leases.
+        let kubeconfig: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&ns.env.controller_kubeconfig)?)?;
+        let account = kubeconfig["users"][0]["name"].as_str().context("controller identity")?;
+        ns.apply_ok(&format!(
+            "apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {{name: shard-leases}}
+rules:
+  - {{apiGroups: [coordination.k8s.io], resources: [leases], verbs: [create]}}
+  - {{apiGroups: [coordination.k8s.io], resources: [leases], resourceNames: [shard-a, shard-b], verbs: [get, patch]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: shard-leases}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: shard-leases}}
+subjects: [{{kind: ServiceAccount, name: {account}, namespace: {}}}]
+",
+            ns.env.lease_namespace
+        ))
+        .await?;
+        let start_shard = |shard: &str| {
+            let selector = format!("{TEST_LABEL}={},shard={shard}", ns.name);
+            let lease = format!("shard-{shard}");
+            let identity = format!("shard-{shard}-0");
+            ControllerProcess::start_with_env(
+                &ns,
+                None,
+                &["--server-selector", &selector],
+                &[
+                    ("SILO_LEADER_ELECTION", "true"),
+                    ("SILO_POD_NAME", &identity),
+                    ("SILO_LEASE_NAMESPACE", &ns.name),
+                    ("SILO_LEASE_NAME", &lease),
+                ],
+            )
+        };
+        let controllers = [start_shard("a")?, start_shard("b")?];
+
+        // Twelve tenants either shard may take; half deleted with policy Delete, half Retain.
+        let policy = |i: usize| if i.is_multiple_of(2) { "Delete" } else { "Retain" };
+        let yaml: Vec<String> = (0..12)
+            .map(|i| tenant_yaml(&format!("t{i}"), &format!("  deletion: {{policy: {}}}", policy(i))))
+            .collect();
+        ns.apply_ok(&yaml.join("---\n")).await?;
+        let mut placed = Vec::new();
+        for i in 0..12 {
+            let name = format!("t{i}");
+            let t = ns.wait_phase(&name, TenantPhase::Ready, READY_TIMEOUT).await?;
+            let on = t.status.and_then(|s| s.server).unwrap_or_default();
+            let shard = shards
+                .iter()
+                .position(|s| server(s) == on)
+                .with_context(|| format!("{name} placed on {on}"))?;
+            let db = ns.secret_value(&name, "dbname").await?;
+            ensure!(pgs[shard].exists(Catalog::Database, &db).await?, "{db} missing on {on}");
+            ensure!(
+                !pgs[1 - shard].exists(Catalog::Database, &db).await?
+                    && !pgs[1 - shard].exists(Catalog::Role, &db).await?,
+                "{name} was provisioned on both shards"
+            );
+            placed.push((name, shard, db, policy(i)));
+        }
+        // Each shard holds its own Lease.
+        for shard in shards {
+            let lease = ns
+                .kubectl(&["get", "lease", &format!("shard-{shard}"), "-n", &ns.name, "-o", "jsonpath={.spec.holderIdentity}"])
+                .await?;
+            ensure!(lease.stdout.trim() == format!("shard-{shard}-0"), "lease of shard {shard}: {} {}", lease.stdout, lease.stderr);
+        }
+
+        let out = ns.kubectl(&["delete", "tenants", "--all", "-n", &ns.name, "--wait=false"]).await?;
+        ensure!(out.success, "{}", out.stderr);
+        for (name, shard, db, policy) in &placed {
+            wait_for(&format!("{name} to go"), READY_TIMEOUT, || async {
+                ns.tenants().get_opt(name).await.ok()?.is_none().then_some(())
+            })
+            .await?;
+            let kept = pgs[*shard].exists(Catalog::Database, db).await?;
+            ensure!(kept == (*policy == "Retain"), "{name} (policy {policy}): database kept = {kept}");
+            ensure!(!pgs[1 - shard].exists(Catalog::Database, db).await?, "{db} on the other shard");
+        }
+        for ctl in &controllers {
+            let log = ctl.log_text();
+            ensure!(!log.contains("forbidden"), "a shard lacked a right: {log}");
+        }
+        Ok(())
+    })
+    .await;
+}
+
 /// Any tenant may write any host into `spec.routing`: a second claim on a route used to win or
 /// lose by name order, silently. The first claim (the older Tenant) keeps the route, in the
 /// router's resolve API too, and both Tenants show the conflict (condition and Event).

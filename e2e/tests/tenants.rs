@@ -384,10 +384,21 @@ async fn e_drift_is_repaired() {
     with_temp_ns("drift", |ns| async move {
         let pg = PgServer::start()?;
         ns.add_server(&ns.server_name("pg"), &pg, "").await?;
-        let _ctl = ns.start_controller(&[])?;
+        let ctl = ns.start_controller(&[])?;
         ns.apply_ok(&[tenant_yaml("pw", "  {}"), tenant_yaml("gone", "  {}")].join("---\n")).await?;
         ns.wait_phase("pw", TenantPhase::Ready, READY_TIMEOUT).await?;
         ns.wait_phase("gone", TenantPhase::Ready, READY_TIMEOUT).await?;
+        // A resync of converged tenants is settled by the server's shared catalog read, without
+        // queries of their own (the same read must see the drift below).
+        wait_for("a resync settled by the catalog read", READY_TIMEOUT, || async {
+            let (_, metrics) = ctl.http_get("/metrics").await.ok()?;
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("silo_drift_checks_total{by=\"catalog\"} "))
+                .and_then(|n| n.parse::<f64>().ok())
+                .filter(|n| *n >= 2.0)
+        })
+        .await?;
         let admin = pg.admin_pool().await?;
         let pw_role = ns.secret_value("pw", "user").await?;
         let gone_role = ns.secret_value("gone", "user").await?;

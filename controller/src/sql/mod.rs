@@ -1,5 +1,6 @@
 //! Everything that talks to PostgreSQL: one pool per server, tenant naming, DDL and password verifiers.
 
+pub mod catalog;
 pub mod ddl;
 pub mod identity;
 pub mod naming;

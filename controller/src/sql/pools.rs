@@ -67,6 +67,8 @@ pub struct ServerHandle {
     pub target: AdminTarget,
     pub pool: PgPool,
     pub verified: super::scram::VerifiedPasswords,
+    /// The last read of every tenant's roles and database, for the drift check of a resync.
+    pub catalog: super::catalog::CatalogCache,
     ddl: Semaphore,
     ddl_limit: u32,
 }
@@ -141,6 +143,7 @@ impl ServerPools {
             target,
             pool,
             verified: Default::default(),
+            catalog: Default::default(),
             ddl: Semaphore::new(self.limits.ddl_concurrency),
             ddl_limit: u32::try_from(self.limits.ddl_concurrency).unwrap_or(u32::MAX),
         });

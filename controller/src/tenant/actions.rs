@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::sql::ddl::{self, Change, RoleSpec};
 use crate::sql::identity::Claimant;
 use crate::sql::rotation::{self as rotation_sql, LoginSpec};
-use crate::sql::{ServerHandle, scram};
+use crate::sql::{ServerHandle, catalog, scram};
 
 /// The tenant's `server`, when that server exists but is not one of this controller's
 /// (`--server-selector`): the tenant belongs to another install sharing the cluster. A server
@@ -285,16 +285,37 @@ impl Pass<'_> {
         server: &str,
     ) -> Result<Vec<Change>> {
         let Pass { tenant, facts, .. } = self;
+        // A restore locks the tenant as a suspension does, sparing the restore's own login.
+        let locked = tenant.spec.suspended || facts.restoring.is_some();
+        if !locked && self.in_order(handle, credentials, server).await? {
+            self.ctx.metrics.drift_checked("catalog");
+            return Ok(Vec::new());
+        }
+        self.ctx.metrics.drift_checked("tenant");
+        let changes = self
+            .provision_each(handle, credentials, server, locked)
+            .await;
+        // Whatever happened, the snapshots read before no longer count for this tenant.
+        handle.catalog.touched(&facts.names.role);
+        changes
+    }
+
+    /// [`Self::provision`], asking the catalog about this tenant alone.
+    async fn provision_each(
+        &self,
+        handle: &ServerHandle,
+        credentials: &Credentials,
+        server: &str,
+        locked: bool,
+    ) -> Result<Vec<Change>> {
+        let Pass { tenant, facts, .. } = self;
         let names = &facts.names;
         let claimant = Claimant {
             key: &facts.key,
             uid: &facts.uid,
         };
-        let suspended = tenant.spec.suspended;
-        // A restore locks the tenant as a suspension does, sparing the restore's own login.
-        let locked = suspended || facts.restoring.is_some();
-        let _permit = handle.ddl_permit().await;
         let pool = &handle.pool;
+        let _permit = handle.ddl_permit().await;
         // Nothing is created, changed or given a password before the names are known to be ours.
         ddl::claim(pool, &names.role, &names.database, &claimant)
             .await
@@ -370,6 +391,51 @@ impl Pass<'_> {
         Ok(changes)
     }
 
+    /// Whether the server's recent catalog snapshot shows the tenant exactly as declared (see
+    /// `sql::catalog`): a resync of a converged fleet then sends no query per tenant.
+    async fn in_order(
+        &self,
+        handle: &ServerHandle,
+        credentials: &Credentials,
+        server: &str,
+    ) -> Result<bool> {
+        let Pass { tenant, facts, ctx } = self;
+        let names = &facts.names;
+        // Recent enough that a resync pass of the fleet shares a read or two per server.
+        let max_age = (ctx.resync / 10).min(std::time::Duration::from_secs(30));
+        let Some(snapshot) = handle
+            .catalog
+            .for_role(&handle.pool, &names.role, max_age)
+            .await
+            .map_err(|e| Error::sql("reading the catalog", server, e))?
+        else {
+            return Ok(false);
+        };
+        let owner = &names.role;
+        let rotated = credentials.user != *owner;
+        let comment = Claimant {
+            key: &facts.key,
+            uid: &facts.uid,
+        }
+        .active_comment();
+        let declared = catalog::Declared {
+            role: owner,
+            database: &names.database,
+            comment: &comment,
+            connection_limit: tenant.spec.connection_limit,
+            owner_logs_in: credentials.owner_logs_in(owner),
+            owner_password: (!rotated).then_some(credentials.password.as_str()),
+            login: rotated.then_some((credentials.user.as_str(), credentials.password.as_str())),
+            also_logging_in: [&credentials.previous, &credentials.next]
+                .into_iter()
+                .flatten()
+                .map(|(user, _)| user.as_str())
+                .filter(|user| user != owner)
+                .collect(),
+        };
+        Ok(snapshot.in_order(&declared, &handle.verified))
+    }
+
     /// Password rotation, one step per pass as [`rotation::next_step`] says. Returns where
     /// rotation stands and when to look again. A step that fails changes nothing (the Secret is
     /// written last): it is reported in an Event and tried again in 30 s, and the rest of the
@@ -395,7 +461,12 @@ impl Pass<'_> {
             annotations,
             unchanged.clone(),
         );
-        match step.await {
+        let outcome = step.await;
+        if !matches!(&outcome, Ok((stands, _)) if *stands == unchanged) {
+            // A step ran (or failed halfway): the snapshots read before no longer count for it.
+            handle.catalog.touched(&self.facts.names.role);
+        }
+        match outcome {
             Ok(stands) => stands,
             Err(error) => {
                 warn!(tenant = %self.facts.key, error = %error, "password rotation step failed; the Secret is unchanged");
