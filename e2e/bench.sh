@@ -29,9 +29,14 @@ source "$ROOT/e2e/scripts/harness.sh"
 # No node: the benchmark runs no pods, and the control plane stays on loopback.
 export SILO_E2E_NODE=0
 cargo build --quiet --release -p silo-controller -p silo-router -p silo-e2e --manifest-path "$ROOT/Cargo.toml"
-export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller"
-export SILO_ROUTER_BIN="$CARGO_TARGET_DIR/release/silo-router"
-BENCH="$CARGO_TARGET_DIR/release/bench_provision"
+RESULTS="$(mktemp -d /tmp/silo-bench-results.XXXXXX)"
+# The run's own copies: the target folder is shared, and another worktree's build would otherwise
+# swap the controller between two N.
+mkdir "$RESULTS/bin"
+for b in silo-controller silo-router bench_provision; do cp "$CARGO_TARGET_DIR/release/$b" "$RESULTS/bin/"; done
+export SILO_CONTROLLER_BIN="$RESULTS/bin/silo-controller"
+export SILO_ROUTER_BIN="$RESULTS/bin/silo-router"
+BENCH="$RESULTS/bin/bench_provision"
 
 # Where one N's PostgreSQL data goes. On tmpfs when there is room: CREATE DATABASE copies the
 # 7 MB template each time, and a VM's disk makes that the noisiest part of the run; in memory,
@@ -51,7 +56,6 @@ bench_base() {
   fi
 }
 
-RESULTS="$(mktemp -d /tmp/silo-bench-results.XXXXXX)"
 WORK=""
 cleanup() {
   [[ -n "$WORK" && -d "$WORK" ]] || return 0
@@ -62,7 +66,7 @@ cleanup() {
   rm -rf "$WORK"
   WORK=""
 }
-trap cleanup EXIT INT TERM
+trap 'cleanup; rm -rf "$RESULTS/bin"' EXIT INT TERM
 
 for n in "${COUNTS[@]}"; do
   WORK="$(mktemp -d "$(bench_base "$n")/silo-bench.XXXXXX")"

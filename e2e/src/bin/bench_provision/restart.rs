@@ -155,7 +155,8 @@ pub async fn run(
 /// The benchmark's own switching of `log_statement` is left out.
 fn count_statements(log: &str) -> BTreeMap<String, u64> {
     let mut counts = BTreeMap::new();
-    for line in log.lines() {
+    let mut lines = log.lines().peekable();
+    while let Some(line) = lines.next() {
         let sql = if let Some((_, sql)) = line.split_once("LOG:  statement: ") {
             sql
         } else if let Some((_, rest)) = line.split_once("LOG:  execute ") {
@@ -169,11 +170,15 @@ fn count_statements(log: &str) -> BTreeMap<String, u64> {
         if sql.contains("log_statement") || sql.contains("pg_reload_conf") {
             continue;
         }
-        let keyword = sql
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_uppercase();
+        // A statement that starts with a line break has its first word on the next line.
+        let first = match sql.split_whitespace().next() {
+            Some(word) => word,
+            None => lines
+                .peek()
+                .and_then(|next| next.split_whitespace().next())
+                .unwrap_or_default(),
+        };
+        let keyword = first.to_uppercase();
         *counts.entry(keyword).or_insert(0) += 1;
     }
     counts
