@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RequestCounts(pub BTreeMap<(String, String), f64>);
 
+/// Resources the control plane writes to keep itself going (the API server's own lease and the
+/// `kubernetes` Service's endpoints, every few seconds), whoever else runs.
+pub const UPKEEP: [&str; 3] = ["endpoints", "endpointslices", "leases"];
+
 /// Verbs that change something.
 pub const WRITES: [&str; 5] = ["POST", "PUT", "PATCH", "APPLY", "DELETE"];
 
@@ -59,6 +63,35 @@ impl RequestCounts {
                 .filter(|(_, n)| *n > 0.0)
                 .collect(),
         )
+    }
+
+    /// The writes alone, by (verb, resource).
+    pub fn only_writes(&self) -> RequestCounts {
+        RequestCounts(
+            self.0
+                .iter()
+                .filter(|((verb, _), _)| WRITES.contains(&verb.as_str()))
+                .map(|(key, n)| (key.clone(), *n))
+                .collect(),
+        )
+    }
+
+    /// Split by resource: (the rest, the control plane's [`UPKEEP`]).
+    pub fn split_upkeep(&self) -> (RequestCounts, RequestCounts) {
+        let (upkeep, rest) = self
+            .0
+            .clone()
+            .into_iter()
+            .partition(|((_, resource), _)| UPKEEP.contains(&resource.as_str()));
+        (RequestCounts(rest), RequestCounts(upkeep))
+    }
+
+    /// The count for one verb and resource (0 when none).
+    pub fn get(&self, verb: &str, resource: &str) -> f64 {
+        self.0
+            .get(&(verb.to_string(), resource.to_string()))
+            .copied()
+            .unwrap_or(0.0)
     }
 
     /// The writes among them.

@@ -100,9 +100,23 @@ impl ControllerProcess {
 
     /// Peak resident set size (VmHWM) in KiB, from /proc.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.proc_status_kib("VmHWM:")
+    }
+
+    /// Resident set size now (VmRSS) in KiB, from /proc.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.proc_status_kib("VmRSS:")
+    }
+
+    fn proc_status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// CPU time used so far (user + system), from /proc/<pid>/stat.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        process_cpu_seconds(self.child.id())
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -117,6 +131,39 @@ impl ControllerProcess {
     pub async fn http_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         crate::http_get(self.http_port, path).await
     }
+}
+
+/// CPU time (utime + stime, in seconds) a running process has used, from /proc/<pid>/stat.
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces; the fields after it are plain numbers, the
+    // state (field 3) first, utime and stime fields 14 and 15.
+    let (_, rest) = stat
+        .rsplit_once(") ")
+        .with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .with_context(|| format!("short /proc/{pid}/stat"))?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_second()?)
+}
+
+/// `getconf CLK_TCK`: the unit of the CPU times in /proc.
+fn clock_ticks_per_second() -> anyhow::Result<f64> {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    if let Some(ticks) = TICKS.get() {
+        return Ok(*ticks);
+    }
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    let ticks: f64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK")?;
+    Ok(*TICKS.get_or_init(|| ticks))
 }
 
 impl Drop for ControllerProcess {

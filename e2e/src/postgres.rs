@@ -214,6 +214,37 @@ impl PgServer {
         Ok(found)
     }
 
+    /// The server's log file (`pg_ctl -l`).
+    pub fn log_path(&self) -> PathBuf {
+        self.data
+            .parent()
+            .map(|dir| dir.join("log"))
+            .unwrap_or_else(|| self.data.join("log"))
+    }
+
+    /// The folder holding the server's data (for its size, or the free space left there).
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
+    /// `ALTER SYSTEM SET log_statement = <value>` and a configuration reload: `all` makes the
+    /// server log every statement it receives to [`PgServer::log_path`], `none` stops it.
+    pub async fn set_log_statement(&self, value: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            ["none", "ddl", "mod", "all"].contains(&value),
+            "log_statement has no value {value}"
+        );
+        let admin = self.admin_pool().await?;
+        sqlx::raw_sql(&format!("ALTER SYSTEM SET log_statement = '{value}'"))
+            .execute(&admin)
+            .await?;
+        sqlx::raw_sql("SELECT pg_reload_conf()")
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        Ok(())
+    }
+
     /// Stops the server at once (used to simulate an outage as well as on drop).
     pub fn stop(&self) {
         let _ = self.pg(
