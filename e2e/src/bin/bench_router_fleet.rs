@@ -216,13 +216,7 @@ async fn create_tenant(
 
 /// Starts `bin` and waits until it routes the probe.
 async fn start_router(ns: &TestNs, bin: &Path, tenants: usize) -> anyhow::Result<RouterProcess> {
-    let router = RouterProcess::start_bin(
-        ns,
-        bin,
-        "transaction",
-        &ns.env.router_kubeconfig,
-        &["--log-filter", "warn"],
-    )?;
+    let router = RouterProcess::start_bin(ns, bin, "transaction", &ns.env.router_kubeconfig, &[])?;
     let (_, body) = router.http_get("/v1/tenants").await?;
     let listed: serde_json::Value = serde_json::from_str(&body)?;
     let known = listed["tenants"].as_array().map_or(0, Vec::len);
