@@ -208,8 +208,12 @@ if has_case fleet; then
 fi
 
 echo
-echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run (PgBouncer and router: mean of 2 runs, A B B A), transaction pooling, 20 server connections per tenant"
-[[ -n "$PGBENCH_CASES" ]] && printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
+if [[ -n "$PGBENCH_CASES" ]]; then
+  echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run (PgBouncer and router: mean of 2 runs, A B B A), transaction pooling, 20 server connections per tenant"
+  printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
+else
+  echo "router benchmark"
+fi
 for c in $PGBENCH_CASES; do
   read -r d_tps d_lat _ <<<"$(summary "${RESULT[direct,$c]}")"
   read -r b_tps b_lat b_runs <<<"$(summary "${RESULT[pgbouncer,$c]}")"
