@@ -2,13 +2,17 @@
 # Router benchmark (not a test), one run on loopback: pgbench against (a) PostgreSQL directly,
 # (b) Debian's PgBouncer configured the same way (transaction pooling, 20 server connections per
 # tenant, SCRAM), (c) silo-router. Cases: select-only with 50 clients on one tenant; 200 tenants x 2
-# clients (a custom script per tenant); connection churn (-C). Then the router's RSS with 10,000
-# idle tenants configured, and, on a local control plane with the controller, the time from a
-# Tenant turning Ready to its first query through the router. SILO_BENCH_SECONDS sets each run's
-# length (default 10); SILO_BENCH_CASES picks cases (default "select multi churn").
+# clients (a custom script per tenant); connection churn (-C). Then (idle) the router's RSS with
+# 10,000 idle tenants configured, and, on a local control plane: (ready) with the controller, the
+# time from a Tenant turning Ready to its first query through the router; (fleet) with 2,000 live
+# tenants learned from Kubernetes, the router's RSS and the time from one Tenant's change (suspend,
+# new password) to the router acting on it while 100 other tenants change at once.
+# SILO_BENCH_SECONDS sets each run's length (default 10); SILO_BENCH_CASES picks cases (default
+# "select multi churn idle ready fleet").
 # SILO_BENCH_BASELINE_ROUTER=/path/to/an/older/silo-router runs that binary too, configured the
 # same, in the order pgbouncer router baseline baseline router pgbouncer, and prints router/baseline:
-# "no slower than before", measured in one script against one PostgreSQL.
+# "no slower than before", measured in one script against one PostgreSQL; the fleet case measures
+# it as well (router baseline baseline router).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -153,9 +157,12 @@ run_case() {
 # Each case runs against PgBouncer and the router twice, in the order A B B A, so that a drift in
 # the machine's speed over the run (the other tenants of a VM, CPU clocks) weighs on both alike;
 # the table shows the mean of the two runs and each run's TPS.
-CASES="${SILO_BENCH_CASES:-select multi churn}"
+CASES="${SILO_BENCH_CASES:-select multi churn idle ready fleet}"
+has_case() { [[ " $CASES " == *" $1 "* ]]; }
+PGBENCH_CASES=""
+for c in $CASES; do case "$c" in select | multi | churn) PGBENCH_CASES+=" $c" ;; esac; done
 declare -A RESULT
-for c in $CASES; do
+for c in $PGBENCH_CASES; do
   targets="direct pgbouncer router router pgbouncer"
   [[ -n "$BASELINE" ]] && targets="direct pgbouncer router baseline baseline router pgbouncer"
   for target in $targets; do
@@ -171,29 +178,43 @@ summary() {
 }
 
 # RSS with 10,000 idle tenants configured.
-{
-  echo "tenants:"
-  for i in $(seq 1 10000); do
-    echo "- {name: idle$i, host: 127.0.0.1, port: $PG_PORT, database: t_$i, user: t_$i, password: pw_$i}"
-  done
-} >"$WORK/idle.yaml"
-IDLE_PORT="$(free_port)"; IDLE_HTTP="$(free_port)"
-"$ROUTER_BIN" --config "$WORK/idle.yaml" --listen "127.0.0.1:$IDLE_PORT" --http-addr "127.0.0.1:$IDLE_HTTP" --log-filter warn >/dev/null 2>&1 &
-IDLE_PID=$!
-PIDS+=("$IDLE_PID")
-wait_port "$IDLE_PORT"
-sleep 1
-IDLE_RSS_KB="$(awk '/^VmRSS:/ {print $2}' "/proc/$IDLE_PID/status")"
+if has_case idle; then
+  {
+    echo "tenants:"
+    for i in $(seq 1 10000); do
+      echo "- {name: idle$i, host: 127.0.0.1, port: $PG_PORT, database: t_$i, user: t_$i, password: pw_$i}"
+    done
+  } >"$WORK/idle.yaml"
+  IDLE_PORT="$(free_port)"; IDLE_HTTP="$(free_port)"
+  "$ROUTER_BIN" --config "$WORK/idle.yaml" --listen "127.0.0.1:$IDLE_PORT" --http-addr "127.0.0.1:$IDLE_HTTP" --log-filter warn >/dev/null 2>&1 &
+  IDLE_PID=$!
+  PIDS+=("$IDLE_PID")
+  wait_port "$IDLE_PORT"
+  sleep 1
+  IDLE_RSS_KB="$(awk '/^VmRSS:/ {print $2}' "/proc/$IDLE_PID/status")"
+fi
 
-echo "bench-router.sh: Ready to first routed query, on a local control plane" >&2
-harness_up "$WORK" >&2
-export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller" SILO_ROUTER_BIN="$ROUTER_BIN"
-READY_LINE="$("$CARGO_TARGET_DIR/release/bench_router_ready" --tenants 20)"
+if has_case ready || has_case fleet; then
+  harness_up "$WORK" >&2
+  export SILO_CONTROLLER_BIN="$CARGO_TARGET_DIR/release/silo-controller" SILO_ROUTER_BIN="$ROUTER_BIN"
+fi
+if has_case ready; then
+  echo "bench-router.sh: Ready to first routed query, on a local control plane" >&2
+  READY_LINE="$("$CARGO_TARGET_DIR/release/bench_router_ready" --tenants 20)"
+fi
+if has_case fleet; then
+  echo "bench-router.sh: 2,000 live tenants from kubernetes, on a local control plane" >&2
+  FLEET_LINES="$("$CARGO_TARGET_DIR/release/bench_router_fleet" --tenants 2000 --others 100)"
+fi
 
 echo
-echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run (PgBouncer and router: mean of 2 runs, A B B A), transaction pooling, 20 server connections per tenant"
-printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
-for c in $CASES; do
+if [[ -n "$PGBENCH_CASES" ]]; then
+  echo "router benchmark: pgbench on loopback, ${SECONDS_PER_RUN}s per run (PgBouncer and router: mean of 2 runs, A B B A), transaction pooling, 20 server connections per tenant"
+  printf '  %-32s %12s %12s %12s %10s\n' case "direct tps" "pgbouncer" "router" "router/pgb"
+else
+  echo "router benchmark"
+fi
+for c in $PGBENCH_CASES; do
   read -r d_tps d_lat _ <<<"$(summary "${RESULT[direct,$c]}")"
   read -r b_tps b_lat b_runs <<<"$(summary "${RESULT[pgbouncer,$c]}")"
   read -r r_tps r_lat r_runs <<<"$(summary "${RESULT[router,$c]}")"
@@ -206,5 +227,8 @@ for c in $CASES; do
     printf '  %-32s %12s %12s %12s %10.2f\n' "  router/baseline" "" "" "" "$(python3 -c "print($r_tps/$o_tps)")"
   fi
 done
-echo "  router RSS with 10,000 idle tenants configured: $((IDLE_RSS_KB / 1024)) MiB (target <= 100 MiB)"
-echo "  $READY_LINE"
+if has_case idle; then
+  echo "  router RSS with 10,000 idle tenants configured: $((IDLE_RSS_KB / 1024)) MiB (target <= 100 MiB)"
+fi
+if has_case ready; then echo "  $READY_LINE"; fi
+if has_case fleet; then sed 's/^/  /' <<<"$FLEET_LINES"; fi

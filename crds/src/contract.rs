@@ -6,6 +6,11 @@ pub fn secret_name(tenant_name: &str) -> String {
     format!("{tenant_name}-db")
 }
 
+/// The tenant whose credentials Secret is named `secret_name`, by the rule of [`secret_name`].
+pub fn secret_tenant(secret_name: &str) -> Option<&str> {
+    secret_name.strip_suffix("-db").filter(|t| !t.is_empty())
+}
+
 /// Keys of the tenant credentials Secret.
 pub mod keys {
     /// Host of the tenant's PostgreSQL server, for clients that connect directly.
@@ -109,6 +114,9 @@ mod tests {
     #[test]
     fn secret_name_is_tenant_dash_db() {
         assert_eq!(secret_name("acme"), "acme-db");
+        assert_eq!(secret_tenant(&secret_name("acme-db")), Some("acme-db"));
+        assert_eq!(secret_tenant("acme"), None);
+        assert_eq!(secret_tenant("-db"), None);
         assert_eq!(MANAGED_SELECTOR, format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     }
 }

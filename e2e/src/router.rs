@@ -30,6 +30,17 @@ impl RouterProcess {
         kubeconfig: &Path,
         extra: &[&str],
     ) -> anyhow::Result<RouterProcess> {
+        Self::start_bin(ns, &ns.env.router_bin, mode, kubeconfig, extra)
+    }
+
+    /// `start_with`, running the router binary `bin` (another build, for a comparison).
+    pub fn start_bin(
+        ns: &TestNs,
+        bin: &Path,
+        mode: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<RouterProcess> {
         let port = free_port()?;
         let http_port = free_port()?;
         let dir = std::env::var_os("SILO_E2E_DIR")
@@ -37,7 +48,7 @@ impl RouterProcess {
             .unwrap_or_else(std::env::temp_dir);
         let log = dir.join(format!("silo-router-{}-{port}.log", ns.name));
         let file = std::fs::File::create(&log)?;
-        let child = Command::new(&ns.env.router_bin)
+        let child = Command::new(bin)
             .env("KUBECONFIG", kubeconfig)
             .args([
                 "--listen",
@@ -53,7 +64,7 @@ impl RouterProcess {
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .spawn()
-            .with_context(|| format!("starting {}", ns.env.router_bin.display()))?;
+            .with_context(|| format!("starting {}", bin.display()))?;
         let mut router = RouterProcess {
             child,
             port,
@@ -71,6 +82,18 @@ impl RouterProcess {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(router)
+    }
+
+    /// Its resident memory now, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 
     /// GET a path on its HTTP server, returning (status, body).

@@ -1,6 +1,5 @@
 //! The tenant table: which database a tenant name leads to, and whether it may connect (pure).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Whether a tenant's connections are admitted.
@@ -84,29 +83,72 @@ pub enum Lookup {
     Ambiguous(Vec<String>),
 }
 
-/// Tenants by `namespace.name`, plus an index of bare names.
-#[derive(Default, Debug)]
+/// Tenants by `namespace.name`, plus an index of bare names. Persistent maps: a clone shares
+/// their structure, so that a table with some tenants changed costs as much as the changes, not
+/// as the fleet, and every other route stays the same `Arc`.
+#[derive(Clone, Default, Debug, PartialEq, Eq)]
 pub struct RoutingTable {
-    by_key: HashMap<String, Arc<TenantRoute>>,
-    by_name: HashMap<String, Vec<String>>,
+    by_key: imbl::HashMap<String, Arc<TenantRoute>>,
+    by_name: imbl::HashMap<String, Vec<String>>,
 }
+
+/// A tenant's new route, or `None` when the tenant is gone: (`namespace.name`, route).
+pub type RouteChange = (String, Option<TenantRoute>);
 
 impl RoutingTable {
     pub fn new(routes: impl IntoIterator<Item = TenantRoute>) -> Self {
         let mut table = RoutingTable::default();
         for route in routes {
-            table
-                .by_name
-                .entry(route.name.clone())
-                .or_default()
-                .push(route.key());
-            table.by_key.insert(route.key(), Arc::new(route));
-        }
-        for keys in table.by_name.values_mut() {
-            keys.sort();
-            keys.dedup();
+            table.insert(route);
         }
         table
+    }
+
+    /// Puts each change in force, except where the route is already the one in force (that one
+    /// stays, `Arc` and all). Returns the tenants that changed, each with its route before.
+    pub fn apply(
+        &mut self,
+        changes: impl IntoIterator<Item = RouteChange>,
+    ) -> Vec<(String, Option<Arc<TenantRoute>>)> {
+        let mut changed = Vec::new();
+        for (key, route) in changes {
+            let before = self.by_key.get(&key).cloned();
+            if before.as_deref() == route.as_ref() {
+                continue;
+            }
+            match route {
+                Some(route) => self.insert(route),
+                None => self.remove(&key),
+            }
+            changed.push((key, before));
+        }
+        changed
+    }
+
+    fn insert(&mut self, route: TenantRoute) {
+        let key = route.key();
+        let keys = self.by_name.entry(route.name.clone()).or_default();
+        if let Err(at) = keys.binary_search(&key) {
+            keys.insert(at, key.clone());
+        }
+        self.by_key.insert(key, Arc::new(route));
+    }
+
+    fn remove(&mut self, key: &str) {
+        let Some(route) = self.by_key.remove(key) else {
+            return;
+        };
+        if let Some(keys) = self.by_name.get_mut(&route.name) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_name.remove(&route.name);
+            }
+        }
+    }
+
+    /// The tenant `namespace.name`, by its key only.
+    pub fn get(&self, key: &str) -> Option<&Arc<TenantRoute>> {
+        self.by_key.get(key)
     }
 
     /// `name` or `namespace.name`.
@@ -278,6 +320,33 @@ mod tests {
         );
         assert_eq!(t.lookup("nope"), Lookup::Unknown);
         assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn applied_changes_keep_bare_names_in_step_and_equal_routes_in_place() {
+        let mut t = RoutingTable::new([route("a", "shared"), route("b", "shared")]);
+        let kept = t.get("b.shared").cloned();
+        let changed = t.apply([
+            ("a.shared".to_string(), None),
+            ("b.shared".to_string(), Some(route("b", "shared"))),
+        ]);
+        assert_eq!(changed.len(), 1, "only a.shared changed");
+        assert_eq!(
+            changed[0].1.as_ref().map(|r| r.key()).as_deref(),
+            Some("a.shared")
+        );
+        assert!(matches!(t.lookup("shared"), Lookup::Found(r) if r.namespace == "b"));
+        assert!(kept.is_some_and(|r| t.get("b.shared").is_some_and(|now| Arc::ptr_eq(&r, now))));
+
+        t.apply([("a.shared".to_string(), Some(route("a", "shared")))]);
+        assert_eq!(
+            t.lookup("shared"),
+            Lookup::Ambiguous(vec!["a.shared".into(), "b.shared".into()])
+        );
+        assert_eq!(
+            t,
+            RoutingTable::new([route("b", "shared"), route("a", "shared")])
+        );
     }
 
     #[test]

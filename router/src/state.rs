@@ -2,7 +2,7 @@
 //! slots and SCRAM salts, the cancel keys handed out, the other replicas, and a token per tenant that ends its
 //! sessions when it stops being Ready.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use crate::accept::admission::LoginSlots;
 use crate::login::auth::Scram;
 use crate::peers::Peers;
 use crate::pools::Pools;
-use crate::routing::{Lookup, RoutingTable, TenantRoute, TenantState};
+use crate::routing::{RouteChange, RoutingTable, TenantRoute, TenantState};
 
 /// When a server connection goes back to the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -84,7 +84,7 @@ impl Shared {
         self.pools.refresh_credentials(&table);
         let old = self.table.swap(Arc::new(table));
         let new = self.table.load();
-        let live: std::collections::HashSet<String> = new.routes().map(|r| r.key()).collect();
+        let live: HashSet<String> = new.routes().map(|r| r.key()).collect();
         self.pools.set_limits(
             new.routes()
                 .filter_map(|r| r.server.as_ref())
@@ -93,11 +93,53 @@ impl Shared {
         // Keys of a tenant's other passwords are cached as `<key> <n>` (see login).
         self.scram
             .retain(|tenant| live.contains(tenant.split(' ').next().unwrap_or(tenant)));
+        self.end_sessions_no_longer_ready(old.routes(), &new);
+    }
+
+    /// `set_table` for some tenants only: puts their new routes in force (`None`: the tenant is
+    /// gone) with the same effects on pools, SCRAM keys and sessions, and leaves every other
+    /// route as it is. The table has one writer, the tenant source, so load-change-store is safe.
+    pub(crate) fn update_routes(&self, changes: Vec<RouteChange>) {
+        let mut table = RoutingTable::clone(&self.table.load());
+        let changed = table.apply(changes);
+        if changed.is_empty() {
+            return;
+        }
+        let now = || changed.iter().filter_map(|(key, _)| table.get(key));
+        for route in now() {
+            self.pools.refresh_credentials_of(route);
+        }
+        self.pools.set_limits(
+            now()
+                .filter_map(|r| r.server.as_ref())
+                .map(|(server, limit)| (server.as_str(), *limit)),
+        );
+        let gone: HashSet<&str> = changed
+            .iter()
+            .map(|(key, _)| key.as_str())
+            .filter(|key| table.get(key).is_none())
+            .collect();
+        self.table.store(Arc::new(table));
+        if !gone.is_empty() {
+            self.scram
+                .retain(|tenant| !gone.contains(tenant.split(' ').next().unwrap_or(tenant)));
+        }
+        let new = self.table.load();
+        self.end_sessions_no_longer_ready(changed.iter().filter_map(|(_, r)| r.as_ref()), &new);
+    }
+
+    /// Of the routes `before`, ends the sessions of those that were Ready and are not in `now`.
+    fn end_sessions_no_longer_ready<'a>(
+        &self,
+        before: impl Iterator<Item = &'a Arc<TenantRoute>>,
+        now: &RoutingTable,
+    ) {
         let mut sessions = lock(&self.tenant_sessions);
-        for route in old.routes().filter(|r| r.state == TenantState::Ready) {
-            let still_ready = matches!(new.lookup(&route.key()), Lookup::Found(r) if r.state == TenantState::Ready);
-            if !still_ready && let Some(token) = sessions.remove(&route.key()) {
-                info!(tenant = %route.key(), "tenant no longer ready; ending its sessions");
+        for route in before.filter(|r| r.state == TenantState::Ready) {
+            let key = route.key();
+            let still_ready = now.get(&key).is_some_and(|r| r.state == TenantState::Ready);
+            if !still_ready && let Some(token) = sessions.remove(&key) {
+                info!(tenant = %key, "tenant no longer ready; ending its sessions");
                 token.cancel();
             }
         }
@@ -188,6 +230,82 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::peers::Peers;
+
+    fn shared(routes: impl IntoIterator<Item = TenantRoute>) -> Shared {
+        let settings = Settings {
+            mode: PoolMode::Transaction,
+            checkout_timeout: Duration::from_secs(1),
+            startup_timeout: Duration::from_secs(1),
+            tls: None,
+            sni_domain: None,
+            require_tls: false,
+            max_logins: 8,
+        };
+        let table = Arc::new(ArcSwap::from_pointee(RoutingTable::new(routes)));
+        Shared::new(table, settings, Arc::new(Peers::alone()))
+    }
+
+    fn route(name: &str, state: TenantState) -> TenantRoute {
+        TenantRoute {
+            namespace: "prod".into(),
+            name: name.into(),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            database: format!("t_{name}"),
+            user: format!("r_{name}"),
+            password: "pw".into(),
+            other_passwords: Vec::new(),
+            connection_limit: 5,
+            state,
+            upstream_tls: Default::default(),
+            server: Some(("pg-1".into(), 50)),
+            hosts: vec![],
+            path_prefixes: vec![],
+            created: 0,
+        }
+    }
+
+    /// Tenant by tenant, as with a whole table: one no longer Ready, or gone, has its sessions
+    /// ended; a new password keeps the pool; every route not named stays as it was.
+    #[test]
+    fn updated_routes_end_sessions_and_keep_pools_as_a_new_table_does() {
+        use crate::routing::Lookup;
+        let names = ["acme", "beta", "gamma"];
+        let shared = shared(names.map(|n| route(n, TenantState::Ready)));
+        let routes = names.map(|n| match shared.table.load().lookup(n) {
+            Lookup::Found(route) => route,
+            other => panic!("{n}: {other:?}"),
+        });
+        let sessions = routes.clone().map(|r| shared.sessions_of(&r));
+        let pool = shared.pools.get(&routes[2]);
+
+        let rotated = TenantRoute {
+            password: "new".into(),
+            ..route("gamma", TenantState::Ready)
+        };
+        shared.update_routes(vec![
+            (
+                "prod.acme".into(),
+                Some(route("acme", TenantState::Suspended)),
+            ),
+            ("prod.beta".into(), None),
+            ("prod.gamma".into(), Some(rotated.clone())),
+        ]);
+        let cancelled = sessions.each_ref().map(|s| s.is_cancelled());
+        assert_eq!(cancelled, [true, true, false]);
+        let table = shared.table.load();
+        assert!(table.get("prod.beta").is_none());
+        assert_eq!(table.lookup("beta"), Lookup::Unknown);
+        assert!(Arc::ptr_eq(&shared.pools.get(&Arc::new(rotated)), &pool));
+
+        // A route equal to the one in force is left as it is.
+        shared.update_routes(vec![(
+            "prod.gamma".into(),
+            table.get("prod.gamma").map(|r| TenantRoute::clone(r)),
+        )]);
+        let after = shared.table.load();
+        assert!(Arc::ptr_eq(&after, &table), "nothing changed, no new table");
+    }
 
     #[test]
     fn cancel_keys_lead_to_the_server_running_the_query() {

@@ -181,6 +181,14 @@ impl TenantPool {
     }
 
     /// What a client sending these startup settings was told, if one did.
+    /// Takes `route`'s credentials for the connections opened from now on, if it leads where
+    /// this pool does.
+    fn refresh_credentials(&self, route: &Arc<TenantRoute>) {
+        if self.route.same_but_credentials(route) && **self.latest.load() != **route {
+            self.latest.store(route.clone());
+        }
+    }
+
     pub(crate) fn established(&self, settings: &[Setting]) -> Option<ClientParams> {
         lock(&self.established).get(settings).cloned()
     }
@@ -288,12 +296,16 @@ impl Pools {
     /// the connections it opens from now on.
     pub(crate) fn refresh_credentials(&self, table: &crate::routing::RoutingTable) {
         for pool in lock(&self.pools).values() {
-            if let crate::routing::Lookup::Found(route) = table.lookup(&pool.route.key())
-                && pool.route.same_but_credentials(&route)
-                && **pool.latest.load() != *route
-            {
-                pool.latest.store(route);
+            if let Some(route) = table.get(&pool.route.key()) {
+                pool.refresh_credentials(route);
             }
+        }
+    }
+
+    /// `refresh_credentials` for one tenant's new route.
+    pub(crate) fn refresh_credentials_of(&self, route: &Arc<TenantRoute>) {
+        if let Some(pool) = lock(&self.pools).get(&route.key()) {
+            pool.refresh_credentials(route);
         }
     }
 
@@ -407,5 +419,19 @@ mod tests {
         pools.refresh_credentials(&RoutingTable::new([moved.clone()]));
         assert_eq!(pool.latest.load().port, 5432);
         assert!(!Arc::ptr_eq(&pools.get(&Arc::new(moved)), &pool));
+    }
+
+    #[test]
+    fn one_tenants_new_credentials_reach_its_pool() {
+        let pools = Pools::new(Arc::new(Peers::alone()));
+        let pool = pools.get(&Arc::new(route("t_prod_acme", "old")));
+        pools.refresh_credentials_of(&Arc::new(route("t_prod_acme_a", "new")));
+        assert_eq!(pool.latest.load().password, "new");
+        let moved = TenantRoute {
+            port: 5433,
+            ..route("t_prod_acme_a", "newer")
+        };
+        pools.refresh_credentials_of(&Arc::new(moved));
+        assert_eq!(pool.latest.load().password, "new");
     }
 }
