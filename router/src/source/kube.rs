@@ -324,6 +324,8 @@ where
     let (store, writer) = reflector::store();
     let events = watcher(api, config)
         .default_backoff()
+        // What each cached object costs: its managed fields are never read.
+        .modify(|object| object.managed_fields_mut().clear())
         .reflect(writer)
         .map(move |e| e.map(|event| touched_by(&event, touched)))
         .boxed();
