@@ -757,6 +757,67 @@ async fn g_deletion_waits_for_a_deleted_server() {
     .await;
 }
 
+/// A restart writes nothing for tenants that did not change: no status, no Event. Tenants
+/// reconciled before the new process had connected to their server used to say so in status for
+/// a moment (Ready, then "not connected", then Ready again).
+#[tokio::test]
+async fn i_a_restart_rewrites_nothing() {
+    with_temp_ns("restart", |ns| async move {
+        let pg = PgServer::start()?;
+        ns.add_server(&ns.server_name("pg"), &pg, "").await?;
+        let mut ctl = ns.start_controller(&[])?;
+        let names: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+        let yaml: Vec<String> = names.iter().map(|n| tenant_yaml(n, "  {}")).collect();
+        ns.apply_ok(&yaml.join("---\n")).await?;
+        for name in &names {
+            ns.wait_phase(name, TenantPhase::Ready, READY_TIMEOUT)
+                .await?;
+        }
+        ctl.terminate()?;
+        let versions = |tenants: Vec<silo_crds::Tenant>| -> HashMap<String, String> {
+            tenants
+                .into_iter()
+                .map(|t| {
+                    (
+                        t.metadata.name.unwrap_or_default(),
+                        t.metadata.resource_version.unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        let before = versions(ns.tenants().list(&Default::default()).await?.items);
+        let ctl = ns.start_controller(&[])?;
+        // Until every tenant was reconciled by the new process, and one resync more.
+        wait_for(
+            "every tenant reconciled after the restart",
+            READY_TIMEOUT,
+            || async {
+                let (_, metrics) = ctl.http_get("/metrics").await.ok()?;
+                let done: f64 = metrics
+                    .lines()
+                    .filter(|l| l.starts_with("silo_reconciles_total{kind=\"tenant\""))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                (done >= 2.0 * names.len() as f64).then_some(())
+            },
+        )
+        .await?;
+        let after = versions(ns.tenants().list(&Default::default()).await?.items);
+        let changed: Vec<&String> = names
+            .iter()
+            .filter(|n| before.get(*n) != after.get(*n))
+            .collect();
+        ensure!(
+            changed.is_empty(),
+            "the restart rewrote {} of {} tenants: {changed:?}",
+            changed.len(),
+            names.len()
+        );
+        Ok(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn h_leader_failover() {
     with_temp_ns("leader", |ns| async move {
