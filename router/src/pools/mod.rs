@@ -94,19 +94,26 @@ impl TenantPool {
         timeout: Duration,
         prefer: Option<u64>,
     ) -> Result<PooledConn, PoolError> {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let permit =
-            match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
-                Ok(Ok(permit)) => permit,
-                _ => {
-                    return Err(PoolError::Exhausted {
-                        tenant: self.route.key(),
-                        limit: self.route.connection_limit,
-                        waited: started.elapsed(),
-                    });
+        // Most checkouts find a permit free: no clock read, no timer. The clock starts when one
+        // has to wait, for the permit or for the server's budget.
+        let mut waiting_since = None;
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let started = *waiting_since.insert(tokio::time::Instant::now());
+                let acquire = self.permits.clone().acquire_owned();
+                match tokio::time::timeout_at(started + timeout, acquire).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => {
+                        return Err(PoolError::Exhausted {
+                            tenant: self.route.key(),
+                            limit: self.route.connection_limit,
+                            waited: started.elapsed(),
+                        });
+                    }
                 }
-            };
+            }
+        };
         let Some(budget) = &self.budget else {
             let (conn, slot) = match self.take_idle(prefer) {
                 Some(idle) => (idle.conn, idle._slot),
@@ -129,7 +136,11 @@ impl TenantPool {
                 return Ok(self.checked_out(conn, Some(slot), permit));
             }
             waiting.get_or_insert_with(|| budget.wait_as(&tenant));
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let started = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
+            if tokio::time::timeout_at(started + timeout, changed)
+                .await
+                .is_err()
+            {
                 return Err(PoolError::ServerBudget {
                     server: self
                         .route
