@@ -172,3 +172,13 @@ impl Drop for ControllerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// The sum of a Prometheus text exposition's samples whose line starts with `series`, e.g.
+/// `silo_reconciles_total{kind="tenant"` (all its other labels).
+pub fn metric_sum(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

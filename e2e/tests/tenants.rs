@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use silo_crds::{DatabaseServer, TenantPhase};
+use silo_e2e::controller::metric_sum;
 use silo_e2e::kube_env::with_temp_ns;
 use silo_e2e::postgres::Catalog;
 use silo_e2e::{PgServer, TestNs, tenant_yaml, wait_for};
@@ -392,11 +393,8 @@ async fn e_drift_is_repaired() {
         // queries of their own (the same read must see the drift below).
         wait_for("a resync settled by the catalog read", READY_TIMEOUT, || async {
             let (_, metrics) = ctl.http_get("/metrics").await.ok()?;
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix("silo_drift_checks_total{by=\"catalog\"} "))
-                .and_then(|n| n.parse::<f64>().ok())
-                .filter(|n| *n >= 2.0)
+            let settled = metric_sum(&metrics, "silo_drift_checks_total{by=\"catalog\"}");
+            (settled >= 2.0).then_some(())
         })
         .await?;
         let admin = pg.admin_pool().await?;
@@ -793,11 +791,7 @@ async fn i_a_restart_rewrites_nothing() {
             READY_TIMEOUT,
             || async {
                 let (_, metrics) = ctl.http_get("/metrics").await.ok()?;
-                let done: f64 = metrics
-                    .lines()
-                    .filter(|l| l.starts_with("silo_reconciles_total{kind=\"tenant\""))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum();
+                let done = metric_sum(&metrics, "silo_reconciles_total{kind=\"tenant\"");
                 (done >= 2.0 * names.len() as f64).then_some(())
             },
         )

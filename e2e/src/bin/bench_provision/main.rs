@@ -367,11 +367,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// `silo_reconciles_total{kind="tenant",...}` summed over its other labels.
 fn tenant_reconciles(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("silo_reconciles_total{kind=\"tenant\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    silo_e2e::controller::metric_sum(metrics, "silo_reconciles_total{kind=\"tenant\"")
 }
 
 /// Bytes free for an unprivileged user on the file system holding `path` (`df`).
