@@ -65,7 +65,7 @@ ADMIN_PW="$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 # router's too).
 "$ROOT/e2e/scripts/postgres.sh" stop "$WORK/pg"
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w start \
-  -o "-c port=$PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK/pg -c fsync=off -c max_connections=1600 -c shared_buffers=128MB" >/dev/null
+  -o "-c port=$PG_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$WORK/pg -c fsync=off -c max_connections=2000 -c shared_buffers=128MB" >/dev/null
 export PGPASSWORD="$ADMIN_PW"
 psql_admin() { psql -qAtX -h 127.0.0.1 -p "$PG_PORT" -U silo_admin -d postgres "$@"; }
 
@@ -95,10 +95,13 @@ PGPASSWORD=pw_0 "$PGBIN/pgbench" -q -i -s 1 -h 127.0.0.1 -p "$PG_PORT" -U t_0 t_
   echo "logfile = $WORK/pgbouncer.log"
 } >"$WORK/pgbouncer.ini"
 for i in $(seq 0 "$TENANTS"); do echo "\"t_$i\" \"pw_$i\""; done >"$WORK/userlist.txt"
+# On a server with a connection budget, as every tenant learned from Kubernetes is (its
+# DatabaseServer's maxConnections): a release asks the budget whether to keep the connection.
 {
+  echo "servers: {pg: {maxConnections: 500}}"
   echo "tenants:"
   for i in $(seq 0 "$TENANTS"); do
-    echo "- {name: t$i, host: 127.0.0.1, port: $PG_PORT, database: t_$i, user: t_$i, password: pw_$i, connectionLimit: 20}"
+    echo "- {name: t$i, host: 127.0.0.1, port: $PG_PORT, database: t_$i, user: t_$i, password: pw_$i, connectionLimit: 20, server: pg}"
   done
 } >"$WORK/tenants.yaml"
 chown -R postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"

@@ -103,6 +103,9 @@ pub(crate) fn decide(
 struct State {
     open: HashMap<String, usize>,
     waiting: HashMap<String, usize>,
+    /// `open` and `waiting` summed, kept as they change: a release asks on every transaction.
+    open_total: usize,
+    waiting_total: usize,
 }
 
 /// One server's budget on this replica.
@@ -127,7 +130,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut s = self.budget.lock();
         if let Some(n) = s.open.get_mut(&self.tenant) {
-            *n = n.saturating_sub(1);
+            *n -= 1;
+            s.open_total -= 1;
         }
         drop(s);
         self.budget.changed.notify_waiters();
@@ -142,9 +146,12 @@ pub(crate) struct Waiting<'a> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if let Some(n) = self.budget.lock().waiting.get_mut(self.tenant) {
-            *n = n.saturating_sub(1);
+        let mut s = self.budget.lock();
+        if let Some(n) = s.waiting.get_mut(self.tenant) {
+            *n -= 1;
+            s.waiting_total -= 1;
         }
+        drop(s);
         // A waiter leaving can change another's answer.
         self.budget.changed.notify_waiters();
     }
@@ -185,15 +192,17 @@ impl ServerBudget {
     /// Whether this replica holds more than its share (the replicas became more, or
     /// `maxConnections` less).
     pub(crate) fn over(&self) -> bool {
-        self.lock().open.values().sum::<usize>() > self.share()
+        self.lock().open_total > self.share()
     }
 
     /// Whether a connection `tenant` releases should be closed rather than kept idle: this
-    /// replica holds more than its share, or a starved tenant waits ([`gives_way`]).
+    /// replica holds more than its share, or a starved tenant waits ([`gives_way`]). Asked on
+    /// every release: with nobody waiting it looks at no tenant's counts.
     pub(crate) fn keeps_no_idle(&self, tenant: &str) -> bool {
         let share = self.share();
         let s = self.lock();
-        s.open.values().sum::<usize>() > share || gives_way(share, &s.open, &s.waiting, tenant)
+        s.open_total > share
+            || (s.waiting_total > 0 && gives_way(share, &s.open, &s.waiting, tenant))
     }
 
     /// Closes idle connections while this replica holds more than its share, then wakes the
@@ -212,7 +221,10 @@ impl ServerBudget {
 
     /// Counts a checkout of `tenant` as waiting until the guard drops.
     pub(crate) fn wait_as<'a>(&'a self, tenant: &'a str) -> Waiting<'a> {
-        *self.lock().waiting.entry(tenant.to_string()).or_default() += 1;
+        let mut s = self.lock();
+        *s.waiting.entry(tenant.to_string()).or_default() += 1;
+        s.waiting_total += 1;
+        drop(s);
         Waiting {
             budget: self,
             tenant,
@@ -228,6 +240,7 @@ impl ServerBudget {
                 match decide(self.share(), &s.open, &s.waiting, tenant) {
                     Decision::Open => {
                         *s.open.entry(tenant.to_string()).or_default() += 1;
+                        s.open_total += 1;
                         return Some(Slot {
                             budget: self.clone(),
                             tenant: tenant.to_string(),
@@ -259,7 +272,7 @@ impl ServerBudget {
             let s = self.lock();
             pools
                 .into_iter()
-                .map(|p| (s.open.get(&p.route.key()).copied().unwrap_or(0), p))
+                .map(|p| (s.open.get(&p.key).copied().unwrap_or(0), p))
                 .collect()
         };
         candidates.sort_by_key(|(open, _)| std::cmp::Reverse(*open));
@@ -268,7 +281,9 @@ impl ServerBudget {
 
     #[cfg(test)]
     pub(crate) fn open(&self) -> usize {
-        self.lock().open.values().sum()
+        let s = self.lock();
+        assert_eq!(s.open_total, s.open.values().sum::<usize>());
+        s.open_total
     }
 }
 
@@ -444,6 +459,51 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("the waiter was not woken"));
         assert_eq!(got.ok().as_deref(), Some("b"));
+    }
+
+    /// The totals a release reads are kept as slots and waiters come and go: its answer is the
+    /// one the per-tenant counts give, whatever the order of events.
+    #[test]
+    fn a_release_answers_from_totals_as_the_counts_would() {
+        let budget = Arc::new(ServerBudget::new(4, Arc::new(Peers::alone())));
+        let tenants = ["a", "b", "c"];
+        let mut slots: Vec<Slot> = Vec::new();
+        let mut waiting: Vec<Waiting<'_>> = Vec::new();
+        let mut answers = HashSet::new();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for step in 0..2_000 {
+            let tenant = tenants[next(tenants.len())];
+            match next(4) {
+                0 => slots.extend(budget.try_take(tenant)),
+                1 if !slots.is_empty() => drop(slots.swap_remove(next(slots.len()))),
+                2 => waiting.push(budget.wait_as(tenant)),
+                _ if !waiting.is_empty() => drop(waiting.swap_remove(next(waiting.len()))),
+                _ => {}
+            }
+            let s = budget.lock();
+            let open: usize = s.open.values().sum();
+            assert_eq!(s.open_total, open, "step {step}");
+            assert_eq!(
+                s.waiting_total,
+                s.waiting.values().sum::<usize>(),
+                "step {step}"
+            );
+            let expected: Vec<bool> = tenants
+                .iter()
+                .map(|t| open > 4 || gives_way(4, &s.open, &s.waiting, t))
+                .collect();
+            drop(s);
+            let got: Vec<bool> = tenants.iter().map(|t| budget.keeps_no_idle(t)).collect();
+            assert_eq!(got, expected, "step {step}");
+            answers.extend(got);
+        }
+        assert_eq!(answers.len(), 2, "the walk saw both answers");
     }
 
     #[test]

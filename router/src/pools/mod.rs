@@ -45,6 +45,8 @@ pub(crate) enum PoolError {
 
 pub(crate) struct TenantPool {
     pub(crate) route: Arc<TenantRoute>,
+    /// `route.key()`, made once: the budget asks by it on every release.
+    key: String,
     /// The route with the routing table's latest credentials, which new server connections log
     /// in with (a rotated password changes only this: the pool and its connections stay). Set
     /// from the table alone ([`Pools::refresh_credentials`]), never from a login, whose route
@@ -74,6 +76,7 @@ impl TenantPool {
     fn new(route: Arc<TenantRoute>, budget: Option<Arc<ServerBudget>>) -> Self {
         let cap = route.connection_limit.max(1);
         TenantPool {
+            key: route.key(),
             latest: ArcSwap::new(route.clone()),
             route,
             budget,
@@ -106,7 +109,7 @@ impl TenantPool {
                     Ok(Ok(permit)) => permit,
                     _ => {
                         return Err(PoolError::Exhausted {
-                            tenant: self.route.key(),
+                            tenant: self.key.clone(),
                             limit: self.route.connection_limit,
                             waited: started.elapsed(),
                         });
@@ -124,18 +127,18 @@ impl TenantPool {
         // An idle connection of this tenant, or a slot of the server's budget for a new one,
         // whichever comes first. Counted as waiting (for the others' fair shares) only once it
         // has to wait: a checkout that finds a connection touches the budget not at all.
-        let tenant = self.route.key();
+        let tenant = &self.key;
         let mut waiting = None;
         loop {
             let changed = budget.changed.notified();
             if let Some(idle) = self.take_idle(prefer) {
                 return Ok(self.checked_out(idle.conn, idle._slot, permit));
             }
-            if let Some(slot) = budget.try_take(&tenant) {
+            if let Some(slot) = budget.try_take(tenant) {
                 let conn = ServerConn::connect(&self.latest.load()).await?;
                 return Ok(self.checked_out(conn, Some(slot), permit));
             }
-            waiting.get_or_insert_with(|| budget.wait_as(&tenant));
+            waiting.get_or_insert_with(|| budget.wait_as(tenant));
             let started = *waiting_since.get_or_insert_with(tokio::time::Instant::now);
             if tokio::time::timeout_at(started + timeout, changed)
                 .await
@@ -264,13 +267,12 @@ impl PooledConn {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        let tenant = self.pool.route.key();
-        if self.pool.retired.load(Ordering::Relaxed)
-            || self
-                .pool
+        let pool = &self.pool;
+        if pool.retired.load(Ordering::Relaxed)
+            || pool
                 .budget
                 .as_ref()
-                .is_some_and(|b| b.keeps_no_idle(&tenant))
+                .is_some_and(|b| b.keeps_no_idle(&pool.key))
         {
             return;
         }
@@ -307,7 +309,7 @@ impl Pools {
     /// the connections it opens from now on.
     pub(crate) fn refresh_credentials(&self, table: &crate::routing::RoutingTable) {
         for pool in lock(&self.pools).values() {
-            if let Some(route) = table.get(&pool.route.key()) {
+            if let Some(route) = table.get(&pool.key) {
                 pool.refresh_credentials(route);
             }
         }
