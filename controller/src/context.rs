@@ -109,18 +109,61 @@ impl Context {
         &self,
         placements: &HashMap<String, String>,
     ) -> HashMap<String, usize> {
-        let mut by_tenant: HashMap<String, String> = placements.clone();
-        for tenant in self.tenants.state() {
-            let key = tenant_key(&tenant);
-            if let Some(server) = tenant.status.as_ref().and_then(|s| s.server.clone()) {
-                by_tenant.insert(key, server);
+        // Counted in one pass under the cache's read lock, cloning nothing: this runs on every
+        // placement, and at 2,000 tenants copying the cache to count it was a fifth of the
+        // controller's CPU. `find` with a predicate that never matches visits every tenant.
+        let counts = std::cell::RefCell::new(ServerCounts::new(placements));
+        let _ = self.tenants.find(|tenant| {
+            counts.borrow_mut().add(tenant);
+            false
+        });
+        counts.into_inner().counts
+    }
+}
+
+/// Tenants per server: each tenant's `status.server`, or, until the cache shows that status, where
+/// this process placed it. A placement whose tenant left the cache counts no more.
+struct ServerCounts<'a> {
+    placements: &'a HashMap<String, String>,
+    /// `namespace/name` of the tenant at hand, written in place (no allocation per tenant).
+    key: String,
+    counts: HashMap<String, usize>,
+}
+
+impl<'a> ServerCounts<'a> {
+    fn new(placements: &'a HashMap<String, String>) -> Self {
+        ServerCounts {
+            placements,
+            key: String::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, tenant: &Tenant) {
+        let server = match tenant.status.as_ref().and_then(|s| s.server.as_deref()) {
+            Some(server) => server,
+            None => {
+                use std::fmt::Write;
+                self.key.clear();
+                let meta = &tenant.metadata;
+                let _ = write!(
+                    self.key,
+                    "{}/{}",
+                    meta.namespace.as_deref().unwrap_or_default(),
+                    meta.name.as_deref().unwrap_or_default()
+                );
+                match self.placements.get(&self.key) {
+                    Some(server) => server.as_str(),
+                    None => return,
+                }
+            }
+        };
+        match self.counts.get_mut(server) {
+            Some(n) => *n += 1,
+            None => {
+                self.counts.insert(server.to_string(), 1);
             }
         }
-        let mut counts = HashMap::new();
-        for server in by_tenant.into_values() {
-            *counts.entry(server).or_insert(0) += 1;
-        }
-        counts
     }
 }
 
@@ -204,5 +247,51 @@ where
             Ok(result) => return result.is_ok(),
             Err(_) => continue,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use silo_crds::{TenantSpec, TenantStatus};
+
+    fn tenant(name: &str, server: Option<&str>) -> Tenant {
+        let mut t = Tenant::new(name, TenantSpec::default());
+        t.metadata.namespace = Some("shop".into());
+        t.status = server.map(|s| TenantStatus {
+            server: Some(s.into()),
+            ..TenantStatus::default()
+        });
+        t
+    }
+
+    #[test]
+    fn servers_count_status_first_then_this_process_placements() {
+        let placements: HashMap<String, String> = [
+            ("shop/placed", "two"),
+            ("shop/moved", "two"),
+            ("shop/gone", "two"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut counts = ServerCounts::new(&placements);
+        for t in [
+            tenant("a", Some("one")),
+            tenant("b", Some("one")),
+            // Placed here, the status write not in the cache yet.
+            tenant("placed", None),
+            // The status, once there, is the truth.
+            tenant("moved", Some("one")),
+            // Not placed at all.
+            tenant("pending", None),
+        ] {
+            counts.add(&t);
+        }
+        // "gone" left the cache: its placement counts no more.
+        let expected: HashMap<String, usize> = [("one".to_string(), 3), ("two".to_string(), 1)]
+            .into_iter()
+            .collect();
+        assert_eq!(counts.counts, expected);
     }
 }

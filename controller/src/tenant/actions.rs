@@ -734,8 +734,13 @@ impl Pass<'_> {
     /// contest is shown on both Tenants, with an Event when it appears.
     pub(super) async fn routes(&self) -> Desired {
         let Pass { tenant, facts, ctx } = self;
-        let others = ctx.tenants.state();
-        let contests = routing::contests(tenant, others.iter().map(|t| t.as_ref()));
+        // Most tenants claim no route: they need no look at the others (a copy of the cache).
+        let contests = if routing::routes(tenant.spec.routing.as_ref()).is_empty() {
+            Vec::new()
+        } else {
+            let others = ctx.tenants.state();
+            routing::contests(tenant, others.iter().map(|t| t.as_ref()))
+        };
         let condition = status::routed_condition(&contests);
         let known = tenant
             .status
