@@ -8,7 +8,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::runtime::events::Recorder;
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use silo_crds::{DatabaseServer, SchemaRollout, Tenant};
 
 use crate::metrics::Metrics;
@@ -34,7 +34,7 @@ pub struct Context {
     pub failures: std::sync::Mutex<HashMap<String, crate::schema_rollout::outcome::Outcome>>,
     /// Placements made by this process, by `namespace/name`. Held while choosing a server, so two
     /// tenants reconciled at once never both take the last slot; it also covers placements whose
-    /// status write has not reached the cache yet.
+    /// status write has not reached the cache yet (an entry is dropped once the cache shows it).
     pub placements: Placements,
     /// Asks the DatabaseServer reconciler to refresh a server's status (its tenant count changed).
     pub server_changed: tokio::sync::mpsc::UnboundedSender<String>,
@@ -109,62 +109,47 @@ impl Context {
         &self,
         placements: &HashMap<String, String>,
     ) -> HashMap<String, usize> {
-        // Counted in one pass under the cache's read lock, cloning nothing: this runs on every
-        // placement, and at 2,000 tenants copying the cache to count it was a fifth of the
-        // controller's CPU. `find` with a predicate that never matches visits every tenant.
-        let counts = std::cell::RefCell::new(ServerCounts::new(placements));
-        let _ = self.tenants.find(|tenant| {
-            counts.borrow_mut().add(tenant);
-            false
-        });
-        counts.into_inner().counts
+        count_by_server(&self.tenants, placements)
     }
 }
 
-/// Tenants per server: each tenant's `status.server`, or, until the cache shows that status, where
-/// this process placed it. A placement whose tenant left the cache counts no more.
-struct ServerCounts<'a> {
-    placements: &'a HashMap<String, String>,
-    /// `namespace/name` of the tenant at hand, written in place (no allocation per tenant).
-    key: String,
-    counts: HashMap<String, usize>,
-}
-
-impl<'a> ServerCounts<'a> {
-    fn new(placements: &'a HashMap<String, String>) -> Self {
-        ServerCounts {
-            placements,
-            key: String::new(),
-            counts: HashMap::new(),
-        }
-    }
-
-    fn add(&mut self, tenant: &Tenant) {
-        let server = match tenant.status.as_ref().and_then(|s| s.server.as_deref()) {
-            Some(server) => server,
-            None => {
-                use std::fmt::Write;
-                self.key.clear();
-                let meta = &tenant.metadata;
-                let _ = write!(
-                    self.key,
-                    "{}/{}",
-                    meta.namespace.as_deref().unwrap_or_default(),
-                    meta.name.as_deref().unwrap_or_default()
-                );
-                match self.placements.get(&self.key) {
-                    Some(server) => server.as_str(),
-                    None => return,
-                }
-            }
-        };
-        match self.counts.get_mut(server) {
+/// Tenants per server: each cached tenant's `status.server`, and, for a tenant the cache shows
+/// without one yet, where this process placed it; a placement whose tenant left the cache counts
+/// no more. This runs on every placement: the cache is read in one pass under its read lock,
+/// cloning nothing (`find` with a predicate that never matches visits every tenant), and only
+/// the placements are looked up one by one, which are few: an entry goes once the cache shows
+/// the tenant's server (a tenant's next reconcile drops it).
+fn count_by_server(
+    tenants: &Store<Tenant>,
+    placements: &HashMap<String, String>,
+) -> HashMap<String, usize> {
+    fn add(counts: &mut HashMap<String, usize>, server: &str) {
+        match counts.get_mut(server) {
             Some(n) => *n += 1,
             None => {
-                self.counts.insert(server.to_string(), 1);
+                counts.insert(server.to_string(), 1);
             }
         }
     }
+    let server_of = |t: &Tenant| t.status.as_ref().and_then(|s| s.server.clone());
+    let counts = std::cell::RefCell::new(HashMap::new());
+    let _ = tenants.find(|tenant| {
+        if let Some(server) = tenant.status.as_ref().and_then(|s| s.server.as_deref()) {
+            add(&mut counts.borrow_mut(), server);
+        }
+        false
+    });
+    let mut counts = counts.into_inner();
+    for (key, server) in placements {
+        let Some((namespace, name)) = key.split_once('/') else {
+            continue;
+        };
+        let cached = tenants.get(&ObjectRef::new(name).within(namespace));
+        if cached.is_some_and(|t| server_of(&t).is_none()) {
+            add(&mut counts, server);
+        }
+    }
+    counts
 }
 
 /// Placements made by this process, shared with the watch mappers. A std mutex: it is never held
@@ -275,7 +260,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let mut counts = ServerCounts::new(&placements);
+        let (store, mut writer) = kube::runtime::reflector::store::<Tenant>();
         for t in [
             tenant("a", Some("one")),
             tenant("b", Some("one")),
@@ -286,12 +271,12 @@ mod tests {
             // Not placed at all.
             tenant("pending", None),
         ] {
-            counts.add(&t);
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(t));
         }
         // "gone" left the cache: its placement counts no more.
         let expected: HashMap<String, usize> = [("one".to_string(), 3), ("two".to_string(), 1)]
             .into_iter()
             .collect();
-        assert_eq!(counts.counts, expected);
+        assert_eq!(count_by_server(&store, &placements), expected);
     }
 }

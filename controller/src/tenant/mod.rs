@@ -111,9 +111,15 @@ impl Facts {
     fn derive(tenant: &Tenant, ctx: &Context) -> Self {
         let key = tenant_key(tenant);
         let status = tenant.status.as_ref();
-        let server = status
-            .and_then(|s| s.server.clone())
-            .or_else(|| lock_placements(&ctx.placements).get(&key).cloned());
+        let server = match status.and_then(|s| s.server.clone()) {
+            // The cache shows where the tenant is: this process's own record of it has done its
+            // work (and each placement counts the records left, so they stay few).
+            Some(server) => {
+                lock_placements(&ctx.placements).remove(&key);
+                Some(server)
+            }
+            None => lock_placements(&ctx.placements).get(&key).cloned(),
+        };
         Facts {
             namespace: tenant.namespace().unwrap_or_default(),
             name: tenant.name_any(),
