@@ -131,10 +131,12 @@ fn count_by_server(
             }
         }
     }
-    let server_of = |t: &Tenant| t.status.as_ref().and_then(|s| s.server.clone());
+    fn server_of(tenant: &Tenant) -> Option<&str> {
+        tenant.status.as_ref().and_then(|s| s.server.as_deref())
+    }
     let counts = std::cell::RefCell::new(HashMap::new());
     let _ = tenants.find(|tenant| {
-        if let Some(server) = tenant.status.as_ref().and_then(|s| s.server.as_deref()) {
+        if let Some(server) = server_of(tenant) {
             add(&mut counts.borrow_mut(), server);
         }
         false
