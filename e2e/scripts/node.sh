@@ -7,8 +7,8 @@
 #   node.sh down DIR          stops the node and removes its state, inside DIR and outside it
 #   node.sh net-down DIR      removes the link, the namespace and then the guard (after the API
 #                             server has stopped: until then it listens on the link's address)
-# One node per machine: the first net-up records its DIR in $OWNER; another refuses to start while
-# that DIR exists, and only the owner's down touches what lives outside DIR.
+# One node per machine: the first net-up records its DIR in $OWNER; another waits while that run
+# goes on, and only the owner's down touches what lives outside DIR.
 # Needs root. Addresses come from 198.18.0.0/15 (RFC 2544, reserved for network tests): the node
 # link, the pod range and the service range all live there, and the guard rejects any packet to
 # that range that would leave through an interface other than loopback or the node link.
@@ -60,14 +60,33 @@ net_down() {
 
 is_owner() { [[ ! -f "$OWNER" || "$(cat "$OWNER")" == "$DIR" ]]; }
 
+# Whether the run that owns the node in $1 is still going: its folder is there and some process
+# works in it (a run killed without its cleanup leaves the folder but no process).
+owner_alive() { [[ -d "$1" ]] && pgrep -f -- "$1/" >/dev/null; }
+
+# Another run's node is waited for (up to SILO_E2E_NODE_WAIT seconds, an hour by default), so two
+# runs on one machine take turns instead of the second failing. The wait holds $OWNER.lock: the
+# runs that wait start one at a time.
+wait_for_node() {
+  local other="$1" limit="${SILO_E2E_NODE_WAIT:-3600}" waited=0
+  while owner_alive "$other"; do
+    if ((waited == 0)); then echo "node.sh: the e2e node belongs to the run in $other; waiting for it to end" >&2; fi
+    if ((waited >= limit)); then
+      echo "node.sh: the e2e node still belongs to the run in $other after ${limit}s; stop it first (cluster.sh down $other)" >&2
+      exit 1
+    fi
+    sleep 5
+    waited=$((waited + 5))
+  done
+}
+
 net_up() {
+  exec 9>"$OWNER.lock"
+  flock 9
   if [[ -f "$OWNER" ]]; then
     local other
     other="$(cat "$OWNER")"
-    if [[ "$other" != "$DIR" && -d "$other" ]]; then
-      echo "node.sh: the e2e node belongs to the cluster in $other; stop it first (cluster.sh down $other)" >&2
-      exit 1
-    fi
+    if [[ "$other" != "$DIR" ]]; then wait_for_node "$other"; fi
     # A crashed run's leftovers: its processes (found by its folder), mounts and shared state.
     if [[ -n "$other" && "$other" == /*/* ]]; then
       pkill -KILL -f -- "$other/" 2>/dev/null || true
