@@ -116,7 +116,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let server_api: Api<DatabaseServer> = Api::all(client.clone());
     let server_watch = wiring::selected(server_selector.as_deref());
     let tenant_watch = wiring::selected(tenant_selector.as_deref());
-    let tenant_controller =
+    let (tenant_controller, tenant_servers) =
         wiring::tenant_controller(tenant_api, tenant_watch.clone(), tenant_concurrency);
     let (rollout_controller, jobs, job_changes) =
         wiring::rollout_controller(rollout_api.clone(), job_api.clone());
@@ -163,6 +163,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         }),
         servers,
         tenants,
+        tenant_servers,
         secrets,
         secret_writes,
         rollouts,

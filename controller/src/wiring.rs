@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::RunError;
-use crate::context::{self, Context, SecretWrites};
+use crate::context::{self, Context, SecretWrites, TenantServers};
 use crate::http::Health;
 use crate::metrics::{Metrics, PhaseLabels};
 use crate::{backup, database_server, restore, schema_rollout, tenant};
@@ -41,22 +41,26 @@ pub fn selected(selector: Option<&str>) -> watcher::Config {
 
 /// The Tenant controller, before its triggers are added. Tenants are reconciled when their spec,
 /// finalizers or deletion change, not when the controller's own status writes come back through
-/// the watch (resync covers the rest).
+/// the watch (resync covers the rest). The tenants per server are counted from the same watch.
 pub fn tenant_controller(
     api: Api<Tenant>,
     watch: watcher::Config,
     concurrency: u16,
-) -> Controller<Tenant> {
+) -> (Controller<Tenant>, TenantServers) {
     let (reader, writer) = reflector::store();
+    let servers = TenantServers::default();
+    let index = servers.clone();
     let changes = watcher(api, watch)
         .default_backoff()
         // What each cached Tenant costs: its managed fields are never read.
         .modify(|tenant| tenant.managed_fields_mut().clear())
         .reflect(writer)
+        .inspect_ok(move |event| index.observe(event))
         .applied_objects()
         .predicate_filter(tenant::spec_changed, PredicateConfig::default());
-    Controller::for_stream(changes, reader)
-        .with_config(ControllerConfig::default().concurrency(concurrency))
+    let controller = Controller::for_stream(changes, reader)
+        .with_config(ControllerConfig::default().concurrency(concurrency));
+    (controller, servers)
 }
 
 /// The cache of the tenants' credentials Secrets, and the changes to them a tenant reconcile
