@@ -120,8 +120,13 @@ impl Context {
 /// to date from the Tenant watch's events as the cache is: every placement counts the tenants on
 /// each server, and this answers without a pass over the cache (which, at 2,000 tenants, was a
 /// seventh of the controller's CPU while a fleet was provisioned).
+/// A placement of this process is dropped as soon as the watch shows the tenant's server: the
+/// records left are the placements whose status write has not come back yet, which stay few.
 #[derive(Clone, Default)]
-pub struct TenantServers(Arc<std::sync::Mutex<ServerIndex>>);
+pub struct TenantServers {
+    index: Arc<std::sync::Mutex<ServerIndex>>,
+    placements: Placements,
+}
 
 #[derive(Default)]
 struct ServerIndex {
@@ -169,8 +174,22 @@ fn server_of(tenant: &Tenant) -> Option<String> {
 }
 
 impl TenantServers {
+    /// Counts from the Tenant watch, and drops from `placements` what the watch shows placed.
+    pub fn new(placements: Placements) -> Self {
+        TenantServers {
+            index: Default::default(),
+            placements,
+        }
+    }
+
     /// Follows one event of the Tenant watch (the one the cache is filled from).
     pub fn observe(&self, event: &watcher::Event<Tenant>) {
+        if let watcher::Event::Apply(tenant) = event
+            && tenant.status.as_ref().is_some_and(|s| s.server.is_some())
+        {
+            // Not under the index's lock: a placement takes this lock, then the index's.
+            lock_placements(&self.placements).remove(&tenant_key(tenant));
+        }
         let mut index = self.lock();
         match event {
             watcher::Event::Apply(tenant) => index.set(tenant_key(tenant), server_of(tenant)),
@@ -197,7 +216,7 @@ impl TenantServers {
     /// Tenants per server: each cached tenant's `status.server`, and, for a tenant the cache
     /// shows without one yet, where this process placed it; a placement whose tenant left the
     /// cache counts no more. Only the placements are looked up one by one, which are few: an
-    /// entry goes once the cache shows the tenant's server (a tenant's next reconcile drops it).
+    /// entry goes once the watch shows the tenant's server.
     fn count(&self, placements: &HashMap<String, String>) -> HashMap<String, usize> {
         let index = self.lock();
         let mut counts = index.counts.clone();
@@ -210,7 +229,7 @@ impl TenantServers {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ServerIndex> {
-        self.0
+        self.index
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -314,7 +333,7 @@ mod tests {
         t
     }
 
-    fn placements(entries: &[(&str, &str)]) -> HashMap<String, String> {
+    fn placements_of(entries: &[(&str, &str)]) -> HashMap<String, String> {
         entries
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -336,7 +355,7 @@ mod tests {
         ] {
             index.observe(&watcher::Event::Apply(t));
         }
-        let placed = placements(&[
+        let placed = placements_of(&[
             ("shop/placed", "two"),
             ("shop/moved", "two"),
             ("shop/gone", "two"),
@@ -346,6 +365,24 @@ mod tests {
             .into_iter()
             .collect();
         assert_eq!(index.count(&placed), expected);
+    }
+
+    #[test]
+    fn a_placement_is_dropped_once_the_watch_shows_the_server() {
+        let placements = Placements::default();
+        lock_placements(&placements).extend(
+            [("shop/a", "one"), ("shop/b", "two")].map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let index = TenantServers::new(placements.clone());
+        // The status write has not come back: the record stays, and counts.
+        index.observe(&watcher::Event::Apply(tenant("a", None)));
+        index.observe(&watcher::Event::Apply(tenant("b", Some("two"))));
+        let left = lock_placements(&placements).clone();
+        assert_eq!(left, placements_of(&[("shop/a", "one")]));
+        let expected: HashMap<String, usize> = [("one".to_string(), 1), ("two".to_string(), 1)]
+            .into_iter()
+            .collect();
+        assert_eq!(index.count(&left), expected);
     }
 
     /// What the index answers is what a pass over the cache would count, over a random walk of
@@ -363,7 +400,7 @@ mod tests {
             seed ^= seed << 17;
             (seed % n as u64) as usize
         };
-        let placed = placements(&[("shop/t3", "two"), ("shop/t7", "one"), ("shop/t40", "one")]);
+        let placed = placements_of(&[("shop/t3", "two"), ("shop/t7", "one"), ("shop/t40", "one")]);
         for step in 0..3_000 {
             let t = tenant(&format!("t{}", next(50)), servers[next(servers.len())]);
             let events = match next(20) {

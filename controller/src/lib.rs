@@ -116,8 +116,13 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let server_api: Api<DatabaseServer> = Api::all(client.clone());
     let server_watch = wiring::selected(server_selector.as_deref());
     let tenant_watch = wiring::selected(tenant_selector.as_deref());
-    let (tenant_controller, tenant_servers) =
-        wiring::tenant_controller(tenant_api, tenant_watch.clone(), tenant_concurrency);
+    let placements = context::Placements::default();
+    let (tenant_controller, tenant_servers) = wiring::tenant_controller(
+        tenant_api,
+        tenant_watch.clone(),
+        tenant_concurrency,
+        placements.clone(),
+    );
     let (rollout_controller, jobs, job_changes) =
         wiring::rollout_controller(rollout_api.clone(), job_api.clone());
     let server_controller = wiring::server_controller(server_api.clone(), server_watch.clone());
@@ -176,7 +181,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         final_backup_namespace,
         watch_namespace: watch_namespace.clone(),
         failures: Default::default(),
-        placements: Default::default(),
+        placements,
         server_changed,
         tenant_changed,
         metrics: metrics.clone(),

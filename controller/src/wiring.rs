@@ -46,9 +46,10 @@ pub fn tenant_controller(
     api: Api<Tenant>,
     watch: watcher::Config,
     concurrency: u16,
+    placements: context::Placements,
 ) -> (Controller<Tenant>, TenantServers) {
     let (reader, writer) = reflector::store();
-    let servers = TenantServers::default();
+    let servers = TenantServers::new(placements);
     let index = servers.clone();
     let changes = watcher(api, watch)
         .default_backoff()
