@@ -120,6 +120,7 @@ impl Context {
 /// to date from the Tenant watch's events as the cache is: every placement counts the tenants on
 /// each server, and this answers without a pass over the cache (which, at 2,000 tenants, was a
 /// seventh of the controller's CPU while a fleet was provisioned).
+///
 /// A placement of this process is dropped as soon as the watch shows the tenant's server: the
 /// records left are the placements whose status write has not come back yet, which stay few.
 #[derive(Clone, Default)]
