@@ -23,7 +23,6 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use silo_crds::{DatabaseServer, SchemaRollout, Tenant, TenantBackup, TenantRestore};
 use tokio_util::sync::CancellationToken;
@@ -107,7 +106,6 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     // What this install watches: one namespace or all, and the servers and tenants its selectors pick.
     let ns = watch_namespace.as_deref();
     let tenant_api: Api<Tenant> = scoped(&client, ns);
-    let tenant_meta_api: Api<PartialObjectMeta<Tenant>> = scoped(&client, ns);
     let secret_api: Api<Secret> = scoped(&client, ns);
     let rollout_api: Api<SchemaRollout> = scoped(&client, ns);
     let job_api: Api<Job> = scoped(&client, ns);
@@ -117,9 +115,14 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let server_watch = wiring::selected(server_selector.as_deref());
     let tenant_watch = wiring::selected(tenant_selector.as_deref());
     let placements = context::Placements::default();
-    let (tenant_controller, tenant_servers) = wiring::tenant_controller(
+    let wiring::TenantWatch {
+        controller: tenant_controller,
+        servers: tenant_servers,
+        for_rollouts,
+        for_backups,
+    } = wiring::tenant_controller(
         tenant_api,
-        tenant_watch.clone(),
+        tenant_watch,
         tenant_concurrency,
         placements.clone(),
     );
@@ -220,8 +223,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         rollout_controller,
         job_changes,
         rollout_api,
-        tenant_meta_api.clone(),
-        tenant_watch.clone(),
+        for_rollouts,
         ctx.clone(),
         shutdown.clone(),
     );
@@ -234,8 +236,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     let backup_loop = wiring::run_backups(
         backup_controller,
         job_api.clone(),
-        tenant_meta_api,
-        tenant_watch,
+        for_backups,
         ctx.clone(),
         shutdown.clone(),
     );

@@ -10,7 +10,6 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
-use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, reflector, watcher};
@@ -20,7 +19,7 @@ use silo_crds::{
     DatabaseServer, JobPhase, RolloutPhase, SchemaRollout, Tenant, TenantBackup, TenantPhase,
     TenantRestore,
 };
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -41,27 +40,63 @@ pub fn selected(selector: Option<&str>) -> watcher::Config {
 
 /// The Tenant controller, before its triggers are added. Tenants are reconciled when their spec,
 /// finalizers or deletion change, not when the controller's own status writes come back through
-/// the watch (resync covers the rest). The tenants per server are counted from the same watch.
+/// the watch (resync covers the rest). The same watch counts the tenants per server, and tells
+/// the SchemaRollout and TenantBackup controllers which tenants changed (one Tenant watch, not
+/// three).
 pub fn tenant_controller(
     api: Api<Tenant>,
     watch: watcher::Config,
     concurrency: u16,
     placements: context::Placements,
-) -> (Controller<Tenant>, TenantServers) {
+) -> TenantWatch {
     let (reader, writer) = reflector::store();
     let servers = TenantServers::new(placements);
     let index = servers.clone();
+    let (to_rollouts, for_rollouts) = tokio::sync::mpsc::unbounded_channel();
+    let (to_backups, for_backups) = tokio::sync::mpsc::unbounded_channel();
     let changes = watcher(api, watch)
         .default_backoff()
         // What each cached Tenant costs: its managed fields are never read.
         .modify(|tenant| tenant.managed_fields_mut().clear())
         .reflect(writer)
-        .inspect_ok(move |event| index.observe(event))
+        .inspect_ok(move |event| {
+            index.observe(event);
+            tell_touched(event, &[&to_rollouts, &to_backups]);
+        })
         .applied_objects()
         .predicate_filter(tenant::spec_changed, PredicateConfig::default());
     let controller = Controller::for_stream(changes, reader)
         .with_config(ControllerConfig::default().concurrency(concurrency));
-    (controller, servers)
+    TenantWatch {
+        controller,
+        servers,
+        for_rollouts,
+        for_backups,
+    }
+}
+
+/// Tells each listener which tenant the watch's `event` shows created, changed, deleted or
+/// re-listed; the start and end of a re-list touch none. A listener that has stopped listening
+/// (its controller ended) needs telling nothing.
+fn tell_touched(event: &watcher::Event<Tenant>, listeners: &[&UnboundedSender<ObjectRef<Tenant>>]) {
+    let tenant = match event {
+        watcher::Event::Apply(t) | watcher::Event::Delete(t) | watcher::Event::InitApply(t) => t,
+        watcher::Event::Init | watcher::Event::InitDone => return,
+    };
+    for listener in listeners {
+        let _ = listener.send(ObjectRef::from_obj(tenant));
+    }
+}
+
+/// The Tenant controller, and what its watch feeds besides its cache.
+pub struct TenantWatch {
+    pub controller: Controller<Tenant>,
+    /// Tenants per server (see [`TenantServers`]).
+    pub servers: TenantServers,
+    /// Every tenant the watch shows changed, created, deleted or re-listed, for the
+    /// SchemaRollout controller ([`run_rollouts`]) and the TenantBackup controller ([`run_backups`]).
+    pub for_rollouts: UnboundedReceiver<ObjectRef<Tenant>>,
+    pub for_backups: UnboundedReceiver<ObjectRef<Tenant>>,
 }
 
 /// The cache of the tenants' credentials Secrets, and the changes to them a tenant reconcile
@@ -204,8 +239,7 @@ pub fn run_rollouts(
     controller: Controller<SchemaRollout>,
     job_changes: impl futures::Stream<Item = Result<Job, watcher::Error>> + Send + 'static,
     rollouts: Api<SchemaRollout>,
-    tenants: Api<PartialObjectMeta<Tenant>>,
-    tenant_watch: watcher::Config,
+    tenant_changes: UnboundedReceiver<ObjectRef<Tenant>>,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> {
@@ -249,17 +283,15 @@ pub fn run_rollouts(
             owner.chain(progressing).collect::<Vec<_>>()
         }
     };
-    let target_of_tenant = {
+    let targets_of_tenants = {
         let target_in = target_in.clone();
-        move |tenant: PartialObjectMeta<Tenant>| target_in(tenant.metadata.namespace)
+        UnboundedReceiverStream::new(tenant_changes)
+            .filter_map(move |tenant| std::future::ready(target_in(tenant.namespace)))
     };
     let target_after = move |rollout: SchemaRollout| target_in(rollout.metadata.namespace);
-    let tenant_changes = watcher(tenants, tenant_watch)
-        .default_backoff()
-        .touched_objects();
     controller
         .watches_stream(job_changes, owner_and_progressing)
-        .watches_stream(tenant_changes, target_of_tenant)
+        .reconcile_on(targets_of_tenants)
         .watches(rollouts, watcher::Config::default(), target_after)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(schema_rollout::reconcile, schema_rollout::error_policy, ctx)
@@ -276,33 +308,33 @@ pub fn backup_controller(backups: Api<TenantBackup>) -> Controller<TenantBackup>
 pub fn run_backups(
     controller: Controller<TenantBackup>,
     jobs: Api<Job>,
-    tenants: Api<PartialObjectMeta<Tenant>>,
-    tenant_watch: watcher::Config,
+    tenant_changes: UnboundedReceiver<ObjectRef<Tenant>>,
     ctx: Arc<Context>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> {
     let store = ctx.backups.clone();
-    let backups_of_tenant = move |tenant: PartialObjectMeta<Tenant>| {
-        store
+    let backups_of_tenant = move |tenant: ObjectRef<Tenant>| {
+        let backups = store
             .state()
             .into_iter()
             .filter(|b| {
-                b.metadata.namespace == tenant.metadata.namespace
-                    && Some(&b.spec.tenant) == tenant.metadata.name.as_ref()
+                b.metadata.namespace == tenant.namespace
+                    && b.spec.tenant == tenant.name
                     && !matches!(
                         b.status.as_ref().and_then(|s| s.phase),
                         Some(JobPhase::Succeeded | JobPhase::Failed)
                     )
             })
             .map(|b| ObjectRef::from_obj(b.as_ref()))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        futures::stream::iter(backups)
     };
     controller
         .owns(
             jobs,
             watcher::Config::default().labels(silo_crds::contract::BACKUP_LABEL),
         )
-        .watches(tenants, tenant_watch, backups_of_tenant)
+        .reconcile_on(UnboundedReceiverStream::new(tenant_changes).flat_map(backups_of_tenant))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(backup::reconcile, backup::error_policy, ctx)
         .for_each(|_| async {})
@@ -511,4 +543,43 @@ pub async fn shutdown_on_signal(shutdown: CancellationToken) {
     }
     info!("shutdown signal received");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use silo_crds::TenantSpec;
+
+    #[test]
+    fn every_tenant_the_watch_touches_is_told_to_each_listener() {
+        let tenant = |name: &str| {
+            let mut t = Tenant::new(name, TenantSpec::default());
+            t.metadata.namespace = Some("shop".into());
+            t
+        };
+        let (rollouts, mut for_rollouts) = tokio::sync::mpsc::unbounded_channel();
+        let (backups, mut for_backups) = tokio::sync::mpsc::unbounded_channel();
+        let (gone, dropped) = tokio::sync::mpsc::unbounded_channel();
+        drop(dropped);
+        for event in [
+            watcher::Event::Apply(tenant("a")),
+            watcher::Event::Delete(tenant("b")),
+            watcher::Event::Init,
+            watcher::Event::InitApply(tenant("c")),
+            watcher::Event::InitDone,
+        ] {
+            tell_touched(&event, &[&rollouts, &gone, &backups]);
+        }
+        for listener in [&mut for_rollouts, &mut for_backups] {
+            let mut told = Vec::new();
+            while let Ok(tenant) = listener.try_recv() {
+                told.push(format!(
+                    "{}/{}",
+                    tenant.namespace.unwrap_or_default(),
+                    tenant.name
+                ));
+            }
+            assert_eq!(told, ["shop/a", "shop/b", "shop/c"]);
+        }
+    }
 }
